@@ -1,0 +1,305 @@
+//! The builder: every option with its documented default, validated at start.
+
+use crate::coordinator::{Coordinator, Shared};
+use crate::error::BuildError;
+use crate::handle::Handle;
+use crate::pool::{self, Completion, Job};
+use crate::task::Task;
+use crossbeam_channel::{bounded, unbounded};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How often buffered entries are moved into the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushInterval {
+    /// A ticker flushes every period (deadline-based: it does not drift), and a
+    /// full batch's worth of buffered entries is flushed at once.
+    Every(Duration),
+    /// No ticker: only [`Handle::flush`](crate::Handle::flush) moves buffered entries.
+    Never,
+}
+
+impl From<Duration> for FlushInterval {
+    fn from(period: Duration) -> Self {
+        FlushInterval::Every(period)
+    }
+}
+
+/// Why entries left the engine without being processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum OverflowReason {
+    /// The queue was at its maximum length.
+    Full,
+    /// A shrink (by hand or by the memory monitor) shed them.
+    Shrink,
+    /// The last handle was dropped without a shutdown, so they could not be run.
+    Shutdown,
+}
+
+impl std::fmt::Display for OverflowReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OverflowReason::Full => "queue full",
+            OverflowReason::Shrink => "shrink",
+            OverflowReason::Shutdown => "dropped without shutdown",
+        })
+    }
+}
+
+/// Receives entries that leave the engine unprocessed (see [`OverflowReason`]).
+/// Called on the coordinator thread, never under a lock; a panic in it is caught
+/// and logged.
+pub type OverflowHandler<T> = Box<dyn Fn(Vec<T>, OverflowReason) + Send + 'static>;
+
+/// Reports how many heap bytes one entry owns, for memory accounting.
+pub type Weigher<T> = Box<dyn Fn(&T) -> usize + Send + 'static>;
+
+/// The validated settings the engine runs with.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) name: String,
+    pub(crate) max_batch_size: usize,
+    pub(crate) max_concurrency: usize,
+    pub(crate) flush_interval: FlushInterval,
+    pub(crate) poll: bool,
+    pub(crate) idle_poll_delay: Duration,
+    pub(crate) max_queue_len: Option<usize>,
+}
+
+/// Builds and starts an engine for a [`Task`].
+///
+/// ```
+/// use buffered_task::{Builder, FlushInterval, Outcome, Priority, Task};
+/// use std::time::Duration;
+///
+/// struct Print;
+/// impl Task for Print {
+///     type Entry = u32;
+///     type State = ();
+///     fn run(&self, batch: &[u32], _: &()) -> Outcome<u32, ()> {
+///         assert!(batch.len() <= 10);
+///         Outcome::Ok
+///     }
+/// }
+///
+/// let handle = Builder::new(Print, ())
+///     .name("printer")
+///     .max_batch_size(10)
+///     .max_concurrency(2)
+///     .flush_interval(Duration::from_millis(50))
+///     .poll(false)
+///     .start()?;
+/// handle.buffer(vec![1, 2, 3], Priority::Back)?;
+/// handle.shutdown_drain()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Builder<K: Task> {
+    task: K,
+    state: K::State,
+    config: Config,
+    overflow: Option<OverflowHandler<K::Entry>>,
+    weigher: Option<Weigher<K::Entry>>,
+    monitor: Option<crate::monitor::MemoryMonitor>,
+}
+
+impl<K: Task> Builder<K> {
+    /// A builder for `task`, starting from `state`, with every option at its default.
+    pub fn new(task: K, state: K::State) -> Self {
+        Builder {
+            task,
+            state,
+            config: Config {
+                name: "buffered-task".to_string(),
+                max_batch_size: 100,
+                max_concurrency: 1,
+                flush_interval: FlushInterval::Every(Duration::from_millis(100)),
+                poll: true,
+                idle_poll_delay: Duration::from_secs(600),
+                max_queue_len: None,
+            },
+            overflow: None,
+            weigher: None,
+            monitor: None,
+        }
+    }
+
+    /// Most entries per `run` call. Default 100; 0 is rejected by `start`.
+    pub fn max_batch_size(mut self, n: usize) -> Self {
+        self.config.max_batch_size = n;
+        self
+    }
+
+    /// Most `run` calls at once, which is also the number of worker threads.
+    /// Default 1; 0 is rejected by `start`.
+    pub fn max_concurrency(mut self, n: usize) -> Self {
+        self.config.max_concurrency = n;
+        self
+    }
+
+    /// Period of the flush ticker (a `Duration`), or [`FlushInterval::Never`] to
+    /// flush only on [`Handle::flush`](crate::Handle::flush). Default 100 ms; a zero
+    /// period is rejected by `start`.
+    pub fn flush_interval(mut self, interval: impl Into<FlushInterval>) -> Self {
+        self.config.flush_interval = interval.into();
+        self
+    }
+
+    /// Re-run `init` when the engine goes idle, to find new work. Default `true`.
+    pub fn poll(mut self, poll: bool) -> Self {
+        self.config.poll = poll;
+        self
+    }
+
+    /// With `poll` on: how long to wait before re-running an `init` whose last run
+    /// produced nothing. Default 10 minutes; zero re-runs at once. An `init` that
+    /// produced entries is re-run as soon as the engine is idle again.
+    pub fn idle_poll_delay(mut self, delay: Duration) -> Self {
+        self.config.idle_poll_delay = delay;
+        self
+    }
+
+    /// Bound on the queue's length. Default: unbounded. What does not fit is
+    /// overflow (counted, logged at warn, handed to the overflow handler); 0 is
+    /// rejected by `start`.
+    pub fn max_queue_len(mut self, n: usize) -> Self {
+        self.config.max_queue_len = Some(n);
+        self
+    }
+
+    /// Name used in thread names (`<name>-coordinator`, `<name>-worker-N`,
+    /// `<name>-init`) and log lines. Default `buffered-task`; a NUL byte is rejected.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = name.into();
+        self
+    }
+
+    /// Receives entries that leave the engine unprocessed: queue overflow, shrink,
+    /// and the last handle dropped without a shutdown. Default: none (they are
+    /// counted and logged at warn, then dropped).
+    pub fn overflow_handler(
+        mut self,
+        handler: impl Fn(Vec<K::Entry>, OverflowReason) + Send + 'static,
+    ) -> Self {
+        self.overflow = Some(Box::new(handler));
+        self
+    }
+
+    /// Reports the heap bytes one entry owns, added to `size_of::<Entry>()` when the
+    /// memory monitor weighs this task. Default: none (entries own no heap memory).
+    pub fn weigher(mut self, weigher: impl Fn(&K::Entry) -> usize + Send + 'static) -> Self {
+        self.weigher = Some(Box::new(weigher));
+        self
+    }
+
+    /// Registers the task with a memory monitor, which may shrink and expand its
+    /// queue. Default: none.
+    pub fn memory_monitor(mut self, monitor: &crate::monitor::MemoryMonitor) -> Self {
+        self.monitor = Some(monitor.clone());
+        self
+    }
+
+    fn validate(&self) -> Result<(), BuildError> {
+        let c = &self.config;
+        if c.max_batch_size == 0 {
+            return Err(BuildError::ZeroBatchSize);
+        }
+        if c.max_concurrency == 0 {
+            return Err(BuildError::ZeroConcurrency);
+        }
+        if c.flush_interval == FlushInterval::Every(Duration::ZERO) {
+            return Err(BuildError::ZeroFlushInterval);
+        }
+        if c.max_queue_len == Some(0) {
+            return Err(BuildError::ZeroQueueLen);
+        }
+        if c.name.contains('\0') {
+            return Err(BuildError::InvalidName(c.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Validates the settings and starts the engine's threads.
+    ///
+    /// # Errors
+    ///
+    /// A [`BuildError`] for an invalid setting, or when a thread cannot be started;
+    /// then every thread already started is stopped and joined.
+    pub fn start(self) -> Result<Handle<K::Entry>, BuildError> {
+        self.validate()?;
+        let Builder {
+            task,
+            state,
+            config,
+            overflow,
+            weigher,
+            monitor,
+        } = self;
+        let task = Arc::new(task);
+        let name = config.name.clone();
+        let shared = Arc::new(Shared::new());
+        let (cmd_tx, cmd_rx) = unbounded();
+        let (job_tx, job_rx) = bounded::<Job<K::Entry, K::State>>(config.max_concurrency);
+        let (done_tx, done_rx) = unbounded::<Completion<K::Entry, K::State>>();
+        let (init_tx, init_rx) = bounded::<Arc<K::State>>(1);
+
+        let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(config.max_concurrency + 1);
+        let started = (|| -> std::io::Result<()> {
+            for i in 0..config.max_concurrency {
+                let (task, jobs, done) = (task.clone(), job_rx.clone(), done_tx.clone());
+                threads.push(pool::spawn(format!("{name}-worker-{i}"), move || {
+                    pool::worker(task, jobs, done)
+                })?);
+            }
+            let (task, commands, stopping) = (task.clone(), cmd_tx.clone(), shared.stopping.clone());
+            let chunk = config.max_batch_size;
+            threads.push(pool::spawn(format!("{name}-init"), move || {
+                pool::init_runner(task, init_rx, commands, chunk, stopping)
+            })?);
+            Ok(())
+        })();
+        drop((job_rx, done_tx));
+        if let Err(err) = started {
+            drop((job_tx, init_tx));
+            join_all(threads);
+            return Err(BuildError::Spawn(err));
+        }
+
+        let coordinator = Coordinator::<K>::new(
+            config.clone(),
+            Arc::new(state),
+            shared.clone(),
+            cmd_rx,
+            job_tx,
+            done_rx,
+            init_tx,
+            threads,
+            overflow,
+            weigher,
+        );
+        let handle = pool::spawn(format!("{name}-coordinator"), move || coordinator.run())
+            .map_err(BuildError::Spawn)?;
+        // (If that spawn failed, the closure and so the coordinator were dropped,
+        // which closed its channels and joined the threads it owned.)
+        let handle = Handle::new(shared, cmd_tx, handle, &config);
+        if let Some(monitor) = monitor {
+            monitor.register(&handle);
+        }
+        Ok(handle)
+    }
+}
+
+pub(crate) fn join_all(threads: Vec<JoinHandle<()>>) {
+    for t in threads {
+        if t.join().is_err() {
+            log::error!("an engine thread ended with a panic");
+        }
+    }
+}
+
+impl<K: Task> std::fmt::Debug for Builder<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder").field("config", &self.config).finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,167 @@
+//! Every error type of the crate.
+//!
+//! Errors that stand for a failed hand-over carry the caller's entries back, so a
+//! failed call never loses work: take them with `into_entries()`.
+
+use std::fmt;
+
+/// Why [`Builder::start`](crate::Builder::start) refused to start an engine.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// `max_batch_size` was 0; a batch must hold at least one entry.
+    ZeroBatchSize,
+    /// `max_concurrency` was 0; at least one worker is needed.
+    ZeroConcurrency,
+    /// The flush interval was zero; use [`FlushInterval::Never`](crate::FlushInterval::Never)
+    /// to flush only on demand.
+    ZeroFlushInterval,
+    /// `max_queue_len` was 0; a queue that can hold nothing would shed everything.
+    ZeroQueueLen,
+    /// The name contains a NUL byte, which a thread name cannot hold.
+    InvalidName(String),
+    /// The operating system refused to start one of the engine's threads.
+    Spawn(std::io::Error),
+    /// A memory monitor setting was out of range (see [`MonitorBuilder`](crate::MonitorBuilder)).
+    Monitor(&'static str),
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BuildError::ZeroBatchSize => f.write_str("max_batch_size must be at least 1"),
+            BuildError::ZeroConcurrency => f.write_str("max_concurrency must be at least 1"),
+            BuildError::ZeroFlushInterval => {
+                f.write_str("flush interval must be longer than zero (use FlushInterval::Never for manual flushing)")
+            }
+            BuildError::ZeroQueueLen => f.write_str("max_queue_len must be at least 1"),
+            BuildError::InvalidName(name) => {
+                write!(f, "task name {name:?} contains a NUL byte")
+            }
+            BuildError::Spawn(err) => write!(f, "could not start a thread: {err}"),
+            BuildError::Monitor(what) => write!(f, "invalid memory monitor setting: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BuildError::Spawn(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
+/// Why a hand-over of entries (`buffer`, `push_back`, `push_front`) failed.
+///
+/// The entries come back inside the error.
+#[non_exhaustive]
+pub enum BufferError<T> {
+    /// The engine has been shut down (or is shutting down) and takes no new entries.
+    Stopped(Vec<T>),
+    /// The call could not hand the entries over before its timeout.
+    Timeout(Vec<T>),
+    /// The queue is bounded, full, and the overflow policy rejects new entries.
+    Full(Vec<T>),
+}
+
+impl<T> BufferError<T> {
+    /// The entries the failed call was given, in their original order.
+    pub fn into_entries(self) -> Vec<T> {
+        match self {
+            BufferError::Stopped(v) | BufferError::Timeout(v) | BufferError::Full(v) => v,
+        }
+    }
+
+    /// How many entries came back.
+    pub fn len(&self) -> usize {
+        match self {
+            BufferError::Stopped(v) | BufferError::Timeout(v) | BufferError::Full(v) => v.len(),
+        }
+    }
+
+    /// Whether no entries came back (the call was given none).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<T> fmt::Debug for BufferError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            BufferError::Stopped(_) => "Stopped",
+            BufferError::Timeout(_) => "Timeout",
+            BufferError::Full(_) => "Full",
+        };
+        write!(f, "{name}(<{} entries>)", self.len())
+    }
+}
+
+impl<T> fmt::Display for BufferError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BufferError::Stopped(v) => {
+                write!(f, "the engine has stopped; {} entries handed back", v.len())
+            }
+            BufferError::Timeout(v) => {
+                write!(f, "timed out handing over entries; {} entries handed back", v.len())
+            }
+            BufferError::Full(v) => {
+                write!(f, "the queue is full; {} entries handed back", v.len())
+            }
+        }
+    }
+}
+
+impl<T> std::error::Error for BufferError<T> {}
+
+/// Why a control call (`flush`, `shrink`, `expand`, `debug_count`, `shutdown`, …) failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// The engine has been shut down.
+    Stopped,
+    /// The engine did not answer before the call's timeout.
+    Timeout,
+}
+
+impl fmt::Display for ControlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ControlError::Stopped => f.write_str("the engine has stopped"),
+            ControlError::Timeout => f.write_str("the engine did not answer in time"),
+        }
+    }
+}
+
+impl std::error::Error for ControlError {}
+
+/// Why [`Handle::shrink`](crate::Handle::shrink) did not shrink the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ShrinkError {
+    /// The queue holds 0 or 1 entries: there is nothing left to shed.
+    MinimumSize,
+    /// The engine has stopped.
+    Stopped,
+}
+
+impl fmt::Display for ShrinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ShrinkError::MinimumSize => {
+                f.write_str("the queue is at its minimum size and cannot shrink")
+            }
+            ShrinkError::Stopped => f.write_str("the engine has stopped"),
+        }
+    }
+}
+
+impl std::error::Error for ShrinkError {}
+
+impl From<ControlError> for ShrinkError {
+    fn from(_: ControlError) -> Self {
+        ShrinkError::Stopped
+    }
+}

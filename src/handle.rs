@@ -1,0 +1,469 @@
+//! The cloneable handle: hand entries over, flush, inspect, shrink, shut down.
+
+use crate::config::{Config, FlushInterval};
+use crate::coordinator::{Command, Shared};
+use crate::error::{BufferError, ControlError, ShrinkError};
+use crate::pool;
+use crate::task::Priority;
+use crossbeam_channel::{bounded, Receiver, Sender};
+use parking_lot::Mutex;
+use std::fmt;
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Exact counts of the work inside an engine, from [`Handle::debug_count`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct DebugCount {
+    /// Entries waiting: both buffers plus the queue.
+    pub waiting: usize,
+    /// Batches running now.
+    pub running: usize,
+}
+
+/// How a shutdown treats work that has not run yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ShutdownMode {
+    /// Run everything left, then stop.
+    Drain,
+    /// Wait for running batches, then hand every unprocessed entry back.
+    Return,
+    /// The last handle was dropped: hand what is left to the overflow handler.
+    Abandon,
+}
+
+/// What a shutdown hands back.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ShutdownReport<T> {
+    /// Entries that were not processed, in queue order (front buffer, queue, back
+    /// buffer). Empty after a completed drain.
+    pub unprocessed: Vec<T>,
+    /// Entries that overflowed (queue full or shed by a shrink) over the engine's life.
+    pub overflowed: u64,
+}
+
+struct Inner<T> {
+    shared: Arc<Shared<T>>,
+    commands: Sender<Command<T>>,
+    coordinator: Mutex<Option<JoinHandle<()>>>,
+    /// Whether a full batch in the buffers triggers a flush at once.
+    auto_flush: bool,
+    max_batch_size: usize,
+    name: String,
+}
+
+/// A handle to a running engine. Cheap to clone; every clone may be used from any
+/// thread. Dropping the last one shuts the engine down (see [`Handle::shutdown_return`]
+/// for what happens to the work left).
+pub struct Handle<T> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T> Clone for Handle<T> {
+    fn clone(&self) -> Self {
+        Handle {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for Handle<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handle")
+            .field("name", &self.inner.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A handle that does not keep the engine alive: for a task that buffers into its
+/// own engine, which would otherwise never be dropped.
+pub struct WeakHandle<T> {
+    inner: Weak<Inner<T>>,
+}
+
+impl<T> WeakHandle<T> {
+    /// The handle, while some strong handle still exists.
+    pub fn upgrade(&self) -> Option<Handle<T>> {
+        self.inner.upgrade().map(|inner| Handle { inner })
+    }
+}
+
+impl<T> Clone for WeakHandle<T> {
+    fn clone(&self) -> Self {
+        WeakHandle {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for WeakHandle<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WeakHandle")
+    }
+}
+
+impl<T: Send + 'static> Handle<T> {
+    pub(crate) fn new(
+        shared: Arc<Shared<T>>,
+        commands: Sender<Command<T>>,
+        coordinator: JoinHandle<()>,
+        config: &Config,
+    ) -> Self {
+        Handle {
+            inner: Arc::new(Inner {
+                shared,
+                commands,
+                coordinator: Mutex::new(Some(coordinator)),
+                auto_flush: matches!(config.flush_interval, FlushInterval::Every(_)),
+                max_batch_size: config.max_batch_size,
+                name: config.name.clone(),
+            }),
+        }
+    }
+
+    /// A [`WeakHandle`] to this engine.
+    pub fn downgrade(&self) -> WeakHandle<T> {
+        WeakHandle {
+            inner: Arc::downgrade(&self.inner),
+        }
+    }
+
+    /// The name given at build time.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Hands `entries` to the engine: they wait in the back or front buffer until the
+    /// next flush. Returns as soon as the engine owns them; it never waits for the
+    /// coordinator. With a flush ticker, a full batch's worth of buffered entries is
+    /// flushed at once; partial batches wait for the tick. An empty list is a no-op.
+    ///
+    /// # Errors
+    ///
+    /// [`BufferError::Stopped`] with the entries when the engine has shut down.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use buffered_task::{Builder, FlushInterval, Outcome, Priority, Task};
+    /// # struct T; impl Task for T { type Entry = u8; type State = ();
+    /// #   fn run(&self, _: &[u8], _: &()) -> Outcome<u8, ()> { Outcome::Ok } }
+    /// let handle = Builder::new(T, ()).flush_interval(FlushInterval::Never).start()?;
+    /// handle.buffer(vec![1, 2], Priority::Back)?;
+    /// handle.buffer(vec![0], Priority::Front)?; // runs before 1 and 2
+    /// handle.flush()?;
+    /// let report = handle.shutdown_return()?;
+    /// assert!(report.unprocessed.len() <= 3);
+    /// assert!(handle.buffer(vec![3], Priority::Back).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn buffer(&self, entries: Vec<T>, priority: Priority) -> Result<(), BufferError<T>> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let buffers = self.inner.shared.buffers.lock();
+        self.buffer_locked(buffers, Entries::Many(entries), priority)
+    }
+
+    /// Hands one entry to the engine, without allocating a `Vec` for it. Otherwise as
+    /// [`Handle::buffer`].
+    ///
+    /// # Errors
+    ///
+    /// [`BufferError::Stopped`] with the entry when the engine has shut down.
+    pub fn buffer_one(&self, entry: T, priority: Priority) -> Result<(), BufferError<T>> {
+        let buffers = self.inner.shared.buffers.lock();
+        self.buffer_locked(buffers, Entries::One(entry), priority)
+    }
+
+    /// As [`Handle::buffer`], but gives up after `timeout` if the buffers cannot be
+    /// reached (another thread holds them).
+    ///
+    /// # Errors
+    ///
+    /// [`BufferError::Timeout`] or [`BufferError::Stopped`], each with the entries.
+    pub fn buffer_timeout(
+        &self,
+        entries: Vec<T>,
+        priority: Priority,
+        timeout: Duration,
+    ) -> Result<(), BufferError<T>> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        match self.inner.shared.buffers.try_lock_for(timeout) {
+            Some(buffers) => self.buffer_locked(buffers, Entries::Many(entries), priority),
+            None => Err(BufferError::Timeout(entries)),
+        }
+    }
+
+    fn buffer_locked(
+        &self,
+        mut buffers: parking_lot::MutexGuard<'_, crate::coordinator::Buffers<T>>,
+        entries: Entries<T>,
+        priority: Priority,
+    ) -> Result<(), BufferError<T>> {
+        if buffers.closed {
+            return Err(BufferError::Stopped(entries.into_vec()));
+        }
+        let target = match priority {
+            Priority::Back => &mut buffers.back,
+            Priority::Front => &mut buffers.front,
+        };
+        match entries {
+            Entries::One(entry) => target.push(entry),
+            Entries::Many(mut v) if target.is_empty() && target.capacity() < v.len() => {
+                std::mem::swap(target, &mut v)
+            }
+            Entries::Many(mut v) => target.append(&mut v),
+        }
+        let notify = self.inner.auto_flush
+            && !buffers.flush_requested
+            && buffers.len() >= self.inner.max_batch_size;
+        if notify {
+            buffers.flush_requested = true;
+        }
+        drop(buffers);
+        if notify {
+            // The coordinator only stops after `closed` is set, which we saw unset.
+            let _ = self.inner.commands.send(Command::Flush(None));
+        }
+        Ok(())
+    }
+
+    /// Puts entries straight at the back of the queue (skipping the buffers) and
+    /// dispatches. Does not wait for the engine.
+    ///
+    /// # Errors
+    ///
+    /// [`BufferError::Stopped`] with the entries when the engine has shut down.
+    pub fn push_back(&self, entries: Vec<T>) -> Result<(), BufferError<T>> {
+        self.push(entries, Priority::Back)
+    }
+
+    /// Puts entries straight at the front of the queue, in their order, and
+    /// dispatches. Does not wait for the engine.
+    ///
+    /// # Errors
+    ///
+    /// [`BufferError::Stopped`] with the entries when the engine has shut down.
+    pub fn push_front(&self, entries: Vec<T>) -> Result<(), BufferError<T>> {
+        self.push(entries, Priority::Front)
+    }
+
+    fn push(&self, entries: Vec<T>, priority: Priority) -> Result<(), BufferError<T>> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        // Sent under the lock, so a shutdown (which closes under it) finds every
+        // accepted push already in its channel.
+        let buffers = self.inner.shared.buffers.lock();
+        if buffers.closed {
+            return Err(BufferError::Stopped(entries));
+        }
+        match self.inner.commands.send(Command::Push(entries, priority)) {
+            Ok(()) => Ok(()),
+            Err(err) => match err.0 {
+                Command::Push(v, _) => Err(BufferError::Stopped(v)),
+                _ => unreachable!("sent a push"),
+            },
+        }
+    }
+
+    /// Moves the buffered entries into the queue and fills the free slots; returns
+    /// once the engine has done so.
+    ///
+    /// # Errors
+    ///
+    /// [`ControlError::Stopped`] when the engine has shut down.
+    pub fn flush(&self) -> Result<(), ControlError> {
+        self.ask(|reply| Command::Flush(Some(reply)), None)
+    }
+
+    /// As [`Handle::flush`], giving up after `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`ControlError::Timeout`] or [`ControlError::Stopped`].
+    pub fn flush_timeout(&self, timeout: Duration) -> Result<(), ControlError> {
+        self.ask(|reply| Command::Flush(Some(reply)), Some(timeout))
+    }
+
+    /// Exact counts: entries waiting (buffers and queue) and batches running.
+    ///
+    /// # Errors
+    ///
+    /// [`ControlError::Stopped`] when the engine has shut down.
+    pub fn debug_count(&self) -> Result<DebugCount, ControlError> {
+        self.ask(Command::Count, None)
+    }
+
+    /// Sheds the back half of the queue (to the overflow handler) and bounds the
+    /// queue at the half kept, until [`Handle::expand`].
+    ///
+    /// # Errors
+    ///
+    /// [`ShrinkError::MinimumSize`] when 0 or 1 entries are queued;
+    /// [`ShrinkError::Stopped`] when the engine has shut down.
+    pub fn shrink(&self) -> Result<(), ShrinkError> {
+        self.ask(Command::Shrink, None)?
+    }
+
+    /// Lifts a shrink: the queue's bound goes back to the configured one (or none).
+    ///
+    /// # Errors
+    ///
+    /// [`ControlError::Stopped`] when the engine has shut down.
+    pub fn expand(&self) -> Result<(), ControlError> {
+        self.ask(Command::Expand, None)
+    }
+
+    /// Whether a shrink is in force.
+    ///
+    /// # Errors
+    ///
+    /// [`ControlError::Stopped`] when the engine has shut down.
+    pub fn is_shrunk(&self) -> Result<bool, ControlError> {
+        self.ask(Command::IsShrunk, None)
+    }
+
+    /// Bytes the queued entries occupy: entries × `size_of::<T>()` plus what the
+    /// weigher reports.
+    ///
+    /// # Errors
+    ///
+    /// [`ControlError::Stopped`] when the engine has shut down.
+    pub fn memory_usage(&self) -> Result<usize, ControlError> {
+        self.ask(Command::Memory, None)
+    }
+
+    /// Whether the engine has been shut down (or a shutdown has begun).
+    pub fn is_stopped(&self) -> bool {
+        self.inner.shared.buffers.lock().closed
+    }
+
+    /// Stops taking entries, runs everything left (buffered, queued, retried, and
+    /// what a running `init` still streams), waits for it, and stops the threads.
+    ///
+    /// # Errors
+    ///
+    /// [`ControlError::Stopped`] when the engine was already shut down.
+    pub fn shutdown_drain(&self) -> Result<ShutdownReport<T>, ControlError> {
+        self.inner.shutdown(ShutdownMode::Drain)
+    }
+
+    /// Stops taking entries, waits for the running batches (and a running `init`,
+    /// which is told to stop through [`Sink::is_stopping`](crate::Sink::is_stopping)),
+    /// then hands every unprocessed entry back in the report.
+    ///
+    /// Dropping the last handle does the same, but hands the entries to the overflow
+    /// handler (reason [`OverflowReason::Shutdown`](crate::OverflowReason::Shutdown)),
+    /// or counts and logs them at warn when there is none.
+    ///
+    /// # Errors
+    ///
+    /// [`ControlError::Stopped`] when the engine was already shut down.
+    pub fn shutdown_return(&self) -> Result<ShutdownReport<T>, ControlError> {
+        self.inner.shutdown(ShutdownMode::Return)
+    }
+
+    fn ask<R>(
+        &self,
+        make: impl FnOnce(Sender<R>) -> Command<T>,
+        timeout: Option<Duration>,
+    ) -> Result<R, ControlError> {
+        let (tx, rx) = bounded(1);
+        self.inner
+            .commands
+            .send(make(tx))
+            .map_err(|_| ControlError::Stopped)?;
+        wait(&rx, timeout)
+    }
+}
+
+fn wait<R>(rx: &Receiver<R>, timeout: Option<Duration>) -> Result<R, ControlError> {
+    match timeout {
+        None => rx.recv().map_err(|_| ControlError::Stopped),
+        Some(t) => rx
+            .recv_deadline(Instant::now() + t)
+            .map_err(|e| match e {
+                crossbeam_channel::RecvTimeoutError::Timeout => ControlError::Timeout,
+                crossbeam_channel::RecvTimeoutError::Disconnected => ControlError::Stopped,
+            }),
+    }
+}
+
+enum Entries<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> Entries<T> {
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            Entries::One(e) => vec![e],
+            Entries::Many(v) => v,
+        }
+    }
+}
+
+impl<T> Inner<T> {
+    fn shutdown(&self, mode: ShutdownMode) -> Result<ShutdownReport<T>, ControlError> {
+        let (tx, rx) = bounded(1);
+        {
+            let mut buffers = self.shared.buffers.lock();
+            if buffers.closed {
+                return Err(ControlError::Stopped);
+            }
+            if mode != ShutdownMode::Drain {
+                self.shared.halt.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            buffers.closed = true;
+            // Under the lock, so every push accepted before the close is ahead of it.
+            self.commands
+                .send(Command::Shutdown(mode, tx))
+                .map_err(|_| ControlError::Stopped)?;
+        }
+        let report = rx.recv().map_err(|_| ControlError::Stopped);
+        if let Some(thread) = self.coordinator.lock().take() {
+            if thread.join().is_err() {
+                log::error!("{}: the coordinator thread panicked", self.name);
+            }
+        }
+        report
+    }
+}
+
+impl<T> Drop for Inner<T> {
+    fn drop(&mut self) {
+        let Some(thread) = self.coordinator.get_mut().take() else {
+            return;
+        };
+        let (tx, rx) = bounded(1);
+        {
+            let mut buffers = self.shared.buffers.lock();
+            if !buffers.closed {
+                self.shared.halt.store(true, std::sync::atomic::Ordering::Relaxed);
+                buffers.closed = true;
+                let _ = self.commands.send(Command::Shutdown(ShutdownMode::Abandon, tx));
+            }
+        }
+        if pool::on_engine_thread() {
+            // Dropped by the engine's own code (a task holding its last handle): the
+            // coordinator may be waiting for this very thread, so joining here would
+            // deadlock. It stops on its own; its handle is let go.
+            log::warn!(
+                "{}: last handle dropped on an engine thread; the engine stops without being joined",
+                self.name
+            );
+            drop(thread);
+            return;
+        }
+        let _ = rx.recv();
+        if thread.join().is_err() {
+            log::error!("{}: the coordinator thread panicked", self.name);
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! The memory monitor: sheds queued work from the largest tasks when the process
+//! uses more memory than its limit, and takes the shrink back once usage falls.
+//!
+//! One thread per monitor wakes every `check_interval` (or on
+//! [`MemoryMonitor::check_now`]) and asks a [`MemoryProbe`] how much memory is in
+//! use. Over the limit, it asks the registered tasks to shrink, largest first,
+//! moving on while a task answers *minimum size*. Having shrunk, once usage is at or
+//! below the expand threshold it expands every task. Tasks are held by weak
+//! reference: a task that is dropped or shut down is forgotten.
+
+use crate::error::{BuildError, ShrinkError};
+use crate::handle::{Handle, WeakHandle};
+use crossbeam_channel::{bounded, select_biased, tick, unbounded, Receiver, Sender};
+use parking_lot::Mutex;
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Says how much memory is in use now.
+pub trait MemoryProbe: Send + Sync + 'static {
+    /// Bytes in use, or `None` when it cannot be read (the check is skipped).
+    fn used_bytes(&self) -> Option<u64>;
+}
+
+/// The default probe on Linux: this process's resident set size, from
+/// `/proc/self/status` (`VmRSS`, the same figure as `/proc/self/statm`'s resident
+/// pages × page size).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessRss;
+
+impl MemoryProbe for ProcessRss {
+    fn used_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        kib_field(&status, "VmRSS:").map(|kib| kib * 1024)
+    }
+}
+
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// The machine's total memory, where it can be read (Linux: `/proc/meminfo`).
+pub fn total_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    kib_field(&info, "MemTotal:").map(|kib| kib * 1024)
+}
+
+/// Something the monitor can shrink and expand. Every [`Handle`] is one.
+pub trait Shrinkable: Send + Sync {
+    /// A name for log lines.
+    fn name(&self) -> String;
+    /// Bytes of queued work this task holds now.
+    fn memory_usage(&self) -> usize;
+    /// Shed part of the queued work.
+    ///
+    /// # Errors
+    ///
+    /// [`ShrinkError::MinimumSize`] when there is nothing left to shed.
+    fn shrink(&self) -> Result<(), ShrinkError>;
+    /// Lift a shrink.
+    fn expand(&self);
+    /// Whether a shrink is in force.
+    fn is_shrunk(&self) -> bool;
+    /// Whether the task has stopped (it is then forgotten).
+    fn is_stopped(&self) -> bool {
+        false
+    }
+}
+
+impl<T: Send + 'static> Shrinkable for Handle<T> {
+    fn name(&self) -> String {
+        Handle::name(self).to_string()
+    }
+    fn memory_usage(&self) -> usize {
+        Handle::memory_usage(self).unwrap_or(0)
+    }
+    fn shrink(&self) -> Result<(), ShrinkError> {
+        Handle::shrink(self)
+    }
+    fn expand(&self) {
+        let _ = Handle::expand(self);
+    }
+    fn is_shrunk(&self) -> bool {
+        Handle::is_shrunk(self).unwrap_or(false)
+    }
+    fn is_stopped(&self) -> bool {
+        Handle::is_stopped(self)
+    }
+}
+
+/// A registered task, held without keeping it alive.
+trait Registrant: Send + Sync {
+    fn upgrade(&self) -> Option<Box<dyn Shrinkable>>;
+}
+
+impl<T: Send + 'static> Registrant for WeakHandle<T> {
+    fn upgrade(&self) -> Option<Box<dyn Shrinkable>> {
+        WeakHandle::upgrade(self).map(|h| Box::new(h) as Box<dyn Shrinkable>)
+    }
+}
+
+struct WeakArc<S: Shrinkable + 'static>(Weak<S>);
+
+impl<S: Shrinkable + 'static> Registrant for WeakArc<S> {
+    fn upgrade(&self) -> Option<Box<dyn Shrinkable>> {
+        self.0.upgrade().map(|s| Box::new(ArcShrinkable(s)) as Box<dyn Shrinkable>)
+    }
+}
+
+struct ArcShrinkable<S: Shrinkable>(Arc<S>);
+
+impl<S: Shrinkable> Shrinkable for ArcShrinkable<S> {
+    fn name(&self) -> String {
+        self.0.name()
+    }
+    fn memory_usage(&self) -> usize {
+        self.0.memory_usage()
+    }
+    fn shrink(&self) -> Result<(), ShrinkError> {
+        self.0.shrink()
+    }
+    fn expand(&self) {
+        self.0.expand()
+    }
+    fn is_shrunk(&self) -> bool {
+        self.0.is_shrunk()
+    }
+    fn is_stopped(&self) -> bool {
+        self.0.is_stopped()
+    }
+}
+
+/// What one check did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CheckOutcome {
+    /// Usage is within bounds (or between the expand threshold and the limit): nothing done.
+    Normal,
+    /// Over the limit: the named task was shrunk.
+    Shrunk(String),
+    /// Over the limit, and no task could shrink (logged at error level).
+    NothingToShrink,
+    /// Back at or below the expand threshold after a shrink: this many tasks expanded.
+    Expanded(usize),
+    /// The probe could not read the usage; nothing done.
+    ProbeFailed,
+}
+
+/// Builds a [`MemoryMonitor`].
+pub struct MonitorBuilder {
+    limit_bytes: Option<u64>,
+    limit_percent: u8,
+    check_interval: Duration,
+    expand_percent: u8,
+    probe: Option<Arc<dyn MemoryProbe>>,
+}
+
+impl std::fmt::Debug for MonitorBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MonitorBuilder")
+            .field("limit_bytes", &self.limit_bytes)
+            .field("limit_percent", &self.limit_percent)
+            .field("check_interval", &self.check_interval)
+            .field("expand_percent", &self.expand_percent)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Used when neither a limit nor the machine's total memory is known.
+pub const FALLBACK_LIMIT: u64 = 1 << 30;
+
+impl MonitorBuilder {
+    /// The limit in bytes. Default: `limit_percent` of the machine's total memory,
+    /// or 1 GiB where that cannot be read. Zero is rejected.
+    pub fn limit_bytes(mut self, bytes: u64) -> Self {
+        self.limit_bytes = Some(bytes);
+        self
+    }
+
+    /// The limit as a percentage (1–100) of the machine's total memory, used when no
+    /// byte limit is set. Default 60.
+    pub fn limit_percent(mut self, percent: u8) -> Self {
+        self.limit_percent = percent;
+        self
+    }
+
+    /// How often the monitor checks. Default 1 minute; zero is rejected.
+    pub fn check_interval(mut self, interval: Duration) -> Self {
+        self.check_interval = interval;
+        self
+    }
+
+    /// After a shrink, expand every task once usage is at or below this percentage
+    /// (1–100) of the limit. Default 40.
+    pub fn expand_threshold_percent(mut self, percent: u8) -> Self {
+        self.expand_percent = percent;
+        self
+    }
+
+    /// Where usage is read from. Default on Linux: [`ProcessRss`]; elsewhere one must
+    /// be given.
+    pub fn probe(mut self, probe: impl MemoryProbe) -> Self {
+        self.probe = Some(Arc::new(probe));
+        self
+    }
+
+    /// Validates the settings and starts the monitor's thread.
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError::Monitor`] for a zero limit or interval, a percentage outside
+    /// 1–100, or no probe on a platform without a default; [`BuildError::Spawn`]
+    /// when the thread cannot start.
+    pub fn start(self) -> Result<MemoryMonitor, BuildError> {
+        if self.limit_bytes == Some(0) {
+            return Err(BuildError::Monitor("limit_bytes must be above zero"));
+        }
+        if !(1..=100).contains(&self.limit_percent) {
+            return Err(BuildError::Monitor("limit_percent must be within 1..=100"));
+        }
+        if !(1..=100).contains(&self.expand_percent) {
+            return Err(BuildError::Monitor(
+                "expand_threshold_percent must be within 1..=100",
+            ));
+        }
+        if self.check_interval.is_zero() {
+            return Err(BuildError::Monitor("check_interval must be above zero"));
+        }
+        let probe: Arc<dyn MemoryProbe> = match self.probe {
+            Some(p) => p,
+            None if cfg!(target_os = "linux") => Arc::new(ProcessRss),
+            None => {
+                return Err(BuildError::Monitor(
+                    "no default memory probe on this platform; set one with .probe()",
+                ))
+            }
+        };
+        let limit = self.limit_bytes.unwrap_or_else(|| {
+            total_memory()
+                .map(|total| total / 100 * u64::from(self.limit_percent))
+                .unwrap_or(FALLBACK_LIMIT)
+        });
+        let state = Arc::new(MonitorState {
+            tasks: Mutex::new(Vec::new()),
+            probe,
+            limit,
+            expand_at: limit / 100 * u64::from(self.expand_percent),
+        });
+        let (requests, rx) = unbounded();
+        let interval = self.check_interval;
+        let thread_state = state.clone();
+        let thread = crate::pool::spawn("memory-monitor".to_string(), move || {
+            monitor_loop(&thread_state, &rx, interval)
+        })
+        .map_err(BuildError::Spawn)?;
+        Ok(MemoryMonitor {
+            inner: Arc::new(MonitorInner {
+                state,
+                requests: Some(requests),
+                thread: Some(thread),
+            }),
+        })
+    }
+}
+
+struct MonitorState {
+    tasks: Mutex<Vec<Box<dyn Registrant>>>,
+    probe: Arc<dyn MemoryProbe>,
+    limit: u64,
+    expand_at: u64,
+}
+
+struct MonitorInner {
+    state: Arc<MonitorState>,
+    requests: Option<Sender<Sender<CheckOutcome>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for MonitorInner {
+    fn drop(&mut self) {
+        self.requests = None;
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("memory monitor thread panicked");
+            }
+        }
+    }
+}
+
+/// A running memory monitor. Cheap to clone; the thread stops and is joined when
+/// the last clone is dropped. Tasks hold no clone (they register and are held by
+/// weak reference).
+///
+/// ```
+/// use buffered_task::{CheckOutcome, MemoryMonitor, MemoryProbe};
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Arc;
+///
+/// struct Fixed(Arc<AtomicU64>);
+/// impl MemoryProbe for Fixed {
+///     fn used_bytes(&self) -> Option<u64> { Some(self.0.load(Ordering::Relaxed)) }
+/// }
+/// let used = Arc::new(AtomicU64::new(10));
+/// let monitor = MemoryMonitor::builder()
+///     .limit_bytes(100)
+///     .probe(Fixed(used.clone()))
+///     .start()?;
+/// assert_eq!(monitor.check_now(), CheckOutcome::Normal);
+/// used.store(500, Ordering::Relaxed);
+/// assert_eq!(monitor.check_now(), CheckOutcome::NothingToShrink); // no tasks yet
+/// # Ok::<(), buffered_task::BuildError>(())
+/// ```
+#[derive(Clone)]
+pub struct MemoryMonitor {
+    inner: Arc<MonitorInner>,
+}
+
+impl std::fmt::Debug for MemoryMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryMonitor")
+            .field("limit", &self.inner.state.limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryMonitor {
+    /// A builder with every option at its default.
+    pub fn builder() -> MonitorBuilder {
+        MonitorBuilder {
+            limit_bytes: None,
+            limit_percent: 60,
+            check_interval: Duration::from_secs(60),
+            expand_percent: 40,
+            probe: None,
+        }
+    }
+
+    /// The limit in force, in bytes.
+    pub fn limit(&self) -> u64 {
+        self.inner.state.limit
+    }
+
+    /// Registers an engine (done for you by
+    /// [`Builder::memory_monitor`](crate::Builder::memory_monitor)).
+    pub(crate) fn register<T: Send + 'static>(&self, handle: &Handle<T>) {
+        self.inner
+            .state
+            .tasks
+            .lock()
+            .push(Box::new(handle.downgrade()));
+    }
+
+    /// Registers any other [`Shrinkable`], held by weak reference.
+    pub fn register_shrinkable<S: Shrinkable + 'static>(&self, task: &Arc<S>) {
+        self.inner
+            .state
+            .tasks
+            .lock()
+            .push(Box::new(WeakArc(Arc::downgrade(task))));
+    }
+
+    /// How many live tasks are registered (dropped and stopped ones are forgotten).
+    pub fn task_count(&self) -> usize {
+        live_tasks(&self.inner.state).len()
+    }
+
+    /// Runs a check now, on the monitor's thread, and says what it did.
+    pub fn check_now(&self) -> CheckOutcome {
+        let (tx, rx) = bounded(1);
+        match &self.inner.requests {
+            Some(requests) if requests.send(tx).is_ok() => {
+                rx.recv().unwrap_or(CheckOutcome::ProbeFailed)
+            }
+            _ => CheckOutcome::ProbeFailed,
+        }
+    }
+}
+
+fn monitor_loop(state: &MonitorState, requests: &Receiver<Sender<CheckOutcome>>, every: Duration) {
+    let ticker = tick(every);
+    let mut shrunk = false;
+    loop {
+        select_biased! {
+            recv(requests) -> msg => match msg {
+                Ok(reply) => {
+                    let outcome = check(state, &mut shrunk);
+                    let _ = reply.send(outcome);
+                }
+                Err(_) => return,
+            },
+            recv(ticker) -> _ => {
+                check(state, &mut shrunk);
+            }
+        }
+    }
+}
+
+/// Live tasks; dropped and stopped ones are removed from the registry.
+fn live_tasks(state: &MonitorState) -> Vec<Box<dyn Shrinkable>> {
+    // Upgrade under the lock (cheap, no user code), ask questions after it.
+    let upgraded: Vec<Option<Box<dyn Shrinkable>>> = {
+        let tasks = state.tasks.lock();
+        tasks.iter().map(|t| t.upgrade()).collect()
+    };
+    let keep: Vec<bool> = upgraded
+        .iter()
+        .map(|t| t.as_ref().is_some_and(|t| !t.is_stopped()))
+        .collect();
+    {
+        let mut tasks = state.tasks.lock();
+        let mut i = 0;
+        // Only the first `keep.len()` entries were looked at; later registrations stay.
+        tasks.retain(|_| {
+            let k = keep.get(i).copied().unwrap_or(true);
+            i += 1;
+            k
+        });
+    }
+    upgraded
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(t, k)| if k { t } else { None })
+        .collect()
+}
+
+fn check(state: &MonitorState, shrunk: &mut bool) -> CheckOutcome {
+    let Some(used) = state.probe.used_bytes() else {
+        log::warn!("memory monitor: could not read memory usage; check skipped");
+        return CheckOutcome::ProbeFailed;
+    };
+    let limit = state.limit;
+    if used > limit {
+        log::warn!(
+            "memory monitor: {used} bytes in use, over the limit of {limit} ({:.0}%); shrinking the largest task",
+            used as f64 * 100.0 / limit as f64
+        );
+        let mut tasks: Vec<(usize, Box<dyn Shrinkable>)> = live_tasks(state)
+            .into_iter()
+            .map(|t| (t.memory_usage(), t))
+            .collect();
+        tasks.sort_by(|a, b| b.0.cmp(&a.0));
+        for (bytes, task) in tasks {
+            match task.shrink() {
+                Ok(()) => {
+                    *shrunk = true;
+                    log::warn!(
+                        "memory monitor: shrank {} (it held {bytes} bytes of queued work)",
+                        task.name()
+                    );
+                    return CheckOutcome::Shrunk(task.name());
+                }
+                Err(ShrinkError::MinimumSize) => {
+                    log::debug!("memory monitor: {} is at its minimum size", task.name());
+                }
+                Err(err) => log::debug!("memory monitor: {}: {err}", task.name()),
+            }
+        }
+        log::error!(
+            "memory monitor: {used} bytes in use, over the limit of {limit}, and no task could shrink"
+        );
+        CheckOutcome::NothingToShrink
+    } else if *shrunk && used <= state.expand_at {
+        let tasks = live_tasks(state);
+        for task in &tasks {
+            task.expand();
+        }
+        *shrunk = false;
+        log::info!(
+            "memory monitor: {used} bytes in use, at or below {} ; expanded {} tasks",
+            state.expand_at,
+            tasks.len()
+        );
+        CheckOutcome::Expanded(tasks.len())
+    } else {
+        CheckOutcome::Normal
+    }
+}

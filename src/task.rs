@@ -1,0 +1,161 @@
+//! The callback trait, the run outcome, priorities and the `init` sink.
+
+use crate::coordinator::Command;
+use crossbeam_channel::Sender;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// The work a [`Handle`](crate::Handle) runs: how to find initial work, and how to
+/// process one batch.
+///
+/// One value of the implementing type is shared by every worker thread (`&self`),
+/// so configuration such as a client or a URL lives here. The engine-owned,
+/// replaceable *state* is separate: every call gets the current state, and
+/// [`Outcome::OkWithState`] replaces it for batches dispatched afterwards.
+pub trait Task: Send + Sync + 'static {
+    /// One unit of work, e.g. a block number to fetch.
+    type Entry: Send + 'static;
+    /// The state handed to every call; a `run` can replace it.
+    type State: Send + Sync + 'static;
+
+    /// Streams the initial work into `sink`. Runs on the engine's own init thread,
+    /// so a slow source never blocks the engine; every chunk of `max_batch_size`
+    /// entries is queued and dispatched as soon as it fills.
+    ///
+    /// With `poll` on, `init` runs again whenever the engine goes idle (see
+    /// [`Builder::poll`](crate::Builder::poll)). The default streams nothing.
+    ///
+    /// A panic here is caught and logged; whatever was pushed before it is kept.
+    fn init(&self, sink: &mut Sink<Self::Entry>, state: &Self::State) {
+        let _ = (sink, state);
+    }
+
+    /// Processes one batch of at most `max_batch_size` entries.
+    ///
+    /// A panic here is caught, logged at error level with its message, and treated
+    /// as [`Outcome::Retry`]; the worker thread lives on.
+    fn run(&self, batch: &[Self::Entry], state: &Self::State) -> Outcome<Self::Entry, Self::State>;
+}
+
+/// What a [`Task::run`] call asks the engine to do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome<T, S> {
+    /// The batch is done.
+    Ok,
+    /// The batch is done; `S` replaces the state for batches dispatched afterwards.
+    OkWithState(S),
+    /// Run the whole batch again: it goes to the back of the queue.
+    Retry,
+    /// Run these entries (a subset of the batch, or new ones) again: they go to the
+    /// back of the queue. An empty list means nothing is retried.
+    RetryEntries(Vec<T>),
+    /// As [`Outcome::RetryEntries`], and `S` replaces the state.
+    RetryEntriesWithState(Vec<T>, S),
+}
+
+/// Where buffered entries go on the next flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Priority {
+    /// Behind everything already queued (first in, first out).
+    Back,
+    /// Ahead of everything already queued; several front calls between two flushes
+    /// keep their call order, and each call keeps its own order.
+    Front,
+}
+
+/// Collects the entries an [`Task::init`] streams and hands them to the engine in
+/// chunks of `max_batch_size`.
+///
+/// Nothing pushed is lost: full chunks go to the queue at once, the remainder when
+/// `init` returns (or panics).
+pub struct Sink<T> {
+    chunk: Vec<T>,
+    chunk_size: usize,
+    produced: u64,
+    commands: Sender<Command<T>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl<T> Sink<T> {
+    pub(crate) fn new(
+        chunk_size: usize,
+        commands: Sender<Command<T>>,
+        stopping: Arc<AtomicBool>,
+    ) -> Self {
+        Sink {
+            chunk: Vec::with_capacity(chunk_size),
+            chunk_size,
+            produced: 0,
+            commands,
+            stopping,
+        }
+    }
+
+    /// Adds one entry. Returns `false` once the engine is shutting down: the entry is
+    /// still taken (and drained or handed back by the shutdown), but `init` should
+    /// stop streaming and return.
+    pub fn push(&mut self, entry: T) -> bool {
+        self.chunk.push(entry);
+        self.produced += 1;
+        if self.chunk.len() >= self.chunk_size {
+            self.send_chunk();
+        }
+        !self.is_stopping()
+    }
+
+    /// Adds every entry of `entries`; returns `false` once the engine is shutting
+    /// down (see [`Sink::push`]). All entries are taken either way.
+    pub fn extend<I: IntoIterator<Item = T>>(&mut self, entries: I) -> bool {
+        for entry in entries {
+            self.push(entry);
+        }
+        !self.is_stopping()
+    }
+
+    /// Whether the engine is shutting down, so `init` should return soon.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// How many entries this `init` run has pushed so far.
+    pub fn produced(&self) -> u64 {
+        self.produced
+    }
+
+    fn send_chunk(&mut self) {
+        let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(self.chunk_size));
+        // The coordinator outlives the init thread (it joins it), so this cannot fail;
+        // if it ever did, the entries would be dropped with the message, so log it.
+        if let Err(err) = self.commands.send(Command::InitChunk(chunk)) {
+            log::error!("init chunk of {} entries could not reach the engine", count(&err.0));
+        }
+    }
+
+    /// Sends the remainder; returns how many entries this run produced.
+    pub(crate) fn finish(mut self) -> u64 {
+        if !self.chunk.is_empty() {
+            let chunk = std::mem::take(&mut self.chunk);
+            if let Err(err) = self.commands.send(Command::InitChunk(chunk)) {
+                log::error!("init chunk of {} entries could not reach the engine", count(&err.0));
+            }
+        }
+        self.produced
+    }
+}
+
+fn count<T>(cmd: &Command<T>) -> usize {
+    match cmd {
+        Command::InitChunk(v) => v.len(),
+        _ => 0,
+    }
+}
+
+impl<T> std::fmt::Debug for Sink<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sink")
+            .field("pending", &self.chunk.len())
+            .field("chunk_size", &self.chunk_size)
+            .field("produced", &self.produced)
+            .finish()
+    }
+}

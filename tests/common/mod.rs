@@ -1,0 +1,114 @@
+//! Helpers shared by the integration tests: a task built from closures, and
+//! channel-based waiting with a generous bound that only catches hangs.
+#![allow(dead_code)]
+
+use buffered_task::{Outcome, Sink, Task};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::time::Duration;
+
+/// Long enough that only a hang reaches it.
+pub const HANG: Duration = Duration::from_secs(20);
+
+type InitFn<T, S> = Box<dyn Fn(&mut Sink<T>, &S) + Send + Sync>;
+type RunFn<T, S> = Box<dyn Fn(&[T], &S) -> Outcome<T, S> + Send + Sync>;
+
+/// A task whose `init` and `run` are closures.
+pub struct Script<T, S> {
+    init: InitFn<T, S>,
+    run: RunFn<T, S>,
+}
+
+impl<T: Send + 'static, S: Send + Sync + 'static> Script<T, S> {
+    pub fn new(run: impl Fn(&[T], &S) -> Outcome<T, S> + Send + Sync + 'static) -> Self {
+        Script {
+            init: Box::new(|_, _| {}),
+            run: Box::new(run),
+        }
+    }
+
+    pub fn with_init(mut self, init: impl Fn(&mut Sink<T>, &S) + Send + Sync + 'static) -> Self {
+        self.init = Box::new(init);
+        self
+    }
+}
+
+impl<T: Send + 'static, S: Send + Sync + 'static> Task for Script<T, S> {
+    type Entry = T;
+    type State = S;
+    fn init(&self, sink: &mut Sink<T>, state: &S) {
+        (self.init)(sink, state)
+    }
+    fn run(&self, batch: &[T], state: &S) -> Outcome<T, S> {
+        (self.run)(batch, state)
+    }
+}
+
+/// Receives one message, failing the test on a hang.
+pub fn recv<T>(rx: &Receiver<T>) -> T {
+    rx.recv_timeout(HANG).expect("timed out waiting: the engine hung")
+}
+
+/// Receives exactly `n` messages.
+pub fn recv_n<T>(rx: &Receiver<T>, n: usize) -> Vec<T> {
+    (0..n).map(|_| recv(rx)).collect()
+}
+
+/// Asserts nothing is waiting in `rx` now.
+pub fn assert_empty<T: std::fmt::Debug>(rx: &Receiver<T>) {
+    match rx.try_recv() {
+        Ok(v) => panic!("unexpected message: {v:?}"),
+        Err(_) => {}
+    }
+}
+
+/// Waits until `f` holds, yielding between looks (for conditions that have no
+/// channel, e.g. a shutdown that has begun on another thread).
+pub fn wait_until(mut f: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(start.elapsed() < HANG, "condition never held");
+        std::thread::yield_now();
+    }
+}
+
+/// A gate that holds `run` calls until it is opened.
+#[derive(Clone)]
+pub struct Gate {
+    open: std::sync::Arc<(parking_lot::Mutex<bool>, parking_lot::Condvar)>,
+}
+
+impl Gate {
+    pub fn new() -> Self {
+        Gate {
+            open: Default::default(),
+        }
+    }
+    pub fn wait(&self) {
+        let (lock, cv) = &*self.open;
+        let mut open = lock.lock();
+        cv.wait_while(&mut open, |open| !*open);
+    }
+    pub fn open(&self) {
+        let (lock, cv) = &*self.open;
+        *lock.lock() = true;
+        cv.notify_all();
+    }
+}
+
+/// Silences the default panic output for panics the tests cause on purpose.
+pub fn quiet_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        if !msg.contains("deliberate") {
+            default(info);
+        }
+    }));
+}
+
+pub fn _unused(_: RecvTimeoutError) {}
