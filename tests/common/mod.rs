@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use buffered_task::{Outcome, Sink, Task};
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::Receiver;
 use std::time::Duration;
 
 /// Long enough that only a hang reaches it.
@@ -45,7 +45,8 @@ impl<T: Send + 'static, S: Send + Sync + 'static> Task for Script<T, S> {
 
 /// Receives one message, failing the test on a hang.
 pub fn recv<T>(rx: &Receiver<T>) -> T {
-    rx.recv_timeout(HANG).expect("timed out waiting: the engine hung")
+    rx.recv_timeout(HANG)
+        .expect("timed out waiting: the engine hung")
 }
 
 /// Receives exactly `n` messages.
@@ -55,9 +56,8 @@ pub fn recv_n<T>(rx: &Receiver<T>, n: usize) -> Vec<T> {
 
 /// Asserts nothing is waiting in `rx` now.
 pub fn assert_empty<T: std::fmt::Debug>(rx: &Receiver<T>) {
-    match rx.try_recv() {
-        Ok(v) => panic!("unexpected message: {v:?}"),
-        Err(_) => {}
+    if let Ok(v) = rx.try_recv() {
+        panic!("unexpected message: {v:?}");
     }
 }
 
@@ -110,5 +110,3 @@ pub fn quiet_panics() {
         }
     }));
 }
-
-pub fn _unused(_: RecvTimeoutError) {}

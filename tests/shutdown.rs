@@ -1,0 +1,202 @@
+//! Stopping: drain, hand back, drop; calls after shutdown hand entries back (SPEC §9).
+
+mod common;
+use buffered_task::{
+    BufferError, Builder, ControlError, FlushInterval, Outcome, OverflowReason, Priority,
+    ShrinkError,
+};
+use common::*;
+use crossbeam_channel::unbounded;
+use std::time::Duration;
+
+fn ok_task() -> Script<u32, ()> {
+    Script::new(|_: &[u32], _: &()| Outcome::Ok)
+}
+
+#[test]
+fn every_call_after_shutdown_hands_the_entries_back() {
+    let handle = Builder::new(ok_task(), ())
+        .flush_interval(FlushInterval::Never)
+        .start()
+        .unwrap();
+    let other = handle.clone();
+    handle.shutdown_drain().unwrap();
+    assert!(other.is_stopped());
+
+    match other.buffer(vec![1, 2, 3], Priority::Back) {
+        Err(BufferError::Stopped(v)) => assert_eq!(v, vec![1, 2, 3]),
+        r => panic!("{r:?}"),
+    }
+    assert_eq!(
+        other
+            .buffer_one(4, Priority::Front)
+            .unwrap_err()
+            .into_entries(),
+        vec![4]
+    );
+    assert_eq!(
+        other
+            .buffer_timeout(vec![5], Priority::Back, Duration::from_secs(1))
+            .unwrap_err()
+            .into_entries(),
+        vec![5]
+    );
+    assert_eq!(
+        other.push_back(vec![6]).unwrap_err().into_entries(),
+        vec![6]
+    );
+    assert_eq!(
+        other.push_front(vec![7]).unwrap_err().into_entries(),
+        vec![7]
+    );
+    assert_eq!(other.flush(), Err(ControlError::Stopped));
+    assert_eq!(other.debug_count().unwrap_err(), ControlError::Stopped);
+    assert_eq!(other.shrink(), Err(ShrinkError::Stopped));
+    assert_eq!(other.expand(), Err(ControlError::Stopped));
+    assert_eq!(other.is_shrunk(), Err(ControlError::Stopped));
+    assert_eq!(other.shutdown_drain().unwrap_err(), ControlError::Stopped);
+    assert_eq!(other.shutdown_return().unwrap_err(), ControlError::Stopped);
+    // An empty call is still a no-op.
+    assert!(other.buffer(vec![], Priority::Back).is_ok());
+}
+
+#[test]
+fn shutdown_drain_runs_everything_left() {
+    let (tx, rx) = unbounded();
+    let task = Script::new(move |b: &[u32], _: &()| {
+        tx.send(b.to_vec()).unwrap();
+        Outcome::Ok
+    });
+    let handle = Builder::new(task, ())
+        .max_batch_size(7)
+        .max_concurrency(2)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .start()
+        .unwrap();
+    handle.buffer((0..50).collect(), Priority::Back).unwrap();
+    handle.push_back((50..100).collect()).unwrap();
+    handle
+        .buffer((100..120).collect(), Priority::Front)
+        .unwrap();
+    let report = handle.shutdown_drain().unwrap();
+    assert!(report.unprocessed.is_empty());
+    let mut ran: Vec<u32> = rx.try_iter().flatten().collect();
+    ran.sort();
+    assert_eq!(ran, (0..120).collect::<Vec<_>>());
+}
+
+#[test]
+fn shutdown_return_hands_back_exactly_the_unprocessed_entries_in_order() {
+    let gate = Gate::new();
+    let held = gate.clone();
+    let (tx, rx) = unbounded();
+    let task = Script::new(move |b: &[u32], _: &()| {
+        held.wait();
+        tx.send(b.to_vec()).unwrap();
+        Outcome::Ok
+    });
+    let handle = Builder::new(task, ())
+        .max_batch_size(2)
+        .max_concurrency(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .start()
+        .unwrap();
+    handle.push_back(vec![0, 1]).unwrap(); // running, held
+    handle.push_back(vec![2, 3, 4]).unwrap(); // queued
+    handle.buffer(vec![5, 6], Priority::Back).unwrap(); // buffered
+    handle.buffer(vec![9], Priority::Front).unwrap(); // buffered, front
+    assert_eq!(handle.debug_count().unwrap().running, 1);
+
+    let stopper = {
+        let handle = handle.clone();
+        std::thread::spawn(move || handle.shutdown_return().unwrap())
+    };
+    // Once the shutdown has begun no new batch starts; let the held one finish.
+    wait_until(|| handle.is_stopped());
+    gate.open();
+    let report = stopper.join().unwrap();
+    assert_eq!(report.unprocessed, vec![9, 2, 3, 4, 5, 6]);
+    assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![vec![0, 1]]);
+}
+
+#[test]
+fn shutdown_return_keeps_retries_of_running_batches() {
+    let gate = Gate::new();
+    let held = gate.clone();
+    let (started_tx, started) = unbounded();
+    let task = Script::new(move |b: &[u32], _: &()| {
+        started_tx.send(()).unwrap();
+        held.wait();
+        Outcome::RetryEntries(b.iter().map(|v| v + 100).collect())
+    });
+    let handle = Builder::new(task, ())
+        .max_batch_size(2)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .start()
+        .unwrap();
+    handle.push_back(vec![1, 2, 3]).unwrap();
+    recv(&started);
+    let stopper = {
+        let handle = handle.clone();
+        std::thread::spawn(move || handle.shutdown_return().unwrap())
+    };
+    wait_until(|| handle.is_stopped());
+    gate.open();
+    let report = stopper.join().unwrap();
+    assert_eq!(report.unprocessed, vec![3, 101, 102]);
+}
+
+#[test]
+fn dropping_the_last_handle_loses_nothing_silently() {
+    let gate = Gate::new();
+    let held = gate.clone();
+    let (ran_tx, ran) = unbounded();
+    let (of_tx, overflow) = unbounded();
+    let task = Script::new(move |b: &[u32], _: &()| {
+        held.wait();
+        ran_tx.send(b.to_vec()).unwrap();
+        Outcome::Ok
+    });
+    let handle = Builder::new(task, ())
+        .max_batch_size(2)
+        .max_concurrency(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .overflow_handler(move |entries, reason| of_tx.send((entries, reason)).unwrap())
+        .start()
+        .unwrap();
+    handle.push_back(vec![0, 1]).unwrap();
+    handle.push_back(vec![2, 3, 4]).unwrap();
+    handle.buffer(vec![5], Priority::Back).unwrap();
+    let weak = handle.downgrade();
+    let dropper = std::thread::spawn(move || drop(handle));
+    wait_until(|| weak.upgrade().is_none());
+    gate.open();
+    dropper.join().unwrap();
+
+    let mut accounted: Vec<u32> = ran.try_iter().flatten().collect();
+    for (entries, reason) in overflow.try_iter() {
+        assert_eq!(reason, OverflowReason::Shutdown);
+        accounted.extend(entries);
+    }
+    accounted.sort();
+    assert_eq!(accounted, vec![0, 1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn dropping_an_idle_engine_joins_its_threads() {
+    let (tx, rx) = unbounded::<()>();
+    struct Guarded(crossbeam_channel::Sender<()>);
+    let guard = Guarded(tx);
+    let task = Script::new(move |_: &[u32], _: &()| {
+        let _ = guard.0.is_empty();
+        Outcome::Ok
+    });
+    let handle = Builder::new(task, ()).start().unwrap();
+    drop(handle);
+    // Every thread holding the task has ended, so the task (and its sender) is gone.
+    assert!(rx.recv_timeout(HANG).is_err());
+}
