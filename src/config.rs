@@ -252,7 +252,8 @@ impl<K: Task> Builder<K> {
                     pool::worker(task, jobs, done)
                 })?);
             }
-            let (task, commands, stopping) = (task.clone(), cmd_tx.clone(), shared.stopping.clone());
+            let (task, commands, stopping) =
+                (task.clone(), cmd_tx.clone(), shared.stopping.clone());
             let chunk = config.max_batch_size;
             threads.push(pool::spawn(format!("{name}-init"), move || {
                 pool::init_runner(task, init_rx, commands, chunk, stopping)
@@ -300,6 +301,8 @@ pub(crate) fn join_all(threads: Vec<JoinHandle<()>>) {
 
 impl<K: Task> std::fmt::Debug for Builder<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Builder").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Builder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }

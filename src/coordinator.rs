@@ -47,7 +47,9 @@ pub(crate) enum Command<T> {
     /// A full (or final) chunk streamed by `init`.
     InitChunk(Vec<T>),
     /// The running `init` returned (or panicked) after producing this many entries.
-    InitDone { produced: u64 },
+    InitDone {
+        produced: u64,
+    },
     Count(Sender<DebugCount>),
     Shrink(Sender<Result<(), ShrinkError>>),
     Expand(Sender<()>),
@@ -198,7 +200,9 @@ impl<K: Task> Coordinator<K> {
                 recv(ticker) -> _ => self.flush(),
                 recv(poll_timer) -> _ => {
                     self.poll_at = None;
-                    self.idle_check();
+                    if self.is_idle() && self.shutdown.is_none() {
+                        self.start_init();
+                    }
                 }
             }
             if let Some(mode) = self.shutdown.as_ref().map(|s| s.0) {

@@ -105,7 +105,11 @@ impl<T> fmt::Display for BufferError<T> {
                 write!(f, "the engine has stopped; {} entries handed back", v.len())
             }
             BufferError::Timeout(v) => {
-                write!(f, "timed out handing over entries; {} entries handed back", v.len())
+                write!(
+                    f,
+                    "timed out handing over entries; {} entries handed back",
+                    v.len()
+                )
             }
             BufferError::Full(v) => {
                 write!(f, "the queue is full; {} entries handed back", v.len())

@@ -386,12 +386,10 @@ impl<T: Send + 'static> Handle<T> {
 fn wait<R>(rx: &Receiver<R>, timeout: Option<Duration>) -> Result<R, ControlError> {
     match timeout {
         None => rx.recv().map_err(|_| ControlError::Stopped),
-        Some(t) => rx
-            .recv_deadline(Instant::now() + t)
-            .map_err(|e| match e {
-                crossbeam_channel::RecvTimeoutError::Timeout => ControlError::Timeout,
-                crossbeam_channel::RecvTimeoutError::Disconnected => ControlError::Stopped,
-            }),
+        Some(t) => rx.recv_deadline(Instant::now() + t).map_err(|e| match e {
+            crossbeam_channel::RecvTimeoutError::Timeout => ControlError::Timeout,
+            crossbeam_channel::RecvTimeoutError::Disconnected => ControlError::Stopped,
+        }),
     }
 }
 
@@ -418,7 +416,9 @@ impl<T> Inner<T> {
                 return Err(ControlError::Stopped);
             }
             if mode != ShutdownMode::Drain {
-                self.shared.halt.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.shared
+                    .halt
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
             }
             buffers.closed = true;
             // Under the lock, so every push accepted before the close is ahead of it.
@@ -445,9 +445,13 @@ impl<T> Drop for Inner<T> {
         {
             let mut buffers = self.shared.buffers.lock();
             if !buffers.closed {
-                self.shared.halt.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.shared
+                    .halt
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 buffers.closed = true;
-                let _ = self.commands.send(Command::Shutdown(ShutdownMode::Abandon, tx));
+                let _ = self
+                    .commands
+                    .send(Command::Shutdown(ShutdownMode::Abandon, tx));
             }
         }
         if pool::on_engine_thread() {
@@ -465,5 +469,48 @@ impl<T> Drop for Inner<T> {
         if thread.join().is_err() {
             log::error!("{}: the coordinator thread panicked", self.name);
         }
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use crate::{Builder, FlushInterval, Outcome, Task};
+
+    struct Nop;
+    impl Task for Nop {
+        type Entry = u32;
+        type State = ();
+        fn run(&self, _: &[u32], _: &()) -> Outcome<u32, ()> {
+            Outcome::Ok
+        }
+    }
+
+    #[test]
+    fn a_buffer_timeout_hands_the_entries_back() {
+        let handle = Builder::new(Nop, ())
+            .flush_interval(FlushInterval::Never)
+            .start()
+            .unwrap();
+        let held = handle.inner.shared.buffers.lock();
+        let other = handle.clone();
+        let err = std::thread::spawn(move || {
+            other
+                .buffer_timeout(vec![1, 2], Priority::Back, Duration::from_millis(1))
+                .unwrap_err()
+        })
+        .join()
+        .unwrap();
+        drop(held);
+        assert!(matches!(err, BufferError::Timeout(_)));
+        assert_eq!(
+            err.to_string(),
+            "timed out handing over entries; 2 entries handed back"
+        );
+        assert_eq!(err.into_entries(), vec![1, 2]);
+        handle
+            .buffer_timeout(vec![3], Priority::Back, Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(handle.shutdown_return().unwrap().unprocessed, vec![3]);
     }
 }

@@ -1,4 +1,152 @@
-//! TODO docs
+//! A thread-based batching work engine: any thread hands entries over, a
+//! coordinator cuts them into batches, and a fixed pool of worker threads runs
+//! them, retrying what fails. No async runtime.
+//!
+//! It is a port, made stricter, of blockscout's `Indexer.BufferedTask` (Elixir); the
+//! README lists every deliberate difference.
+//!
+//! # Quick start
+//!
+//! Implement [`Task`]: `run` processes one batch, `init` (optional) streams the
+//! work that exists at start. Then build an engine and hand it entries from any
+//! thread through its [`Handle`].
+//!
+//! ```
+//! use buffered_task::{Builder, Outcome, Priority, Sink, Task};
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use std::time::Duration;
+//!
+//! struct SumBlocks {
+//!     total: AtomicU64,
+//! }
+//!
+//! impl Task for SumBlocks {
+//!     type Entry = u64; // a block number
+//!     type State = ();
+//!
+//!     fn init(&self, sink: &mut Sink<u64>, _state: &()) {
+//!         sink.extend(0..1_000); // the backlog known at start
+//!     }
+//!
+//!     fn run(&self, blocks: &[u64], _state: &()) -> Outcome<u64, ()> {
+//!         self.total.fetch_add(blocks.iter().sum::<u64>(), Ordering::Relaxed);
+//!         Outcome::Ok
+//!     }
+//! }
+//!
+//! let handle = Builder::new(SumBlocks { total: AtomicU64::new(0) }, ())
+//!     .name("blocks")
+//!     .max_batch_size(100)
+//!     .max_concurrency(4)
+//!     .flush_interval(Duration::from_millis(50))
+//!     .poll(false)
+//!     .start()?;
+//!
+//! handle.buffer(vec![1_000, 1_001], Priority::Back)?; // from any thread
+//! let report = handle.shutdown_drain()?; // run everything, then stop
+//! assert!(report.unprocessed.is_empty());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Batching and flushing
+//!
+//! [`Handle::buffer`] puts entries into a *back* or *front* buffer and returns at
+//! once: it never waits for the engine. A flush moves the buffers into the queue
+//! and fills every free worker slot with a batch of at most `max_batch_size`.
+//! Flushes happen:
+//!
+//! - on every tick of the flush interval (deadline-based, it does not drift);
+//! - at once, when the buffers hold a full batch (a full batch never waits for the
+//!   tick; partial batches do, so batching is kept);
+//! - on [`Handle::flush`], which returns when the flush is done. With
+//!   [`FlushInterval::Never`] this is the only way.
+//!
+//! [`Handle::push_back`] and [`Handle::push_front`] skip the buffers and go straight
+//! into the queue.
+//!
+//! # Priority
+//!
+//! [`Priority::Back`] entries queue behind everything, first in first out across
+//! calls. [`Priority::Front`] entries go ahead of everything already queued; the
+//! front calls of one flush window keep their call order, and each call its own.
+//!
+//! ```
+//! # use buffered_task::{Builder, FlushInterval, Outcome, Priority, Task};
+//! # use std::sync::Mutex;
+//! struct Record(Mutex<Vec<u32>>);
+//! impl Task for Record {
+//!     type Entry = u32;
+//!     type State = ();
+//!     fn run(&self, batch: &[u32], _: &()) -> Outcome<u32, ()> {
+//!         self.0.lock().unwrap().extend_from_slice(batch);
+//!         Outcome::Ok
+//!     }
+//! }
+//! let record = std::sync::Arc::new(Record(Mutex::new(Vec::new())));
+//! # struct Shared(std::sync::Arc<Record>);
+//! # impl Task for Shared { type Entry = u32; type State = ();
+//! #   fn run(&self, b: &[u32], s: &()) -> Outcome<u32, ()> { self.0.run(b, s) } }
+//! let handle = Builder::new(Shared(record.clone()), ())
+//!     .flush_interval(FlushInterval::Never)
+//!     .start()?;
+//! handle.buffer(vec![3, 4], Priority::Back)?;
+//! handle.buffer(vec![1, 2], Priority::Front)?;
+//! handle.flush()?;
+//! handle.shutdown_drain()?;
+//! assert_eq!(*record.0.lock().unwrap(), vec![1, 2, 3, 4]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Retries, state and panics
+//!
+//! `run` returns an [`Outcome`]: [`Outcome::Ok`], [`Outcome::OkWithState`] (the new
+//! state is seen by batches dispatched afterwards), [`Outcome::Retry`] (the whole
+//! batch), [`Outcome::RetryEntries`] (any list: a subset, or new entries) and
+//! [`Outcome::RetryEntriesWithState`]. Retried entries go to the back of the queue.
+//! A panic in `run` is caught, logged at error level with its message, and means
+//! *retry the whole batch*; the worker thread lives on.
+//!
+//! # Bounded queue and memory limit
+//!
+//! [`Builder::max_queue_len`] bounds the queue. What does not fit is *overflow*:
+//! never silent, it is counted, logged at warn, and handed to
+//! [`Builder::overflow_handler`]. [`Handle::shrink`] sheds the back half of the
+//! queue and bounds it there until [`Handle::expand`]; with `poll` on, `init` runs
+//! again once the queue is empty, so shed work is found again at its source.
+//!
+//! A [`MemoryMonitor`] does this for you: it watches the process's memory and,
+//! over its limit, shrinks the registered task holding the most queued memory
+//! (then the next, while one is at its minimum size); back under 40% of the limit,
+//! it expands them all.
+//!
+//! ```
+//! use buffered_task::{Builder, MemoryMonitor, Outcome, Task};
+//! use std::time::Duration;
+//! # struct T; impl Task for T { type Entry = String; type State = ();
+//! #   fn run(&self, _: &[String], _: &()) -> Outcome<String, ()> { Outcome::Ok } }
+//!
+//! let monitor = MemoryMonitor::builder()
+//!     .limit_bytes(512 * 1024 * 1024)
+//!     .check_interval(Duration::from_secs(60))
+//!     .start()?;
+//! let handle = Builder::new(T, ())
+//!     .memory_monitor(&monitor)
+//!     .weigher(|s: &String| s.capacity()) // heap bytes an entry owns
+//!     .start()?;
+//! assert_eq!(monitor.task_count(), 1);
+//! drop(handle);
+//! assert_eq!(monitor.task_count(), 0); // stopped tasks are forgotten
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Shutdown
+//!
+//! [`Handle::shutdown_drain`] runs everything left and stops;
+//! [`Handle::shutdown_return`] waits for the running batches and hands every
+//! unprocessed entry back. Either way, a call made afterwards fails with an error
+//! that carries its entries back. Dropping the last handle stops the engine too,
+//! handing what is left to the overflow handler (or counting and logging it).
+//! Every thread the engine started is joined.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -16,7 +164,7 @@ pub use config::{Builder, FlushInterval, OverflowHandler, OverflowReason, Weighe
 pub use error::{BufferError, BuildError, ControlError, ShrinkError};
 pub use handle::{DebugCount, Handle, ShutdownReport, WeakHandle};
 pub use monitor::{
-    total_memory, CheckOutcome, MemoryMonitor, MemoryProbe, MonitorBuilder, ProcessRss,
-    Shrinkable, FALLBACK_LIMIT,
+    total_memory, CheckOutcome, MemoryMonitor, MemoryProbe, MonitorBuilder, ProcessRss, Shrinkable,
+    FALLBACK_LIMIT,
 };
 pub use task::{Outcome, Priority, Sink, Task};

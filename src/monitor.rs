@@ -37,7 +37,12 @@ impl MemoryProbe for ProcessRss {
 
 fn kib_field(text: &str, key: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(key))?;
-    line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+    line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The machine's total memory, where it can be read (Linux: `/proc/meminfo`).
@@ -104,7 +109,9 @@ struct WeakArc<S: Shrinkable + 'static>(Weak<S>);
 
 impl<S: Shrinkable + 'static> Registrant for WeakArc<S> {
     fn upgrade(&self) -> Option<Box<dyn Shrinkable>> {
-        self.0.upgrade().map(|s| Box::new(ArcShrinkable(s)) as Box<dyn Shrinkable>)
+        self.0
+            .upgrade()
+            .map(|s| Box::new(ArcShrinkable(s)) as Box<dyn Shrinkable>)
     }
 }
 
@@ -439,7 +446,7 @@ fn check(state: &MonitorState, shrunk: &mut bool) -> CheckOutcome {
             .into_iter()
             .map(|t| (t.memory_usage(), t))
             .collect();
-        tasks.sort_by(|a, b| b.0.cmp(&a.0));
+        tasks.sort_by_key(|t| std::cmp::Reverse(t.0));
         for (bytes, task) in tasks {
             match task.shrink() {
                 Ok(()) => {

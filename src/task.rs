@@ -127,7 +127,10 @@ impl<T> Sink<T> {
         // The coordinator outlives the init thread (it joins it), so this cannot fail;
         // if it ever did, the entries would be dropped with the message, so log it.
         if let Err(err) = self.commands.send(Command::InitChunk(chunk)) {
-            log::error!("init chunk of {} entries could not reach the engine", count(&err.0));
+            log::error!(
+                "init chunk of {} entries could not reach the engine",
+                count(&err.0)
+            );
         }
     }
 
@@ -136,7 +139,10 @@ impl<T> Sink<T> {
         if !self.chunk.is_empty() {
             let chunk = std::mem::take(&mut self.chunk);
             if let Err(err) = self.commands.send(Command::InitChunk(chunk)) {
-                log::error!("init chunk of {} entries could not reach the engine", count(&err.0));
+                log::error!(
+                    "init chunk of {} entries could not reach the engine",
+                    count(&err.0)
+                );
             }
         }
         self.produced
