@@ -245,12 +245,7 @@ impl<K: Task> Coordinator<K> {
             Command::Shrink(reply) => {
                 let result = match self.queue.shrink() {
                     Ok(shed) => {
-                        log::info!(
-                            "{}: queue shrunk, {} entries shed, bound now {:?}",
-                            self.config.name,
-                            shed.len(),
-                            self.queue.max_len()
-                        );
+                        // Logged (with the new bound) by `overflow`.
                         self.shed_since_init = true;
                         self.overflow(shed, OverflowReason::Shrink);
                         Ok(())

@@ -474,7 +474,7 @@ fn check(state: &MonitorState, shrunk: &mut bool) -> CheckOutcome {
         }
         *shrunk = false;
         log::info!(
-            "memory monitor: {used} bytes in use, at or below {} ; expanded {} tasks",
+            "memory monitor: {used} bytes in use, at or below {}; expanded {} tasks",
             state.expand_at,
             tasks.len()
         );

@@ -83,10 +83,12 @@ impl Gate {
             open: Default::default(),
         }
     }
+    /// Waits until the gate opens, or at most `HANG` (so a failed test that never
+    /// opens its gate ends instead of hanging in the engine's shutdown).
     pub fn wait(&self) {
         let (lock, cv) = &*self.open;
         let mut open = lock.lock();
-        cv.wait_while(&mut open, |open| !*open);
+        cv.wait_while_for(&mut open, |open| !*open, HANG);
     }
     pub fn open(&self) {
         let (lock, cv) = &*self.open;
