@@ -3,7 +3,7 @@
 use crate::coordinator::{Coordinator, Shared};
 use crate::error::BuildError;
 use crate::handle::Handle;
-use crate::pool::{self, Completion, Job};
+use crate::pool::{self, Completion, Job, StateSlot};
 use crate::task::Task;
 use crossbeam_channel::{bounded, unbounded};
 use std::sync::Arc;
@@ -240,39 +240,42 @@ impl<K: Task> Builder<K> {
         let name = config.name.clone();
         let shared = Arc::new(Shared::new());
         let (cmd_tx, cmd_rx) = unbounded();
-        let (job_tx, job_rx) = bounded::<Job<K::Entry, K::State>>(config.max_concurrency);
-        let (done_tx, done_rx) = unbounded::<Completion<K::Entry, K::State>>();
-        let (init_tx, init_rx) = bounded::<Arc<K::State>>(1);
+        let state = Arc::new(StateSlot::new(state));
+        // At most HAND_OUT batches per worker handed out (see `pool`).
+        let (job_tx, job_rx) = bounded::<Job<K::Entry>>(pool::HAND_OUT * config.max_concurrency);
+        let (done_tx, done_rx) = unbounded::<Completion<K::Entry>>();
+        let (init_tx, init_rx) = bounded::<()>(1);
 
         let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(config.max_concurrency + 1);
         let started = (|| -> std::io::Result<()> {
             for i in 0..config.max_concurrency {
-                let (task, jobs, done) = (task.clone(), job_rx.clone(), done_tx.clone());
+                let (task, state, shared) = (task.clone(), state.clone(), shared.clone());
+                let (jobs, done) = (job_rx.clone(), done_tx.clone());
                 threads.push(pool::spawn(format!("{name}-worker-{i}"), move || {
-                    pool::worker(task, jobs, done)
+                    pool::worker(task, state, shared, jobs, done)
                 })?);
             }
-            let (task, commands, stopping) =
-                (task.clone(), cmd_tx.clone(), shared.stopping.clone());
+            let (task, state, commands) = (task.clone(), state.clone(), cmd_tx.clone());
+            let stopping = shared.stopping.clone();
             let chunk = config.max_batch_size;
             threads.push(pool::spawn(format!("{name}-init"), move || {
-                pool::init_runner(task, init_rx, commands, chunk, stopping)
+                pool::init_runner(task, state, init_rx, commands, chunk, stopping)
             })?);
             Ok(())
         })();
-        drop((job_rx, done_tx));
+        drop(done_tx);
         if let Err(err) = started {
-            drop((job_tx, init_tx));
+            drop((job_tx, job_rx, init_tx));
             join_all(threads);
             return Err(BuildError::Spawn(err));
         }
 
         let coordinator = Coordinator::<K>::new(
             config.clone(),
-            Arc::new(state),
             shared.clone(),
             cmd_rx,
             job_tx,
+            job_rx,
             done_rx,
             init_tx,
             threads,

@@ -26,14 +26,14 @@
 use crate::config::{join_all, Config, FlushInterval, OverflowHandler, OverflowReason, Weigher};
 use crate::error::ShrinkError;
 use crate::handle::{DebugCount, ShutdownMode, ShutdownReport};
-use crate::pool::{Completion, Job};
-use crate::queue::Queue;
-use crate::task::{Outcome, Priority, Task};
+use crate::pool::{Completion, Job, Progress};
+use crate::queue::{Pile, Queue};
+use crate::task::{Priority, Task};
 use crate::unwind::catch;
 use crossbeam_channel::{at, never, select_biased, tick, Receiver, Sender};
 use parking_lot::Mutex;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -61,8 +61,8 @@ pub(crate) enum Command<T> {
 
 /// What `buffer` writes into and the coordinator takes on each flush.
 pub(crate) struct Buffers<T> {
-    pub(crate) back: Vec<T>,
-    pub(crate) front: Vec<T>,
+    pub(crate) back: Pile<T>,
+    pub(crate) front: Pile<T>,
     /// Set once by a shutdown; a hand-over that sees it gives the entries back.
     pub(crate) closed: bool,
     /// A full-batch flush has been asked for and not yet done.
@@ -82,32 +82,67 @@ pub(crate) struct Shared<T> {
     pub(crate) stopping: Arc<AtomicBool>,
     /// Set by a shutdown that hands entries back: no new batch starts from then on.
     pub(crate) halt: AtomicBool,
+    /// Batches handed to the workers (see [`Progress`]).
+    pub(crate) progress: Mutex<Progress>,
+    /// Batches done (and not retried) since the coordinator last looked.
+    pub(crate) done_batches: AtomicUsize,
+    /// A `Completion::Refill` is on its way and not handled yet.
+    pub(crate) refill_asked: AtomicBool,
+    /// Counters behind [`Handle::stats`](crate::Handle::stats).
+    pub(crate) counters: Counters,
+}
+
+/// Monotonic counters, written by the coordinator and the workers, read by anyone.
+#[derive(Default)]
+pub(crate) struct Counters {
+    /// Entries in the queue (set by the coordinator after every event).
+    pub(crate) queued: AtomicUsize,
+    pub(crate) processed: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) panicked: AtomicU64,
+    pub(crate) overflow_full: AtomicU64,
+    pub(crate) overflow_shrink: AtomicU64,
+    pub(crate) overflow_shutdown: AtomicU64,
+}
+
+impl<T> Shared<T> {
+    /// Wakes the coordinator to account done batches and hand out more, unless a
+    /// wake-up is already on its way.
+    pub(crate) fn ask_refill(&self, done: &Sender<Completion<T>>) {
+        if !self.refill_asked.swap(true, Ordering::SeqCst) {
+            let _ = done.send(Completion::Refill);
+        }
+    }
 }
 
 impl<T> Shared<T> {
     pub(crate) fn new() -> Self {
         Shared {
             buffers: Mutex::new(Buffers {
-                back: Vec::new(),
-                front: Vec::new(),
+                back: Pile::new(),
+                front: Pile::new(),
                 closed: false,
                 flush_requested: false,
             }),
             stopping: Arc::new(AtomicBool::new(false)),
             halt: AtomicBool::new(false),
+            progress: Mutex::new(Progress::default()),
+            done_batches: AtomicUsize::new(0),
+            refill_asked: AtomicBool::new(false),
+            counters: Counters::default(),
         }
     }
 }
 
 /// The threads the coordinator owns; dropping this closes their channels and joins
 /// them, on every exit path.
-struct Crew<T, S> {
-    jobs: Option<Sender<Job<T, S>>>,
-    init: Option<Sender<Arc<S>>>,
+struct Crew<T> {
+    jobs: Option<Sender<Job<T>>>,
+    init: Option<Sender<()>>,
     threads: Vec<JoinHandle<()>>,
 }
 
-impl<T, S> Drop for Crew<T, S> {
+impl<T> Drop for Crew<T> {
     fn drop(&mut self) {
         self.jobs = None;
         self.init = None;
@@ -117,15 +152,17 @@ impl<T, S> Drop for Crew<T, S> {
 
 pub(crate) struct Coordinator<K: Task> {
     config: Config,
-    state: Arc<K::State>,
     shared: Arc<Shared<K::Entry>>,
     queue: Queue<K::Entry>,
     commands: Receiver<Command<K::Entry>>,
-    done: Receiver<Completion<K::Entry, K::State>>,
-    crew: Crew<K::Entry, K::State>,
+    done: Receiver<Completion<K::Entry>>,
+    /// A receiving end of the job channel, to recall batches not started yet.
+    recall: Receiver<Job<K::Entry>>,
+    crew: Crew<K::Entry>,
+    /// Batches handed out (waiting in the job channel or running).
+    in_flight: usize,
     overflow: Option<OverflowHandler<K::Entry>>,
     weigher: Option<Weigher<K::Entry>>,
-    running: usize,
     init_running: bool,
     last_init_produced: u64,
     /// A shrink shed work since `init` last started: poll again without delay.
@@ -140,23 +177,24 @@ impl<K: Task> Coordinator<K> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         config: Config,
-        state: Arc<K::State>,
         shared: Arc<Shared<K::Entry>>,
         commands: Receiver<Command<K::Entry>>,
-        jobs: Sender<Job<K::Entry, K::State>>,
-        done: Receiver<Completion<K::Entry, K::State>>,
-        init: Sender<Arc<K::State>>,
+        jobs: Sender<Job<K::Entry>>,
+        recall: Receiver<Job<K::Entry>>,
+        done: Receiver<Completion<K::Entry>>,
+        init: Sender<()>,
         threads: Vec<JoinHandle<()>>,
         overflow: Option<OverflowHandler<K::Entry>>,
         weigher: Option<Weigher<K::Entry>>,
     ) -> Self {
         Coordinator {
-            queue: Queue::new(config.max_queue_len),
+            queue: Queue::new(config.max_queue_len, config.max_batch_size),
             config,
-            state,
             shared,
             commands,
             done,
+            recall,
+            in_flight: 0,
             crew: Crew {
                 jobs: Some(jobs),
                 init: Some(init),
@@ -164,7 +202,6 @@ impl<K: Task> Coordinator<K> {
             },
             overflow,
             weigher,
-            running: 0,
             init_running: false,
             last_init_produced: 0,
             shed_since_init: false,
@@ -187,10 +224,28 @@ impl<K: Task> Coordinator<K> {
                 Some(when) => at(when),
                 None => never(),
             };
+            let deadline = match self.shutdown {
+                Some((ShutdownMode::DrainUntil(when), _)) => at(when),
+                _ => never(),
+            };
             select_biased! {
                 recv(self.done) -> msg => match msg {
-                    Ok(completion) => self.complete(completion),
-                    Err(_) => unreachable!("the coordinator holds the job sender, so workers live"),
+                    Ok(completion) => {
+                        // Each completion frees capacity at once (so a retried batch
+                        // is not merged with one that completes just after it).
+                        self.complete(completion);
+                        self.dispatch();
+                        while let Ok(more) = self.done.try_recv() {
+                            self.complete(more);
+                            self.dispatch();
+                        }
+                        self.idle_check();
+                    }
+                    Err(_) => {
+                        // Only if every worker thread died, which catch_unwind prevents.
+                        log::error!("{}: all workers are gone; stopping", self.config.name);
+                        return self.finish(ShutdownMode::Abandon, None);
+                    }
                 },
                 recv(self.commands) -> msg => match msg {
                     Ok(cmd) => self.command(cmd),
@@ -198,6 +253,14 @@ impl<K: Task> Coordinator<K> {
                     Err(_) => return self.finish(ShutdownMode::Abandon, None),
                 },
                 recv(ticker) -> _ => self.flush(),
+                recv(deadline) -> _ => {
+                    // Drained as far as time allowed: hand back the rest.
+                    self.shared.halt.store(true, Ordering::SeqCst);
+                    self.recall();
+                    if let Some((mode, _)) = &mut self.shutdown {
+                        *mode = ShutdownMode::Return;
+                    }
+                }
                 recv(poll_timer) -> _ => {
                     self.poll_at = None;
                     if self.is_idle() && self.shutdown.is_none() {
@@ -205,6 +268,11 @@ impl<K: Task> Coordinator<K> {
                     }
                 }
             }
+            self.absorb_done();
+            self.shared
+                .counters
+                .queued
+                .store(self.queue.len(), Ordering::Relaxed);
             if let Some(mode) = self.shutdown.as_ref().map(|s| s.0) {
                 if self.shutdown_complete(mode) {
                     let reply = self.shutdown.take().map(|s| s.1);
@@ -237,12 +305,17 @@ impl<K: Task> Coordinator<K> {
             }
             Command::Count(reply) => {
                 let buffered = self.shared.buffers.lock().len();
+                let (prefetched, running) = {
+                    let p = self.shared.progress.lock();
+                    (p.prefetched, p.running)
+                };
                 let _ = reply.send(DebugCount {
-                    waiting: buffered + self.queue.len(),
-                    running: self.running,
+                    waiting: buffered + self.queue.len() + prefetched,
+                    running,
                 });
             }
             Command::Shrink(reply) => {
+                self.recall();
                 let result = match self.queue.shrink() {
                     Ok(shed) => {
                         // Logged (with the new bound) by `overflow`.
@@ -253,6 +326,7 @@ impl<K: Task> Coordinator<K> {
                     Err(_) => Err(ShrinkError::MinimumSize),
                 };
                 let _ = reply.send(result);
+                self.dispatch();
             }
             Command::Expand(reply) => {
                 self.queue.expand();
@@ -262,6 +336,8 @@ impl<K: Task> Coordinator<K> {
                 let _ = reply.send(self.queue.is_shrunk());
             }
             Command::Memory(reply) => {
+                // Batches handed out but not started are weighed as queued.
+                self.recall();
                 let per = std::mem::size_of::<K::Entry>();
                 let mut bytes = self.queue.len() * per;
                 if let Some(weigh) = &self.weigher {
@@ -271,11 +347,22 @@ impl<K: Task> Coordinator<K> {
                     }
                 }
                 let _ = reply.send(bytes);
+                self.dispatch();
             }
             Command::Shutdown(mode, reply) => {
                 self.shared.stopping.store(true, Ordering::Relaxed);
                 self.poll_at = None;
+                let mode = match mode {
+                    ShutdownMode::DrainUntil(when) if when <= Instant::now() => {
+                        self.shared.halt.store(true, Ordering::SeqCst);
+                        ShutdownMode::Return
+                    }
+                    other => other,
+                };
                 self.shutdown = Some((mode, reply));
+                if self.shared.halt.load(Ordering::Relaxed) {
+                    self.recall();
+                }
                 // Everything buffered before the close joins the queue now.
                 self.flush();
             }
@@ -288,22 +375,38 @@ impl<K: Task> Coordinator<K> {
         let (back, front) = {
             let mut buffers = self.shared.buffers.lock();
             buffers.flush_requested = false;
-            (
-                std::mem::take(&mut buffers.back),
-                std::mem::take(&mut buffers.front),
-            )
+            (buffers.back.take(), buffers.front.take())
         };
         if !front.is_empty() {
-            self.push(front, Priority::Front);
+            // Front entries go ahead of batches handed out but not started, too.
+            self.recall();
+            self.sync_bound();
+            let overflow = self.queue.push_front_chunks(front);
+            self.overflow(overflow, OverflowReason::Full);
         }
-        if !back.is_empty() {
-            self.push(back, Priority::Back);
+        self.sync_bound();
+        let mut overflow = Vec::new();
+        for chunk in back {
+            overflow.extend(self.queue.push_back(chunk));
         }
+        self.overflow(overflow, OverflowReason::Full);
         self.dispatch();
         self.idle_check();
     }
 
+    /// Before a bounded push: batches handed out but not started count as queued.
+    fn sync_bound(&mut self) {
+        if self.queue.is_bounded() {
+            let prefetched = self.shared.progress.lock().prefetched;
+            self.queue.set_outside(prefetched);
+        }
+    }
+
     fn push(&mut self, entries: Vec<K::Entry>, priority: Priority) {
+        if priority == Priority::Front {
+            self.recall();
+        }
+        self.sync_bound();
         let overflow = match priority {
             Priority::Back => self.queue.push_back(entries),
             Priority::Front => self.queue.push_front(entries),
@@ -311,46 +414,74 @@ impl<K: Task> Coordinator<K> {
         self.overflow(overflow, OverflowReason::Full);
     }
 
-    /// Fills every free slot from the queue.
+    /// Hands batches to the workers until `HAND_OUT` per worker are out.
     fn dispatch(&mut self) {
+        self.absorb_done();
         if self.shared.halt.load(Ordering::Relaxed) {
             return;
         }
         let Some(jobs) = &self.crew.jobs else { return };
-        while self.running < self.config.max_concurrency {
-            let Some(batch) = self.queue.pop_batch(self.config.max_batch_size) else {
-                break;
-            };
-            let job = Job {
-                batch,
-                state: self.state.clone(),
-            };
-            // The channel holds max_concurrency jobs and fewer are out, so this never
-            // blocks; the workers outlive the sender, so it never fails.
-            if let Err(err) = jobs.send(job) {
-                self.queue.push_front(err.0.batch);
-                break;
+        let limit = crate::pool::HAND_OUT * self.config.max_concurrency;
+        if self.in_flight >= limit || self.queue.is_empty() {
+            return;
+        }
+        let mut batches = Vec::new();
+        while self.in_flight + batches.len() < limit {
+            match self.queue.pop_batch(self.config.max_batch_size) {
+                Some(batch) => batches.push(batch),
+                None => break,
             }
-            self.running += 1;
+        }
+        // Counted before they are sent: a worker may start one at once.
+        self.shared.progress.lock().prefetched += batches.iter().map(Vec::len).sum::<usize>();
+        for batch in batches {
+            // The channel holds `limit` jobs and fewer are out, so this never
+            // blocks; the workers outlive the sender, so it never fails.
+            match jobs.send(Job { batch }) {
+                Ok(()) => self.in_flight += 1,
+                Err(err) => {
+                    self.shared.progress.lock().prefetched -= err.0.batch.len();
+                    self.queue.push_front_unbounded(err.0.batch);
+                }
+            }
         }
     }
 
-    fn complete(&mut self, completion: Completion<K::Entry, K::State>) {
-        self.running -= 1;
-        let Completion { batch, outcome } = completion;
-        let retry = match outcome {
-            Ok(Outcome::Ok) => None,
-            Ok(Outcome::OkWithState(state)) => {
-                self.state = Arc::new(state);
-                None
+    /// Takes batches that no worker has started back into the queue, in order.
+    fn recall(&mut self) {
+        let recalled: Vec<Vec<K::Entry>> = self.recall.try_iter().map(|job| job.batch).collect();
+        if recalled.is_empty() {
+            return;
+        }
+        let entries: usize = recalled.iter().map(Vec::len).sum();
+        self.in_flight -= recalled.len();
+        self.shared.progress.lock().prefetched -= entries;
+        for batch in recalled.into_iter().rev() {
+            self.queue.push_front_unbounded(batch);
+        }
+    }
+
+    /// Accounts batches the workers finished without reporting them one by one.
+    fn absorb_done(&mut self) {
+        let done = self.shared.done_batches.swap(0, Ordering::SeqCst);
+        self.in_flight -= done;
+    }
+
+    fn complete(&mut self, completion: Completion<K::Entry>) {
+        let retry = match completion {
+            Completion::Refill => {
+                // Cleared before the count is read: a batch done after this read
+                // asks again.
+                self.shared.refill_asked.store(false, Ordering::SeqCst);
+                self.absorb_done();
+                return;
             }
-            Ok(Outcome::Retry) => Some(batch),
-            Ok(Outcome::RetryEntries(entries)) => Some(entries),
-            Ok(Outcome::RetryEntriesWithState(entries, state)) => {
-                self.state = Arc::new(state);
-                Some(entries)
-            }
-            Err(msg) => {
+            Completion::Retry(entries) => Some(entries),
+            Completion::Panicked(batch, msg) => {
+                self.shared
+                    .counters
+                    .panicked
+                    .fetch_add(1, Ordering::Relaxed);
                 log::error!(
                     "{}: run panicked on a batch of {} entries, retrying it: {msg}",
                     self.config.name,
@@ -358,26 +489,36 @@ impl<K: Task> Coordinator<K> {
                 );
                 Some(batch)
             }
+            Completion::Skipped(batch) => {
+                // Handed back unrun by a halting worker: it was never started.
+                self.in_flight -= 1;
+                self.shared.progress.lock().prefetched -= batch.len();
+                self.queue.push_front_unbounded(batch);
+                return;
+            }
         };
+        self.in_flight -= 1;
+        self.shared.progress.lock().running -= 1;
         if let Some(entries) = retry {
             if !entries.is_empty() {
+                self.shared
+                    .counters
+                    .retried
+                    .fetch_add(entries.len() as u64, Ordering::Relaxed);
                 log::debug!("{}: retrying {} entries", self.config.name, entries.len());
                 self.push(entries, Priority::Back);
             }
         }
-        self.dispatch();
-        if self.running == 0 {
-            self.idle_check();
-        }
     }
 
     fn is_idle(&self) -> bool {
-        self.queue.is_empty() && self.running == 0 && !self.init_running
+        self.queue.is_empty() && self.in_flight == 0 && !self.init_running
     }
 
     /// With `poll` on and nothing to do: re-run `init` now, or arm the poll timer.
     /// When idle, also give back the queue's spare memory.
     fn idle_check(&mut self) {
+        self.absorb_done();
         if !self.is_idle() || self.shutdown.is_some() {
             return;
         }
@@ -397,7 +538,7 @@ impl<K: Task> Coordinator<K> {
             return;
         }
         if let Some(init) = &self.crew.init {
-            if init.send(self.state.clone()).is_ok() {
+            if init.send(()).is_ok() {
                 self.init_running = true;
                 self.shed_since_init = false;
                 self.poll_at = None;
@@ -406,9 +547,9 @@ impl<K: Task> Coordinator<K> {
     }
 
     fn shutdown_complete(&self, mode: ShutdownMode) -> bool {
-        let settled = self.running == 0 && !self.init_running;
+        let settled = self.in_flight == 0 && !self.init_running;
         match mode {
-            ShutdownMode::Drain => settled && self.queue.is_empty(),
+            ShutdownMode::Drain | ShutdownMode::DrainUntil(_) => settled && self.queue.is_empty(),
             ShutdownMode::Return | ShutdownMode::Abandon => settled,
         }
     }
@@ -430,13 +571,13 @@ impl<K: Task> Coordinator<K> {
             },
         ));
         // Completions and init chunks that raced the stop.
-        while let Ok(Completion { batch, outcome }) = self.done.try_recv() {
-            match outcome {
-                Ok(Outcome::Retry) | Err(_) => self.queue.push_back_unbounded(batch),
-                Ok(Outcome::RetryEntries(v)) | Ok(Outcome::RetryEntriesWithState(v, _)) => {
+        while let Ok(completion) = self.done.try_recv() {
+            match completion {
+                Completion::Refill => {}
+                Completion::Retry(v) | Completion::Panicked(v, _) => {
                     self.queue.push_back_unbounded(v)
                 }
-                Ok(_) => {}
+                Completion::Skipped(v) => self.queue.push_front_unbounded(v),
             }
         }
         while let Ok(cmd) = self.commands.try_recv() {
@@ -449,14 +590,14 @@ impl<K: Task> Coordinator<K> {
         let mut left = self.queue.drain_all();
         {
             let mut buffers = self.shared.buffers.lock();
-            let front = std::mem::take(&mut buffers.front);
-            let back = std::mem::take(&mut buffers.back);
+            let front: Vec<K::Entry> = buffers.front.take().into_iter().flatten().collect();
             left.splice(0..0, front);
-            left.extend(back);
+            left.extend(buffers.back.take().into_iter().flatten());
         }
         let report = ShutdownReport {
             unprocessed: Vec::new(),
             overflowed: self.overflowed,
+            drained: 0,
         };
         match mode {
             ShutdownMode::Abandon => {
@@ -471,7 +612,7 @@ impl<K: Task> Coordinator<K> {
                     let _ = reply.send(report);
                 }
             }
-            ShutdownMode::Drain | ShutdownMode::Return => {
+            ShutdownMode::Drain | ShutdownMode::DrainUntil(_) | ShutdownMode::Return => {
                 if let Some(reply) = reply {
                     let _ = reply.send(ShutdownReport {
                         unprocessed: left,
@@ -490,6 +631,12 @@ impl<K: Task> Coordinator<K> {
         }
         let n = entries.len();
         self.overflowed += n as u64;
+        let counter = match reason {
+            OverflowReason::Full => &self.shared.counters.overflow_full,
+            OverflowReason::Shrink => &self.shared.counters.overflow_shrink,
+            OverflowReason::Shutdown => &self.shared.counters.overflow_shutdown,
+        };
+        counter.fetch_add(n as u64, Ordering::Relaxed);
         log::warn!(
             "{}: {n} entries left the queue unprocessed ({reason}; bound {:?}; {} in all)",
             self.config.name,

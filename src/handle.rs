@@ -8,6 +8,7 @@ use crate::task::Priority;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::Mutex;
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,11 +23,39 @@ pub struct DebugCount {
     pub running: usize,
 }
 
+/// A snapshot of an engine's counters, from [`Handle::stats`]. Cheap: read from
+/// atomics and two short locks, without asking the coordinator, so the figures are
+/// each exact but not taken at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Entries in the buffers, waiting for a flush.
+    pub buffered: usize,
+    /// Entries in the queue, or handed to a worker and not started.
+    pub queued: usize,
+    /// Batches running now.
+    pub running: usize,
+    /// Entries in batches whose `run` returned `Ok` or `OkWithState`.
+    pub processed: u64,
+    /// Entries sent back to the queue by a retry outcome or a panic.
+    pub retried: u64,
+    /// `run` calls that panicked.
+    pub panicked: u64,
+    /// Entries dropped because the queue was full.
+    pub overflowed_full: u64,
+    /// Entries shed by a shrink.
+    pub overflowed_shrink: u64,
+    /// Entries handed to the overflow handler because the last handle was dropped.
+    pub overflowed_shutdown: u64,
+}
+
 /// How a shutdown treats work that has not run yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ShutdownMode {
     /// Run everything left, then stop.
     Drain,
+    /// Run what can be run before the deadline, then hand back the rest.
+    DrainUntil(Instant),
     /// Wait for running batches, then hand every unprocessed entry back.
     Return,
     /// The last handle was dropped: hand what is left to the overflow handler.
@@ -42,6 +71,9 @@ pub struct ShutdownReport<T> {
     pub unprocessed: Vec<T>,
     /// Entries that overflowed (queue full or shed by a shrink) over the engine's life.
     pub overflowed: u64,
+    /// Entries processed (their `run` returned `Ok`) between the shutdown call and
+    /// the end.
+    pub drained: u64,
 }
 
 struct Inner<T> {
@@ -212,12 +244,10 @@ impl<T: Send + 'static> Handle<T> {
             Priority::Back => &mut buffers.back,
             Priority::Front => &mut buffers.front,
         };
+        let batch = self.inner.max_batch_size;
         match entries {
-            Entries::One(entry) => target.push(entry),
-            Entries::Many(mut v) if target.is_empty() && target.capacity() < v.len() => {
-                std::mem::swap(target, &mut v)
-            }
-            Entries::Many(mut v) => target.append(&mut v),
+            Entries::One(entry) => target.push_one(entry, batch),
+            Entries::Many(v) => target.push_vec(v, batch),
         }
         let notify = self.inner.auto_flush
             && !buffers.flush_requested
@@ -369,6 +399,41 @@ impl<T: Send + 'static> Handle<T> {
         self.inner.shutdown(ShutdownMode::Return)
     }
 
+    /// Runs what it can until `timeout` has passed, then waits for the running
+    /// batches and hands every entry not processed back in the report, which also
+    /// says how many were processed during the shutdown (`drained`).
+    ///
+    /// # Errors
+    ///
+    /// [`ControlError::Stopped`] when the engine was already shut down.
+    pub fn shutdown_timeout(&self, timeout: Duration) -> Result<ShutdownReport<T>, ControlError> {
+        self.inner
+            .shutdown(ShutdownMode::DrainUntil(Instant::now() + timeout))
+    }
+
+    /// A snapshot of the engine's counters; cheap enough for a metrics scrape.
+    /// Still answers after a shutdown (the final figures).
+    pub fn stats(&self) -> Stats {
+        let shared = &self.inner.shared;
+        let buffered = shared.buffers.lock().len();
+        let (prefetched, running) = {
+            let p = shared.progress.lock();
+            (p.prefetched, p.running)
+        };
+        let c = &shared.counters;
+        Stats {
+            buffered,
+            queued: c.queued.load(Ordering::Relaxed) + prefetched,
+            running,
+            processed: c.processed.load(Ordering::Relaxed),
+            retried: c.retried.load(Ordering::Relaxed),
+            panicked: c.panicked.load(Ordering::Relaxed),
+            overflowed_full: c.overflow_full.load(Ordering::Relaxed),
+            overflowed_shrink: c.overflow_shrink.load(Ordering::Relaxed),
+            overflowed_shutdown: c.overflow_shutdown.load(Ordering::Relaxed),
+        }
+    }
+
     fn ask<R>(
         &self,
         make: impl FnOnce(Sender<R>) -> Command<T>,
@@ -409,16 +474,15 @@ impl<T> Entries<T> {
 
 impl<T> Inner<T> {
     fn shutdown(&self, mode: ShutdownMode) -> Result<ShutdownReport<T>, ControlError> {
+        let processed_before = self.shared.counters.processed.load(Ordering::SeqCst);
         let (tx, rx) = bounded(1);
         {
             let mut buffers = self.shared.buffers.lock();
             if buffers.closed {
                 return Err(ControlError::Stopped);
             }
-            if mode != ShutdownMode::Drain {
-                self.shared
-                    .halt
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            if matches!(mode, ShutdownMode::Return | ShutdownMode::Abandon) {
+                self.shared.halt.store(true, Ordering::Relaxed);
             }
             buffers.closed = true;
             // Under the lock, so every push accepted before the close is ahead of it.
@@ -426,7 +490,18 @@ impl<T> Inner<T> {
                 .send(Command::Shutdown(mode, tx))
                 .map_err(|_| ControlError::Stopped)?;
         }
-        let report = rx.recv().map_err(|_| ControlError::Stopped);
+        let report = rx
+            .recv()
+            .map_err(|_| ControlError::Stopped)
+            .map(|r| ShutdownReport {
+                drained: self
+                    .shared
+                    .counters
+                    .processed
+                    .load(Ordering::SeqCst)
+                    .saturating_sub(processed_before),
+                ..r
+            });
         if let Some(thread) = self.coordinator.lock().take() {
             if thread.join().is_err() {
                 log::error!("{}: the coordinator thread panicked", self.name);
@@ -445,9 +520,7 @@ impl<T> Drop for Inner<T> {
         {
             let mut buffers = self.shared.buffers.lock();
             if !buffers.closed {
-                self.shared
-                    .halt
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.shared.halt.store(true, Ordering::Relaxed);
                 buffers.closed = true;
                 let _ = self
                     .commands

@@ -162,7 +162,7 @@ mod unwind;
 
 pub use config::{Builder, FlushInterval, OverflowHandler, OverflowReason, Weigher};
 pub use error::{BufferError, BuildError, ControlError, ShrinkError};
-pub use handle::{DebugCount, Handle, ShutdownReport, WeakHandle};
+pub use handle::{DebugCount, Handle, ShutdownReport, Stats, WeakHandle};
 pub use monitor::{
     total_memory, CheckOutcome, MemoryMonitor, MemoryProbe, MonitorBuilder, ProcessRss, Shrinkable,
     FALLBACK_LIMIT,

@@ -22,14 +22,23 @@ pub trait MemoryProbe: Send + Sync + 'static {
     fn used_bytes(&self) -> Option<u64>;
 }
 
-/// The default probe on Linux: this process's resident set size, from
-/// `/proc/self/status` (`VmRSS`, the same figure as `/proc/self/statm`'s resident
-/// pages × page size).
+/// The default probe on Linux: this process's resident set size.
+///
+/// Read from `/proc/self/smaps_rollup` (`Rss:`), which the kernel computes from the
+/// page tables, so it is exact. The cheaper `VmRSS` of `/proc/self/status` (the
+/// same figure as `/proc/self/statm`'s resident pages × page size) is used where
+/// `smaps_rollup` is missing; it can lag behind by what each thread has not yet
+/// reported (seen here: tens of MiB with transparent huge pages).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessRss;
 
 impl MemoryProbe for ProcessRss {
     fn used_bytes(&self) -> Option<u64> {
+        if let Ok(rollup) = std::fs::read_to_string("/proc/self/smaps_rollup") {
+            if let Some(kib) = kib_field(&rollup, "Rss:") {
+                return Some(kib * 1024);
+            }
+        }
         let status = std::fs::read_to_string("/proc/self/status").ok()?;
         kib_field(&status, "VmRSS:").map(|kib| kib * 1024)
     }

@@ -6,15 +6,29 @@
 //! producers need the cores), a dispatch is one channel send with no boxed closure,
 //! and every thread has a `JoinHandle` the coordinator joins at shutdown (dropping a
 //! rayon pool does not join its threads).
+//!
+//! The coordinator keeps up to `HAND_OUT` batches per worker handed out, so a worker
+//! that finishes a batch takes the next one at once instead of sleeping until the
+//! coordinator has seen its completion; a batch that is simply done is counted,
+//! not reported, and the coordinator is woken only when the job channel runs low
+//! (below half full) or empty, or when entries come back (retry,
+//! panic). Only `max_concurrency` workers exist, so no more batches than that ever
+//! run at once. Batches handed out but not started
+//! can be recalled into the queue (for a shrink or a shutdown that hands entries
+//! back), and a worker that finds the engine halting hands its batch back unrun.
 
-use crate::coordinator::Command;
+use crate::coordinator::{Command, Shared};
 use crate::task::{Outcome, Sink, Task};
 use crate::unwind::catch;
 use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
 use std::cell::Cell;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+
+/// Batches handed out per worker at most: one running, the rest ready.
+pub(crate) const HAND_OUT: usize = 8;
 
 thread_local! {
     static ENGINE_THREAD: Cell<bool> = const { Cell::new(false) };
@@ -36,29 +50,111 @@ pub(crate) fn spawn(
     })
 }
 
-/// One batch to run, with the state current when it was dispatched.
-pub(crate) struct Job<T, S> {
-    pub(crate) batch: Vec<T>,
-    pub(crate) state: Arc<S>,
+/// The state every call sees: the coordinator starts it, and a worker whose `run`
+/// returns a new state installs it before reporting, so every batch that starts
+/// afterwards sees it (even one already handed to a worker).
+pub(crate) struct StateSlot<S>(Mutex<Arc<S>>);
+
+impl<S> StateSlot<S> {
+    pub(crate) fn new(state: S) -> Self {
+        StateSlot(Mutex::new(Arc::new(state)))
+    }
+
+    pub(crate) fn current(&self) -> Arc<S> {
+        self.0.lock().clone()
+    }
+
+    fn replace(&self, state: S) {
+        let old = std::mem::replace(&mut *self.0.lock(), Arc::new(state));
+        drop(old); // outside the lock: dropping a state is user code
+    }
 }
 
-/// What a worker reports back: the batch (owned by the engine again) and the outcome,
-/// or the panic message.
-pub(crate) struct Completion<T, S> {
+/// Batches handed to workers: waiting in the job channel, or running.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    /// Entries in batches handed out but not started yet.
+    pub(crate) prefetched: usize,
+    /// Batches running now.
+    pub(crate) running: usize,
+}
+
+/// One batch to run.
+pub(crate) struct Job<T> {
     pub(crate) batch: Vec<T>,
-    pub(crate) outcome: Result<Outcome<T, S>, String>,
+}
+
+/// What a worker reports back. A batch that is simply done is not reported one by
+/// one: the worker counts it in `Shared::done_batches` and only asks for a
+/// `Refill` when the job channel runs low or empty.
+pub(crate) enum Completion<T> {
+    /// Batches were done and the job channel is low: account and hand out more.
+    Refill,
+    /// These entries are to run again.
+    Retry(Vec<T>),
+    /// `run` panicked with this message; the batch is to run again.
+    Panicked(Vec<T>, String),
+    /// Not started: the engine is stopping and hands entries back.
+    Skipped(Vec<T>),
 }
 
 /// The body of a worker thread: run jobs until the job channel closes.
 pub(crate) fn worker<K: Task>(
     task: Arc<K>,
-    jobs: Receiver<Job<K::Entry, K::State>>,
-    done: Sender<Completion<K::Entry, K::State>>,
+    state: Arc<StateSlot<K::State>>,
+    shared: Arc<Shared<K::Entry>>,
+    jobs: Receiver<Job<K::Entry>>,
+    done: Sender<Completion<K::Entry>>,
 ) {
-    for Job { batch, state } in jobs.iter() {
-        let outcome = catch(|| task.run(&batch, &state));
-        drop(state);
-        if done.send(Completion { batch, outcome }).is_err() {
+    let low_water = jobs.capacity().unwrap_or(2) / 2;
+    for Job { batch } in jobs.iter() {
+        if jobs.len() < low_water {
+            shared.ask_refill(&done);
+        }
+        let completion = if shared.halt.load(Ordering::Relaxed) {
+            Completion::Skipped(batch)
+        } else {
+            {
+                let mut p = shared.progress.lock();
+                p.prefetched -= batch.len();
+                p.running += 1;
+            }
+            let current = state.current();
+            let outcome = catch(|| task.run(&batch, &current));
+            drop(current);
+            let len = batch.len() as u64;
+            let done_ok = |shared: &Shared<K::Entry>| {
+                shared.counters.processed.fetch_add(len, Ordering::Relaxed);
+                shared.progress.lock().running -= 1;
+                shared.done_batches.fetch_add(1, Ordering::SeqCst);
+            };
+            match outcome {
+                Ok(Outcome::Ok) => {
+                    drop(batch);
+                    done_ok(&shared);
+                    if jobs.is_empty() {
+                        shared.ask_refill(&done);
+                    }
+                    continue;
+                }
+                Ok(Outcome::OkWithState(s)) => {
+                    state.replace(s);
+                    done_ok(&shared);
+                    if jobs.is_empty() {
+                        shared.ask_refill(&done);
+                    }
+                    continue;
+                }
+                Ok(Outcome::Retry) => Completion::Retry(batch),
+                Ok(Outcome::RetryEntries(entries)) => Completion::Retry(entries),
+                Ok(Outcome::RetryEntriesWithState(entries, s)) => {
+                    state.replace(s);
+                    Completion::Retry(entries)
+                }
+                Err(msg) => Completion::Panicked(batch, msg),
+            }
+        };
+        if done.send(completion).is_err() {
             // The coordinator is gone; it only leaves after joining us, so this
             // cannot happen while entries are owed to it.
             break;
@@ -70,15 +166,17 @@ pub(crate) fn worker<K: Task>(
 /// channel closes. Each run ends with `Command::InitDone`.
 pub(crate) fn init_runner<K: Task>(
     task: Arc<K>,
-    requests: Receiver<Arc<K::State>>,
+    state: Arc<StateSlot<K::State>>,
+    requests: Receiver<()>,
     commands: Sender<Command<K::Entry>>,
     chunk_size: usize,
     stopping: Arc<AtomicBool>,
 ) {
-    for state in requests.iter() {
+    for () in requests.iter() {
         let mut sink = Sink::new(chunk_size, commands.clone(), stopping.clone());
-        let result = catch(|| task.init(&mut sink, &state));
-        drop(state);
+        let current = state.current();
+        let result = catch(|| task.init(&mut sink, &current));
+        drop(current);
         let produced = sink.finish();
         if let Err(msg) = &result {
             log::error!("init panicked after {produced} entries (they are kept): {msg}");

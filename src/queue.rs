@@ -1,12 +1,18 @@
 //! The bounded queue batches are cut from.
 //!
-//! Entries are kept as a deque of chunks (`Vec<T>`), so a chunk that arrives with
-//! exactly a batch's worth of entries leaves as that batch without a copy.
+//! Entries are kept as a deque of chunks (`Vec<T>`) of at most one batch each, so a
+//! chunk that holds exactly a batch's worth of entries leaves as that batch without
+//! a copy. Chunks of up to a few batches are kept whole (no copy, no allocator
+//! holes); a longer `Vec` is cut into batch-sized chunks once, when it is pushed, so
+//! taking a batch never moves a long tail.
 //! The queue may carry a maximum length; pushes stop there and hand back what did
 //! not fit (the caller decides what overflow means). A shrink sheds the back half
 //! and lowers the maximum until `expand` lifts it again.
 
 use std::collections::VecDeque;
+
+/// Chunks up to this many batches long are queued whole (see `Queue::cut`).
+const CUT_AT: usize = 4;
 
 /// The queue holds 0 or 1 entries, so a shrink has nothing to shed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +21,11 @@ pub(crate) struct MinimumSize;
 pub(crate) struct Queue<T> {
     chunks: VecDeque<Vec<T>>,
     len: usize,
+    /// Entries per batch.
+    batch: usize,
+    /// Entries that count against the bound from outside the queue (batches handed
+    /// to workers and not started yet); set by the coordinator.
+    outside: usize,
     /// The bound chosen at build time; `None` is unbounded.
     configured_max: Option<usize>,
     /// The bound in force: the configured one, or a lower one after a shrink.
@@ -23,10 +34,13 @@ pub(crate) struct Queue<T> {
 }
 
 impl<T> Queue<T> {
-    pub(crate) fn new(max: Option<usize>) -> Self {
+    pub(crate) fn new(max: Option<usize>, batch: usize) -> Self {
+        debug_assert!(batch > 0);
         Queue {
             chunks: VecDeque::new(),
             len: 0,
+            batch,
+            outside: 0,
             configured_max: max,
             max,
             shrunk: false,
@@ -41,10 +55,20 @@ impl<T> Queue<T> {
         self.len == 0
     }
 
+    /// Whether a bound is in force.
+    pub(crate) fn is_bounded(&self) -> bool {
+        self.max.is_some()
+    }
+
+    /// Sets how many entries outside the queue count against its bound.
+    pub(crate) fn set_outside(&mut self, entries: usize) {
+        self.outside = entries;
+    }
+
     /// Room left under the bound in force.
     pub(crate) fn room(&self) -> usize {
         match self.max {
-            Some(max) => max.saturating_sub(self.len),
+            Some(max) => max.saturating_sub(self.len + self.outside),
             None => usize::MAX,
         }
     }
@@ -58,10 +82,7 @@ impl<T> Queue<T> {
     /// not fit (empty when everything went in), in the order it was given.
     pub(crate) fn push_back(&mut self, mut entries: Vec<T>) -> Vec<T> {
         let overflow = self.cut_to_room(&mut entries);
-        if !entries.is_empty() {
-            self.len += entries.len();
-            self.chunks.push_back(entries);
-        }
+        self.push_back_unbounded(entries);
         overflow
     }
 
@@ -69,20 +90,71 @@ impl<T> Queue<T> {
     /// bound allows. What does not fit is the tail of `entries`, returned.
     pub(crate) fn push_front(&mut self, mut entries: Vec<T>) -> Vec<T> {
         let overflow = self.cut_to_room(&mut entries);
-        if !entries.is_empty() {
-            self.len += entries.len();
-            self.chunks.push_front(entries);
+        self.len += entries.len();
+        for chunk in self.cut(entries).into_iter().rev() {
+            self.chunks.push_front(chunk);
         }
         overflow
+    }
+
+    /// Puts a pile's chunks (in arrival order) ahead of everything queued, keeping
+    /// their order, as far as the bound allows; returns what did not fit.
+    pub(crate) fn push_front_chunks(&mut self, mut chunks: Vec<Vec<T>>) -> Vec<T> {
+        let total: usize = chunks.iter().map(Vec::len).sum();
+        if chunks.len() == 1 || total > self.room() {
+            let all = if chunks.len() == 1 {
+                chunks.pop().unwrap_or_default()
+            } else {
+                chunks.into_iter().flatten().collect()
+            };
+            return self.push_front(all);
+        }
+        for chunk in chunks.into_iter().rev() {
+            self.push_front(chunk);
+        }
+        Vec::new()
+    }
+
+    /// Puts `entries` at the front whatever the bound (batches taken back from the
+    /// workers: they were queued before).
+    pub(crate) fn push_front_unbounded(&mut self, entries: Vec<T>) {
+        self.len += entries.len();
+        for chunk in self.cut(entries).into_iter().rev() {
+            self.chunks.push_front(chunk);
+        }
     }
 
     /// Appends `entries` whatever the bound (used when the engine stops, so that
     /// nothing racing the stop is lost).
     pub(crate) fn push_back_unbounded(&mut self, entries: Vec<T>) {
-        if !entries.is_empty() {
-            self.len += entries.len();
-            self.chunks.push_back(entries);
+        self.len += entries.len();
+        for chunk in self.cut(entries) {
+            self.chunks.push_back(chunk);
         }
+    }
+
+    /// Splits a long `entries` into chunks of one batch, in order. A chunk of up to
+    /// `CUT_AT` batches stays whole (no copy: taking a batch from it moves at most
+    /// that many batches' worth); a longer one is cut once here, so taking batches
+    /// never moves a long tail again and again. Spare capacity of more than the
+    /// length is given back.
+    fn cut(&self, mut entries: Vec<T>) -> Vec<Vec<T>> {
+        if entries.is_empty() {
+            return Vec::new();
+        }
+        let mut tail = Vec::new();
+        if entries.len() > CUT_AT * self.batch {
+            while entries.len() > self.batch {
+                let at = (entries.len() - 1) / self.batch * self.batch;
+                tail.push(entries.split_off(at));
+            }
+        }
+        if entries.capacity() > 2 * entries.len() {
+            entries.shrink_to_fit();
+        }
+        tail.push(entries);
+        tail.reverse();
+        tail
     }
 
     fn cut_to_room(&self, entries: &mut Vec<T>) -> Vec<T> {
@@ -200,12 +272,64 @@ impl<T> Queue<T> {
     }
 }
 
+/// Entries waiting in a buffer: chunks of at most one batch where they arrive
+/// one at a time, whole `Vec`s (moved, not copied) where they arrive many at once.
+pub(crate) struct Pile<T> {
+    chunks: Vec<Vec<T>>,
+    len: usize,
+}
+
+impl<T> Pile<T> {
+    pub(crate) const fn new() -> Self {
+        Pile {
+            chunks: Vec::new(),
+            len: 0,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn push_one(&mut self, entry: T, batch: usize) {
+        match self.chunks.last_mut() {
+            Some(last) if last.len() < batch => last.push(entry),
+            _ => {
+                let mut chunk = Vec::with_capacity(batch.min(1024));
+                chunk.push(entry);
+                self.chunks.push(chunk);
+            }
+        }
+        self.len += 1;
+    }
+
+    pub(crate) fn push_vec(&mut self, mut entries: Vec<T>, batch: usize) {
+        self.len += entries.len();
+        match self.chunks.last_mut() {
+            // A small call joins a small last chunk, where it fits without growing.
+            Some(last)
+                if last.len() + entries.len() <= batch
+                    && last.len() + entries.len() <= last.capacity() =>
+            {
+                last.append(&mut entries)
+            }
+            _ => self.chunks.push(entries),
+        }
+    }
+
+    /// The chunks, in arrival order, leaving the pile empty.
+    pub(crate) fn take(&mut self) -> Vec<Vec<T>> {
+        self.len = 0;
+        std::mem::take(&mut self.chunks)
+    }
+}
+
 #[cfg(test)]
 mod test {
     use super::*;
 
     fn q(max: Option<usize>, items: &[u32]) -> Queue<u32> {
-        let mut q = Queue::new(max);
+        let mut q = Queue::new(max, 100);
         assert!(q.push_back(items.to_vec()).is_empty());
         q
     }
@@ -227,6 +351,36 @@ mod test {
         assert_eq!(q.push_back(vec![3, 4, 5]), vec![4, 5]);
         assert_eq!(q.push_front(vec![9]), vec![9]);
         assert_eq!(q.len(), 3);
+    }
+
+    #[test]
+    fn long_pushes_are_cut_into_batches_in_order() {
+        let mut q = Queue::new(None, 3);
+        q.push_back((0..8).collect()); // kept whole
+        q.push_back((20..34).collect()); // cut into batches
+        q.push_front(vec![10, 11, 12, 13]);
+        assert_eq!(q.chunks.len(), 1 + 1 + 5);
+        assert_eq!(q.pop_batch(3), Some(vec![10, 11, 12]));
+        assert_eq!(q.pop_batch(3), Some(vec![13, 0, 1]));
+        assert_eq!(q.pop_batch(3), Some(vec![2, 3, 4]));
+        assert_eq!(q.pop_batch(3), Some(vec![5, 6, 7]));
+        let rest: Vec<i32> = std::iter::from_fn(|| q.pop_batch(3)).flatten().collect();
+        assert_eq!(rest, (20..34).collect::<Vec<_>>());
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn piles_keep_order_and_count() {
+        let mut p = Pile::new();
+        p.push_one(1, 2);
+        p.push_one(2, 2);
+        p.push_one(3, 2);
+        p.push_vec(vec![4, 5, 6], 2);
+        p.push_vec(vec![7], 2);
+        assert_eq!(p.len(), 7);
+        let all: Vec<i32> = p.take().into_iter().flatten().collect();
+        assert_eq!(all, vec![1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(p.len(), 0);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use crossbeam_channel::{unbounded, Receiver};
 struct Rig {
     handle: Handle<u32>,
     gate: Gate,
+    started: Receiver<()>,
     ran: Receiver<Vec<u32>>,
     overflow: Receiver<(Vec<u32>, OverflowReason)>,
 }
@@ -20,7 +21,9 @@ fn rig(max_queue_len: Option<usize>) -> Rig {
     let held = gate.clone();
     let (ran_tx, ran) = unbounded();
     let (of_tx, overflow) = unbounded();
+    let (started_tx, started) = unbounded();
     let task = Script::new(move |b: &[u32], _: &()| {
+        started_tx.send(()).unwrap();
         held.wait();
         ran_tx.send(b.to_vec()).unwrap();
         Outcome::Ok
@@ -37,6 +40,7 @@ fn rig(max_queue_len: Option<usize>) -> Rig {
     Rig {
         handle: builder.start().unwrap(),
         gate,
+        started,
         ran,
         overflow,
     }
@@ -46,6 +50,7 @@ fn rig(max_queue_len: Option<usize>) -> Rig {
 fn overflow_reaches_the_handler_with_the_exact_entries() {
     let rig = rig(Some(3));
     rig.handle.push_back(vec![0]).unwrap(); // taken by the held worker
+    recv(&rig.started);
     rig.handle.push_back(vec![1, 2, 3, 4, 5]).unwrap();
     assert_eq!(recv(&rig.overflow), (vec![4, 5], OverflowReason::Full));
     rig.handle.buffer(vec![6], Priority::Front).unwrap();
@@ -65,6 +70,7 @@ fn shrink_with_zero_or_one_entry_fails_with_minimum_size() {
     let rig = rig(None);
     assert_eq!(rig.handle.shrink(), Err(ShrinkError::MinimumSize));
     rig.handle.push_back(vec![0]).unwrap(); // running, not queued
+    recv(&rig.started);
     rig.handle.push_back(vec![1]).unwrap();
     assert_eq!(rig.handle.shrink(), Err(ShrinkError::MinimumSize));
     assert!(!rig.handle.is_shrunk().unwrap());
@@ -77,6 +83,7 @@ fn shrink_with_zero_or_one_entry_fails_with_minimum_size() {
 fn shrink_halves_the_queue_and_sets_the_bound_and_expand_lifts_it() {
     let rig = rig(None);
     rig.handle.push_back(vec![0]).unwrap();
+    recv(&rig.started);
     rig.handle.push_back(vec![1, 2, 3, 4, 5]).unwrap();
     rig.handle.shrink().unwrap();
     assert!(rig.handle.is_shrunk().unwrap());
@@ -102,6 +109,7 @@ fn shrink_halves_the_queue_and_sets_the_bound_and_expand_lifts_it() {
 fn expand_returns_to_the_configured_bound() {
     let rig = rig(Some(4));
     rig.handle.push_back(vec![0]).unwrap();
+    recv(&rig.started);
     rig.handle.push_back(vec![1, 2, 3, 4]).unwrap();
     rig.handle.shrink().unwrap();
     assert_eq!(recv(&rig.overflow), (vec![3, 4], OverflowReason::Shrink));
@@ -127,7 +135,7 @@ fn a_panicking_overflow_handler_is_contained() {
     handle.buffer(vec![1, 2, 3], Priority::Back).unwrap();
     handle.flush().unwrap();
     // The engine lives on.
-    assert_eq!(handle.debug_count().unwrap().waiting, 0);
+    wait_until(|| handle.debug_count().unwrap().waiting == 0);
     let report = handle.shutdown_drain().unwrap();
     assert_eq!(report.overflowed, 2);
 }

@@ -52,7 +52,9 @@ fn front_entries_go_ahead_in_call_order_keeping_each_call_order() {
     let gate = Gate::new();
     let held = gate.clone();
     let (tx, rx) = unbounded();
+    let (started_tx, started) = unbounded();
     let task = Script::new(move |b: &[u32], _: &()| {
+        started_tx.send(()).unwrap();
         held.wait();
         tx.send(b.to_vec()).unwrap();
         Outcome::Ok
@@ -66,6 +68,7 @@ fn front_entries_go_ahead_in_call_order_keeping_each_call_order() {
         .unwrap();
     // Occupy the only worker, and queue some entries behind it.
     handle.push_back(vec![0]).unwrap();
+    recv(&started);
     handle.push_back(vec![10, 11]).unwrap();
     // One window: back and front calls interleaved.
     handle.buffer(vec![20, 21], Priority::Back).unwrap();
@@ -123,7 +126,9 @@ fn push_back_and_push_front_skip_the_buffers() {
     let gate = Gate::new();
     let held = gate.clone();
     let (tx, rx) = unbounded();
+    let (started_tx, started) = unbounded();
     let task = Script::new(move |b: &[u32], _: &()| {
+        started_tx.send(()).unwrap();
         held.wait();
         tx.send(b.to_vec()).unwrap();
         Outcome::Ok
@@ -135,6 +140,7 @@ fn push_back_and_push_front_skip_the_buffers() {
         .start()
         .unwrap();
     handle.push_back(vec![0]).unwrap(); // runs at once, no flush needed
+    recv(&started);
     handle.push_back(vec![5, 6]).unwrap();
     handle.push_front(vec![3, 4]).unwrap();
     handle.buffer(vec![99], Priority::Front).unwrap(); // buffered: needs a flush

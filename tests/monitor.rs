@@ -51,8 +51,10 @@ fn task(monitor: &MemoryMonitor, name: &str, queued: u64, weight: usize) -> Rig 
     let gate = Gate::new();
     let held = gate.clone();
     let (shed_tx, shed) = unbounded();
+    let (started_tx, started) = unbounded();
     let handle = Builder::new(
         Script::new(move |_: &[u64], _: &()| {
+            let _ = started_tx.send(());
             held.wait();
             Outcome::Ok
         }),
@@ -68,6 +70,7 @@ fn task(monitor: &MemoryMonitor, name: &str, queued: u64, weight: usize) -> Rig 
     .start()
     .unwrap();
     handle.push_back(vec![u64::MAX]).unwrap(); // runs, held
+    recv(&started);
     handle.push_back((0..queued).collect()).unwrap();
     assert_eq!(handle.debug_count().unwrap().waiting as u64, queued);
     Rig { handle, gate, shed }
@@ -255,7 +258,6 @@ fn shed_entries_reach_the_overflow_handler_and_init_finds_them_again() {
 #[test]
 fn the_monitor_thread_checks_on_its_own_every_interval() {
     let dial = Dial::default();
-    dial.set(LIMIT * 2);
     let monitor = MemoryMonitor::builder()
         .limit_bytes(LIMIT)
         .check_interval(Duration::from_millis(1))
@@ -263,6 +265,7 @@ fn the_monitor_thread_checks_on_its_own_every_interval() {
         .start()
         .unwrap();
     let rig = task(&monitor, "auto", 10, 0);
+    dial.set(LIMIT * 2);
     wait_until(|| rig.handle.is_shrunk().unwrap());
     dial.set(0);
     wait_until(|| !rig.handle.is_shrunk().unwrap());

@@ -195,7 +195,9 @@ fn scenario_6_empty_shrunk_queue_with_poll_reruns_init_and_keeps_flushing() {
     let held = gate.clone();
     let (init_tx, inits) = unbounded();
     let (ran_tx, ran) = unbounded();
+    let (started_tx, started) = unbounded();
     let task = Script::new(move |batch: &[u32], _: &()| {
+        started_tx.send(()).unwrap();
         held.wait();
         ran_tx.send(batch.to_vec()).unwrap();
         Outcome::Ok
@@ -209,6 +211,7 @@ fn scenario_6_empty_shrunk_queue_with_poll_reruns_init_and_keeps_flushing() {
     recv(&inits); // the first init produced nothing; the next poll is an hour away
 
     handle.push_back((1..=8).collect()).unwrap();
+    recv_n(&started, 2); // both slots busy
     let count = handle.debug_count().unwrap();
     assert_eq!((count.waiting, count.running), (4, 2));
     handle.shrink().unwrap();

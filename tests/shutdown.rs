@@ -91,7 +91,9 @@ fn shutdown_return_hands_back_exactly_the_unprocessed_entries_in_order() {
     let gate = Gate::new();
     let held = gate.clone();
     let (tx, rx) = unbounded();
+    let (started_tx, started) = unbounded();
     let task = Script::new(move |b: &[u32], _: &()| {
+        started_tx.send(()).unwrap();
         held.wait();
         tx.send(b.to_vec()).unwrap();
         Outcome::Ok
@@ -104,6 +106,7 @@ fn shutdown_return_hands_back_exactly_the_unprocessed_entries_in_order() {
         .start()
         .unwrap();
     handle.push_back(vec![0, 1]).unwrap(); // running, held
+    recv(&started);
     handle.push_back(vec![2, 3, 4]).unwrap(); // queued
     handle.buffer(vec![5, 6], Priority::Back).unwrap(); // buffered
     handle.buffer(vec![9], Priority::Front).unwrap(); // buffered, front
@@ -115,6 +118,8 @@ fn shutdown_return_hands_back_exactly_the_unprocessed_entries_in_order() {
     };
     // Once the shutdown has begun no new batch starts; let the held one finish.
     wait_until(|| handle.is_stopped());
+    // Commands are handled in order: this answer comes after the shutdown's.
+    handle.debug_count().unwrap();
     gate.open();
     let report = stopper.join().unwrap();
     assert_eq!(report.unprocessed, vec![9, 2, 3, 4, 5, 6]);
@@ -144,6 +149,7 @@ fn shutdown_return_keeps_retries_of_running_batches() {
         std::thread::spawn(move || handle.shutdown_return().unwrap())
     };
     wait_until(|| handle.is_stopped());
+    handle.debug_count().unwrap(); // answered after the shutdown command
     gate.open();
     let report = stopper.join().unwrap();
     assert_eq!(report.unprocessed, vec![3, 101, 102]);

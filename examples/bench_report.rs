@@ -1,0 +1,118 @@
+//! Runs every benchmark workload once, at full size, against the crate and the
+//! hand-rolled baseline, and prints a table, then one JSON line with every figure.
+//!
+//! `cargo run --release --example bench_report`
+//!
+//! Sizes can be scaled down with `BENCH_SCALE` (e.g. `0.1`) for a quick look.
+
+#[path = "../benches/common/mod.rs"]
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+fn main() {
+    let scale: f64 = std::env::var("BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    let n = |full: u64| ((full as f64 * scale) as u64).max(1000);
+
+    // In a fresh child process: RSS growth is only meaningful where no earlier
+    // workload left freed memory behind for the allocator to reuse.
+    if std::env::args().any(|a| a == "--memory-only") {
+        let v = memory_crate(n(10_000_000), 1000);
+        println!("{}", v.map_or("null".into(), |v| format!("{v:.3}")));
+        return;
+    }
+    let bytes_per_u64: Option<f64> = std::process::Command::new(std::env::current_exe().unwrap())
+        .arg("--memory-only")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|s| s.trim().parse().ok());
+
+    let bulk_n = n(20_000_000);
+    let bulk_c = bulk_crate(bulk_n, 1000, 500, 2);
+    let bulk_b = bulk_baseline(bulk_n, 1000, 500, 2);
+
+    let single_n = n(4_000_000);
+    let cpu0 = process_cpu();
+    let (single_c, cpu_ns) = single_crate(single_n, 4, 500, 2);
+    let process_ns = match (cpu0, process_cpu()) {
+        (Some(a), Some(b)) => Some((b - a).as_nanos() as f64 / single_n as f64),
+        _ => None,
+    };
+    let single_b = single_baseline(single_n, 4, 500, 2);
+
+    let init_n = n(20_000_000);
+    let init_c = init_crate(init_n, 500, 2);
+
+    let retry_n = n(2_000_000);
+    let retry_c = retry_crate(retry_n, 100, 2);
+    let retry_b = retry_baseline(retry_n, 100, 2);
+
+    let interval = Duration::from_millis(10);
+    let (mut full, mut partial) = latency_crate(2000, interval, 500);
+    let full_p50 = percentile(&mut full, 0.50);
+    let full_p99 = percentile(&mut full, 0.99);
+    let partial_p99 = percentile(&mut partial, 0.99);
+    let over_tick_p99 = partial_p99 - interval.as_secs_f64() * 1e6;
+
+    let row = |name: &str, c: f64, b: Option<f64>| match b {
+        Some(b) => println!("{name:<34} {c:>10.1} {b:>10.1} {:>7.2}x", c / b),
+        None => println!("{name:<34} {c:>10.1} {:>10} {:>8}", "-", "-"),
+    };
+    println!(
+        "{:<34} {:>10} {:>10} {:>8}",
+        "workload (M entries/s)", "crate", "baseline", "ratio"
+    );
+    row(
+        "bulk: 1 producer, chunks of 1000",
+        meps(bulk_n, bulk_c),
+        Some(meps(bulk_n, bulk_b)),
+    );
+    row(
+        "single: 4 producers, 1 per call",
+        meps(single_n, single_c),
+        Some(meps(single_n, single_b)),
+    );
+    row("init: 20 M streamed", meps(init_n, init_c), None);
+    row(
+        "retry: every batch once",
+        meps(retry_n, retry_c),
+        Some(meps(retry_n, retry_b)),
+    );
+    println!();
+    println!(
+        "single: producer CPU per buffer_one call: {}",
+        cpu_ns.map_or("n/a".into(), |v| format!("{v:.0} ns"))
+    );
+    println!("latency, full batch into an idle engine: p50 {full_p50:.1} µs, p99 {full_p99:.1} µs");
+    println!(
+        "latency, partial batch (tick {} ms): p99 {partial_p99:.0} µs, beyond the tick {over_tick_p99:.0} µs",
+        interval.as_millis()
+    );
+    println!(
+        "memory: {} bytes per queued u64 (RSS)",
+        bytes_per_u64.map_or("n/a".into(), |v| format!("{v:.2}"))
+    );
+    println!(
+        "{{\"bulk\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2}}},\"single\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2},\"cpu_ns_per_call\":{},\"process_cpu_ns_per_call\":{}}},\"init\":{{\"crate_meps\":{:.2}}},\"retry\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2}}},\"latency\":{{\"full_batch_p50_us\":{:.1},\"full_batch_p99_us\":{:.1},\"partial_p99_us\":{:.1},\"partial_over_tick_p99_us\":{:.1}}},\"memory\":{{\"bytes_per_u64\":{}}},\"scale\":{}}}",
+        meps(bulk_n, bulk_c),
+        meps(bulk_n, bulk_b),
+        meps(single_n, single_c),
+        meps(single_n, single_b),
+        cpu_ns.map_or("null".into(), |v| format!("{v:.1}")),
+        process_ns.map_or("null".into(), |v| format!("{v:.1}")),
+        meps(init_n, init_c),
+        meps(retry_n, retry_c),
+        meps(retry_n, retry_b),
+        full_p50,
+        full_p99,
+        partial_p99,
+        over_tick_p99,
+        bytes_per_u64.map_or("null".into(), |v| format!("{v:.2}")),
+        scale
+    );
+}

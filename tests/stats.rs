@@ -1,0 +1,104 @@
+//! The stats snapshot and the shutdown with a deadline.
+
+mod common;
+use buffered_task::{Builder, FlushInterval, Outcome, Priority, Stats};
+use common::*;
+use crossbeam_channel::unbounded;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[test]
+fn stats_count_what_happened() {
+    quiet_panics();
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let task = Script::new(move |b: &[u32], _: &()| {
+        match c.fetch_add(1, Ordering::SeqCst) {
+            0 => panic!("deliberate: stats"),       // [1,2] again
+            1 => Outcome::RetryEntries(vec![b[0]]), // one entry again
+            _ => Outcome::Ok,
+        }
+    });
+    let (of_tx, overflow) = unbounded();
+    let handle = Builder::new(task, ())
+        .max_batch_size(2)
+        .max_concurrency(1)
+        .max_queue_len(4)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .overflow_handler(move |e, r| of_tx.send((e, r)).unwrap())
+        .start()
+        .unwrap();
+    assert_eq!(handle.stats(), Stats::default());
+    handle.buffer(vec![1, 2], Priority::Back).unwrap();
+    assert_eq!(handle.stats().buffered, 2);
+    handle.flush().unwrap();
+    wait_until(|| handle.stats().processed == 1); // [1] after a panic and a retry of [1]
+    handle.push_back(vec![10, 11, 12, 13, 14, 15]).unwrap(); // 2 overflow
+    recv(&overflow);
+    let report = handle.shutdown_timeout(Duration::from_secs(3600)).unwrap();
+    assert!(report.unprocessed.is_empty());
+    let stats = handle.stats();
+    assert_eq!(stats.panicked, 1);
+    assert_eq!(stats.retried, 2 + 1);
+    assert_eq!(stats.processed, 1 + 4);
+    assert_eq!(stats.overflowed_full, 2);
+    assert_eq!((stats.buffered, stats.queued, stats.running), (0, 0, 0));
+}
+
+#[test]
+fn shutdown_timeout_with_time_to_spare_drains_everything() {
+    let (tx, rx) = unbounded();
+    let task = Script::new(move |b: &[u32], _: &()| {
+        tx.send(b.len()).unwrap();
+        Outcome::Ok
+    });
+    let handle = Builder::new(task, ())
+        .max_batch_size(10)
+        .max_concurrency(2)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .start()
+        .unwrap();
+    handle.buffer((0..1000).collect(), Priority::Back).unwrap();
+    let report = handle.shutdown_timeout(Duration::from_secs(3600)).unwrap();
+    assert!(report.unprocessed.is_empty());
+    assert_eq!(report.drained, 1000);
+    assert_eq!(rx.try_iter().sum::<usize>(), 1000);
+}
+
+#[test]
+fn shutdown_timeout_past_its_deadline_hands_back_the_rest() {
+    let gate = Gate::new();
+    let held = gate.clone();
+    let (started_tx, started) = unbounded();
+    let (ran_tx, ran) = unbounded();
+    let task = Script::new(move |b: &[u32], _: &()| {
+        started_tx.send(()).unwrap();
+        held.wait();
+        ran_tx.send(b.to_vec()).unwrap();
+        Outcome::Ok
+    });
+    let handle = Builder::new(task, ())
+        .max_batch_size(2)
+        .max_concurrency(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .start()
+        .unwrap();
+    handle.push_back(vec![0, 1]).unwrap();
+    recv(&started);
+    handle.push_back((2..10).collect()).unwrap();
+    let stopper = {
+        let handle = handle.clone();
+        std::thread::spawn(move || handle.shutdown_timeout(Duration::ZERO).unwrap())
+    };
+    wait_until(|| handle.is_stopped());
+    handle.debug_count().unwrap(); // answered after the shutdown command
+    gate.open();
+    let report = stopper.join().unwrap();
+    assert_eq!(report.drained, 2);
+    assert_eq!(report.unprocessed, (2..10).collect::<Vec<u32>>());
+    assert_eq!(ran.try_iter().collect::<Vec<_>>(), vec![vec![0, 1]]);
+}
