@@ -398,3 +398,128 @@ mod test {
         assert!(!q.is_shrunk());
     }
 }
+
+#[cfg(test)]
+mod model {
+    //! Property tests: the chunked queue behaves like a plain `VecDeque` with a
+    //! maximum, whatever the sequence of operations.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        PushBack(Vec<u16>),
+        PushFront(Vec<u16>),
+        PushFrontChunks(Vec<Vec<u16>>),
+        Pop,
+        Shrink,
+        Expand,
+        DrainAll,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let entries = || proptest::collection::vec(any::<u16>(), 0..40);
+        prop_oneof![
+            4 => entries().prop_map(Op::PushBack),
+            2 => entries().prop_map(Op::PushFront),
+            1 => proptest::collection::vec(entries(), 0..4).prop_map(Op::PushFrontChunks),
+            4 => Just(Op::Pop),
+            1 => Just(Op::Shrink),
+            1 => Just(Op::Expand),
+            1 => Just(Op::DrainAll),
+        ]
+    }
+
+    struct Model {
+        items: VecDeque<u16>,
+        configured: Option<usize>,
+        max: Option<usize>,
+        shrunk: bool,
+    }
+
+    impl Model {
+        fn room(&self) -> usize {
+            self.max
+                .map_or(usize::MAX, |m| m.saturating_sub(self.items.len()))
+        }
+        fn push_back(&mut self, mut v: Vec<u16>) -> Vec<u16> {
+            let over = if v.len() > self.room() {
+                v.split_off(self.room())
+            } else {
+                Vec::new()
+            };
+            self.items.extend(v);
+            over
+        }
+        fn push_front(&mut self, mut v: Vec<u16>) -> Vec<u16> {
+            let over = if v.len() > self.room() {
+                v.split_off(self.room())
+            } else {
+                Vec::new()
+            };
+            for e in v.into_iter().rev() {
+                self.items.push_front(e);
+            }
+            over
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn queue_matches_a_vecdeque_with_a_maximum(
+            batch in 1usize..8,
+            max in proptest::option::of(1usize..60),
+            ops in proptest::collection::vec(op(), 0..60),
+        ) {
+            let mut q: Queue<u16> = Queue::new(max, batch);
+            let mut m = Model { items: VecDeque::new(), configured: max, max, shrunk: false };
+            for op in ops {
+                match op {
+                    Op::PushBack(v) => prop_assert_eq!(q.push_back(v.clone()), m.push_back(v)),
+                    Op::PushFront(v) => prop_assert_eq!(q.push_front(v.clone()), m.push_front(v)),
+                    Op::PushFrontChunks(chunks) => {
+                        let all: Vec<u16> = chunks.iter().flatten().copied().collect();
+                        prop_assert_eq!(q.push_front_chunks(chunks), m.push_front(all));
+                    }
+                    Op::Pop => {
+                        let want: Vec<u16> = {
+                            let n = batch.min(m.items.len());
+                            m.items.drain(..n).collect()
+                        };
+                        let got = q.pop_batch(batch);
+                        if want.is_empty() {
+                            prop_assert_eq!(got, None);
+                        } else {
+                            prop_assert_eq!(got, Some(want));
+                        }
+                    }
+                    Op::Shrink => {
+                        let got = q.shrink();
+                        if m.items.len() <= 1 {
+                            prop_assert_eq!(got, Err(MinimumSize));
+                        } else {
+                            let keep = m.items.len() / 2;
+                            let shed: Vec<u16> = m.items.drain(keep..).collect();
+                            m.max = Some(keep);
+                            m.shrunk = true;
+                            prop_assert_eq!(got, Ok(shed));
+                        }
+                    }
+                    Op::Expand => {
+                        q.expand();
+                        m.max = m.configured;
+                        m.shrunk = false;
+                    }
+                    Op::DrainAll => {
+                        prop_assert_eq!(q.drain_all(), m.items.drain(..).collect::<Vec<_>>());
+                    }
+                }
+                prop_assert_eq!(q.len(), m.items.len());
+                prop_assert_eq!(q.is_shrunk(), m.shrunk);
+                prop_assert_eq!(q.max_len(), m.max);
+                prop_assert!(q.chunks.iter().all(|c| !c.is_empty()));
+            }
+        }
+    }
+}

@@ -112,3 +112,69 @@ pub fn quiet_panics() {
         }
     }));
 }
+
+/// The accounting invariant: every entry given to the engine leaves it exactly
+/// once, as processed, handed back (by a failed call or a shutdown report), or
+/// overflowed (queue full, shrink, dropped handle). Entries are `u64` ids.
+#[derive(Default)]
+pub struct Ledger {
+    given: parking_lot::Mutex<Vec<u64>>,
+    processed: parking_lot::Mutex<Vec<u64>>,
+    handed_back: parking_lot::Mutex<Vec<u64>>,
+    overflowed: parking_lot::Mutex<Vec<u64>>,
+}
+
+impl Ledger {
+    pub fn given(&self, ids: &[u64]) {
+        self.given.lock().extend_from_slice(ids);
+    }
+    pub fn processed(&self, ids: &[u64]) {
+        self.processed.lock().extend_from_slice(ids);
+    }
+    pub fn handed_back(&self, ids: &[u64]) {
+        self.handed_back.lock().extend_from_slice(ids);
+    }
+    pub fn overflowed(&self, ids: &[u64]) {
+        self.overflowed.lock().extend_from_slice(ids);
+    }
+
+    /// Panics unless given = processed + handed back + overflowed, with no id
+    /// counted twice. Returns (given, processed, handed back, overflowed).
+    pub fn check(&self) -> (usize, usize, usize, usize) {
+        let mut given = self.given.lock().clone();
+        let processed = self.processed.lock().clone();
+        let back = self.handed_back.lock().clone();
+        let over = self.overflowed.lock().clone();
+        let mut out: Vec<u64> = Vec::with_capacity(processed.len() + back.len() + over.len());
+        out.extend(&processed);
+        out.extend(&back);
+        out.extend(&over);
+        given.sort_unstable();
+        out.sort_unstable();
+        let dup_given = given.windows(2).find(|w| w[0] == w[1]);
+        assert!(dup_given.is_none(), "an id was given twice: {dup_given:?}");
+        if let Some(w) = out.windows(2).find(|w| w[0] == w[1]) {
+            panic!("id {} left the engine twice", w[0]);
+        }
+        if given != out {
+            let missing: Vec<u64> = given
+                .iter()
+                .filter(|id| out.binary_search(id).is_err())
+                .take(10)
+                .copied()
+                .collect();
+            let extra: Vec<u64> = out
+                .iter()
+                .filter(|id| given.binary_search(id).is_err())
+                .take(10)
+                .copied()
+                .collect();
+            panic!(
+                "accounting broken: {} given, {} out; lost {missing:?}, never given {extra:?}",
+                given.len(),
+                out.len()
+            );
+        }
+        (given.len(), processed.len(), back.len(), over.len())
+    }
+}
