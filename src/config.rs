@@ -48,6 +48,32 @@ impl std::fmt::Display for OverflowReason {
     }
 }
 
+/// What happens when entries arrive for a bounded queue that is full.
+///
+/// Under `Reject` and `Block` the bound is enforced when entries are handed over
+/// (counting buffered, queued and handed-out entries), so nothing already accepted
+/// overflows: retried entries and buffered entries always reach the queue. A shrink
+/// still sheds (to the overflow handler), and lowers the bound callers wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OverflowPolicy {
+    /// Take what fits, hand the rest to the overflow handler (counted and logged):
+    /// the original's behaviour, made visible. The default.
+    #[default]
+    DropNewest,
+    /// A hand-over that does not fit fails at once with
+    /// [`BufferError::Full`](crate::BufferError::Full), carrying its entries back.
+    /// `init` streaming waits for room instead (there is no caller to hand back to).
+    Reject,
+    /// A hand-over waits until there is room (`buffer_timeout` gives up after its
+    /// timeout with [`BufferError::Timeout`](crate::BufferError::Timeout)); `init`
+    /// streaming waits too, so a huge source never overflows. With
+    /// [`FlushInterval::Never`] buffered entries count until a `flush`, so a waiting
+    /// caller needs another thread to flush. A call with more entries than the
+    /// configured bound can never fit and fails with `Full`.
+    Block,
+}
+
 /// Receives entries that leave the engine unprocessed (see [`OverflowReason`]).
 /// Called on the coordinator thread, never under a lock; a panic in it is caught
 /// and logged.
@@ -66,6 +92,7 @@ pub(crate) struct Config {
     pub(crate) poll: bool,
     pub(crate) idle_poll_delay: Duration,
     pub(crate) max_queue_len: Option<usize>,
+    pub(crate) overflow_policy: OverflowPolicy,
 }
 
 /// Builds and starts an engine for a [`Task`].
@@ -118,6 +145,7 @@ impl<K: Task> Builder<K> {
                 poll: true,
                 idle_poll_delay: Duration::from_secs(600),
                 max_queue_len: None,
+                overflow_policy: OverflowPolicy::DropNewest,
             },
             overflow: None,
             weigher: None,
@@ -165,6 +193,14 @@ impl<K: Task> Builder<K> {
     /// rejected by `start`.
     pub fn max_queue_len(mut self, n: usize) -> Self {
         self.config.max_queue_len = Some(n);
+        self
+    }
+
+    /// What a full bounded queue does with new entries (see [`OverflowPolicy`]).
+    /// Default [`OverflowPolicy::DropNewest`]. Without `max_queue_len` it has no
+    /// effect.
+    pub fn overflow_policy(mut self, policy: OverflowPolicy) -> Self {
+        self.config.overflow_policy = policy;
         self
     }
 
@@ -238,7 +274,11 @@ impl<K: Task> Builder<K> {
         } = self;
         let task = Arc::new(task);
         let name = config.name.clone();
-        let shared = Arc::new(Shared::new());
+        let policy = match config.max_queue_len {
+            Some(_) => config.overflow_policy,
+            None => OverflowPolicy::DropNewest,
+        };
+        let shared = Arc::new(Shared::new(policy, config.max_queue_len));
         let (cmd_tx, cmd_rx) = unbounded();
         let state = Arc::new(StateSlot::new(state));
         // At most HAND_OUT batches per worker handed out (see `pool`).
@@ -256,10 +296,10 @@ impl<K: Task> Builder<K> {
                 })?);
             }
             let (task, state, commands) = (task.clone(), state.clone(), cmd_tx.clone());
-            let stopping = shared.stopping.clone();
+            let shared = shared.clone();
             let chunk = config.max_batch_size;
             threads.push(pool::spawn(format!("{name}-init"), move || {
-                pool::init_runner(task, state, init_rx, commands, chunk, stopping)
+                pool::init_runner(task, state, init_rx, commands, chunk, shared)
             })?);
             Ok(())
         })();

@@ -23,7 +23,9 @@
 //!   in-flight command, or handed out (processed, overflowed, or returned);
 //! - user code (overflow handler, weigher) is never called under a lock.
 
-use crate::config::{join_all, Config, FlushInterval, OverflowHandler, OverflowReason, Weigher};
+use crate::config::{
+    join_all, Config, FlushInterval, OverflowHandler, OverflowPolicy, OverflowReason, Weigher,
+};
 use crate::error::ShrinkError;
 use crate::handle::{DebugCount, ShutdownMode, ShutdownReport};
 use crate::pool::{Completion, Job, Progress};
@@ -31,7 +33,7 @@ use crate::queue::{Pile, Queue};
 use crate::task::{Priority, Task};
 use crate::unwind::catch;
 use crossbeam_channel::{at, never, select_biased, tick, Receiver, Sender};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -90,6 +92,16 @@ pub(crate) struct Shared<T> {
     pub(crate) refill_asked: AtomicBool,
     /// Counters behind [`Handle::stats`](crate::Handle::stats).
     pub(crate) counters: Counters,
+    /// The overflow policy in force (`DropNewest` when the queue is unbounded).
+    pub(crate) policy: OverflowPolicy,
+    /// The configured bound (`usize::MAX`: none).
+    pub(crate) configured_max: usize,
+    /// The bound in force, lowered by a shrink (published by the coordinator).
+    pub(crate) bound: AtomicUsize,
+    /// Entries sent to the coordinator in commands it has not handled yet.
+    pub(crate) pending: AtomicUsize,
+    /// Signalled (with `buffers` locked) when room may have appeared, or on stop.
+    pub(crate) room: Condvar,
 }
 
 /// Monotonic counters, written by the coordinator and the workers, read by anyone.
@@ -106,6 +118,40 @@ pub(crate) struct Counters {
 }
 
 impl<T> Shared<T> {
+    /// Entries that count against the bound: buffered (given), queued, in commands
+    /// on their way, and handed to workers but not started.
+    pub(crate) fn waiting(&self, buffered: usize) -> usize {
+        buffered
+            + self.counters.queued.load(Ordering::SeqCst)
+            + self.pending.load(Ordering::SeqCst)
+            + self.progress.lock().prefetched
+    }
+
+    /// Whether hand-overs are held to the bound (the `Reject` and `Block` policies).
+    pub(crate) fn admits(&self) -> bool {
+        self.policy != OverflowPolicy::DropNewest
+    }
+
+    /// For `init` chunks: under an enforced bound, waits until `n` more entries fit
+    /// (or the engine stops), then counts them as pending. The guard is held while
+    /// the caller sends, so the count and the message go together.
+    pub(crate) fn wait_for_room(&self, n: usize) -> Option<MutexGuard<'_, Buffers<T>>> {
+        if !self.admits() {
+            self.pending.fetch_add(n, Ordering::SeqCst);
+            return None;
+        }
+        let mut guard = self.buffers.lock();
+        while !guard.closed
+            && !self.stopping.load(Ordering::SeqCst)
+            && n <= self.configured_max
+            && self.waiting(guard.len()) + n > self.bound.load(Ordering::SeqCst)
+        {
+            self.room.wait(&mut guard);
+        }
+        self.pending.fetch_add(n, Ordering::SeqCst);
+        Some(guard)
+    }
+
     /// Wakes the coordinator to account done batches and hand out more, unless a
     /// wake-up is already on its way.
     pub(crate) fn ask_refill(&self, done: &Sender<Completion<T>>) {
@@ -116,7 +162,7 @@ impl<T> Shared<T> {
 }
 
 impl<T> Shared<T> {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(policy: OverflowPolicy, max: Option<usize>) -> Self {
         Shared {
             buffers: Mutex::new(Buffers {
                 back: Pile::new(),
@@ -130,6 +176,11 @@ impl<T> Shared<T> {
             done_batches: AtomicUsize::new(0),
             refill_asked: AtomicBool::new(false),
             counters: Counters::default(),
+            policy,
+            configured_max: max.unwrap_or(usize::MAX),
+            bound: AtomicUsize::new(max.unwrap_or(usize::MAX)),
+            pending: AtomicUsize::new(0),
+            room: Condvar::new(),
         }
     }
 }
@@ -269,10 +320,7 @@ impl<K: Task> Coordinator<K> {
                 }
             }
             self.absorb_done();
-            self.shared
-                .counters
-                .queued
-                .store(self.queue.len(), Ordering::Relaxed);
+            self.publish();
             if let Some(mode) = self.shutdown.as_ref().map(|s| s.0) {
                 if self.shutdown_complete(mode) {
                     let reply = self.shutdown.take().map(|s| s.1);
@@ -291,10 +339,14 @@ impl<K: Task> Coordinator<K> {
                 }
             }
             Command::Push(entries, priority) => {
+                self.shared
+                    .pending
+                    .fetch_sub(entries.len(), Ordering::SeqCst);
                 self.push(entries, priority);
                 self.dispatch();
             }
             Command::InitChunk(chunk) => {
+                self.shared.pending.fetch_sub(chunk.len(), Ordering::SeqCst);
                 self.push(chunk, Priority::Back);
                 self.dispatch();
             }
@@ -375,23 +427,55 @@ impl<K: Task> Coordinator<K> {
         let (back, front) = {
             let mut buffers = self.shared.buffers.lock();
             buffers.flush_requested = false;
+            let taken = buffers.len();
+            // Still counted against the bound while they move into the queue.
+            self.shared
+                .counters
+                .queued
+                .fetch_add(taken, Ordering::SeqCst);
             (buffers.back.take(), buffers.front.take())
         };
         if !front.is_empty() {
             // Front entries go ahead of batches handed out but not started, too.
             self.recall();
+            if self.shared.admits() {
+                for chunk in front.into_iter().rev() {
+                    self.queue.push_front_unbounded(chunk);
+                }
+            } else {
+                self.sync_bound();
+                let overflow = self.queue.push_front_chunks(front);
+                self.overflow(overflow, OverflowReason::Full);
+            }
+        }
+        if self.shared.admits() {
+            for chunk in back {
+                self.queue.push_back_unbounded(chunk);
+            }
+        } else {
             self.sync_bound();
-            let overflow = self.queue.push_front_chunks(front);
+            let mut overflow = Vec::new();
+            for chunk in back {
+                overflow.extend(self.queue.push_back(chunk));
+            }
             self.overflow(overflow, OverflowReason::Full);
         }
-        self.sync_bound();
-        let mut overflow = Vec::new();
-        for chunk in back {
-            overflow.extend(self.queue.push_back(chunk));
-        }
-        self.overflow(overflow, OverflowReason::Full);
         self.dispatch();
         self.idle_check();
+    }
+
+    /// Publishes the queue's length and bound for hand-overs and stats; under an
+    /// enforced bound, wakes whoever waits for room.
+    fn publish(&mut self) {
+        let c = &self.shared.counters;
+        c.queued.store(self.queue.len(), Ordering::SeqCst);
+        if self.shared.admits() {
+            let bound = self.queue.max_len().unwrap_or(usize::MAX);
+            self.shared.bound.store(bound, Ordering::SeqCst);
+            // Taking the lock orders this after any waiter's check.
+            drop(self.shared.buffers.lock());
+            self.shared.room.notify_all();
+        }
     }
 
     /// Before a bounded push: batches handed out but not started count as queued.
@@ -405,6 +489,14 @@ impl<K: Task> Coordinator<K> {
     fn push(&mut self, entries: Vec<K::Entry>, priority: Priority) {
         if priority == Priority::Front {
             self.recall();
+        }
+        if self.shared.admits() {
+            // Admitted at hand-over (or a retry of admitted entries): never dropped.
+            match priority {
+                Priority::Back => self.queue.push_back_unbounded(entries),
+                Priority::Front => self.queue.push_front_unbounded(entries),
+            }
+            return;
         }
         self.sync_bound();
         let overflow = match priority {

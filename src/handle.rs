@@ -1,6 +1,6 @@
 //! The cloneable handle: hand entries over, flush, inspect, shrink, shut down.
 
-use crate::config::{Config, FlushInterval};
+use crate::config::{Config, FlushInterval, OverflowPolicy};
 use crate::coordinator::{Command, Shared};
 use crate::error::{BufferError, ControlError, ShrinkError};
 use crate::pool;
@@ -196,7 +196,7 @@ impl<T: Send + 'static> Handle<T> {
             return Ok(());
         }
         let buffers = self.inner.shared.buffers.lock();
-        self.buffer_locked(buffers, Entries::Many(entries), priority)
+        self.buffer_locked(buffers, Entries::Many(entries), priority, None)
     }
 
     /// Hands one entry to the engine, without allocating a `Vec` for it. Otherwise as
@@ -207,7 +207,7 @@ impl<T: Send + 'static> Handle<T> {
     /// [`BufferError::Stopped`] with the entry when the engine has shut down.
     pub fn buffer_one(&self, entry: T, priority: Priority) -> Result<(), BufferError<T>> {
         let buffers = self.inner.shared.buffers.lock();
-        self.buffer_locked(buffers, Entries::One(entry), priority)
+        self.buffer_locked(buffers, Entries::One(entry), priority, None)
     }
 
     /// As [`Handle::buffer`], but gives up after `timeout` if the buffers cannot be
@@ -225,8 +225,11 @@ impl<T: Send + 'static> Handle<T> {
         if entries.is_empty() {
             return Ok(());
         }
-        match self.inner.shared.buffers.try_lock_for(timeout) {
-            Some(buffers) => self.buffer_locked(buffers, Entries::Many(entries), priority),
+        let deadline = Instant::now() + timeout;
+        match self.inner.shared.buffers.try_lock_until(deadline) {
+            Some(buffers) => {
+                self.buffer_locked(buffers, Entries::Many(entries), priority, Some(deadline))
+            }
             None => Err(BufferError::Timeout(entries)),
         }
     }
@@ -236,9 +239,10 @@ impl<T: Send + 'static> Handle<T> {
         mut buffers: parking_lot::MutexGuard<'_, crate::coordinator::Buffers<T>>,
         entries: Entries<T>,
         priority: Priority,
+        deadline: Option<Instant>,
     ) -> Result<(), BufferError<T>> {
-        if buffers.closed {
-            return Err(BufferError::Stopped(entries.into_vec()));
+        if let Err(refusal) = self.inner.admit(&mut buffers, entries.len(), deadline) {
+            return Err(refusal.with(entries.into_vec()));
         }
         let target = match priority {
             Priority::Back => &mut buffers.back,
@@ -289,16 +293,21 @@ impl<T: Send + 'static> Handle<T> {
         }
         // Sent under the lock, so a shutdown (which closes under it) finds every
         // accepted push already in its channel.
-        let buffers = self.inner.shared.buffers.lock();
-        if buffers.closed {
-            return Err(BufferError::Stopped(entries));
+        let mut buffers = self.inner.shared.buffers.lock();
+        if let Err(refusal) = self.inner.admit(&mut buffers, entries.len(), None) {
+            return Err(refusal.with(entries));
         }
+        let n = entries.len();
+        self.inner.shared.pending.fetch_add(n, Ordering::SeqCst);
         match self.inner.commands.send(Command::Push(entries, priority)) {
             Ok(()) => Ok(()),
-            Err(err) => match err.0 {
-                Command::Push(v, _) => Err(BufferError::Stopped(v)),
-                _ => unreachable!("sent a push"),
-            },
+            Err(err) => {
+                self.inner.shared.pending.fetch_sub(n, Ordering::SeqCst);
+                match err.0 {
+                    Command::Push(v, _) => Err(BufferError::Stopped(v)),
+                    _ => unreachable!("sent a push"),
+                }
+            }
         }
     }
 
@@ -458,6 +467,56 @@ fn wait<R>(rx: &Receiver<R>, timeout: Option<Duration>) -> Result<R, ControlErro
     }
 }
 
+/// Why a hand-over was refused.
+enum Refusal {
+    Stopped,
+    Full,
+    Timeout,
+}
+
+impl<T> Inner<T> {
+    /// Under an enforced bound (`Reject`, `Block`): whether `n` more entries may be
+    /// handed over now; `Block` waits for room, until `deadline` if one is given.
+    fn admit(
+        &self,
+        buffers: &mut parking_lot::MutexGuard<'_, crate::coordinator::Buffers<T>>,
+        n: usize,
+        deadline: Option<Instant>,
+    ) -> Result<(), Refusal> {
+        let shared = &self.shared;
+        if buffers.closed {
+            return Err(Refusal::Stopped);
+        }
+        if !shared.admits() {
+            return Ok(());
+        }
+        if n > shared.configured_max {
+            return Err(Refusal::Full);
+        }
+        loop {
+            if buffers.closed {
+                return Err(Refusal::Stopped);
+            }
+            if shared.waiting(buffers.len()) + n <= shared.bound.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if shared.policy == OverflowPolicy::Reject {
+                return Err(Refusal::Full);
+            }
+            match deadline {
+                None => shared.room.wait(buffers),
+                Some(when) => {
+                    if shared.room.wait_until(buffers, when).timed_out()
+                        && shared.waiting(buffers.len()) + n > shared.bound.load(Ordering::SeqCst)
+                    {
+                        return Err(Refusal::Timeout);
+                    }
+                }
+            }
+        }
+    }
+}
+
 enum Entries<T> {
     One(T),
     Many(Vec<T>),
@@ -468,6 +527,23 @@ impl<T> Entries<T> {
         match self {
             Entries::One(e) => vec![e],
             Entries::Many(v) => v,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Entries::One(_) => 1,
+            Entries::Many(v) => v.len(),
+        }
+    }
+}
+
+impl Refusal {
+    fn with<T>(self, entries: Vec<T>) -> BufferError<T> {
+        match self {
+            Refusal::Stopped => BufferError::Stopped(entries),
+            Refusal::Full => BufferError::Full(entries),
+            Refusal::Timeout => BufferError::Timeout(entries),
         }
     }
 }
@@ -485,6 +561,7 @@ impl<T> Inner<T> {
                 self.shared.halt.store(true, Ordering::Relaxed);
             }
             buffers.closed = true;
+            self.shared.room.notify_all();
             // Under the lock, so every push accepted before the close is ahead of it.
             self.commands
                 .send(Command::Shutdown(mode, tx))
@@ -522,6 +599,7 @@ impl<T> Drop for Inner<T> {
             if !buffers.closed {
                 self.shared.halt.store(true, Ordering::Relaxed);
                 buffers.closed = true;
+                self.shared.room.notify_all();
                 let _ = self
                     .commands
                     .send(Command::Shutdown(ShutdownMode::Abandon, tx));

@@ -160,7 +160,9 @@ mod queue;
 mod task;
 mod unwind;
 
-pub use config::{Builder, FlushInterval, OverflowHandler, OverflowReason, Weigher};
+pub use config::{
+    Builder, FlushInterval, OverflowHandler, OverflowPolicy, OverflowReason, Weigher,
+};
 pub use error::{BufferError, BuildError, ControlError, ShrinkError};
 pub use handle::{DebugCount, Handle, ShutdownReport, Stats, WeakHandle};
 pub use monitor::{

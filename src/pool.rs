@@ -23,7 +23,7 @@ use crate::unwind::catch;
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
@@ -170,10 +170,10 @@ pub(crate) fn init_runner<K: Task>(
     requests: Receiver<()>,
     commands: Sender<Command<K::Entry>>,
     chunk_size: usize,
-    stopping: Arc<AtomicBool>,
+    shared: Arc<Shared<K::Entry>>,
 ) {
     for () in requests.iter() {
-        let mut sink = Sink::new(chunk_size, commands.clone(), stopping.clone());
+        let mut sink = Sink::new(chunk_size, commands.clone(), shared.clone());
         let current = state.current();
         let result = catch(|| task.init(&mut sink, &current));
         drop(current);

@@ -1,8 +1,8 @@
 //! The callback trait, the run outcome, priorities and the `init` sink.
 
-use crate::coordinator::Command;
+use crate::coordinator::{Command, Shared};
 use crossbeam_channel::Sender;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The work a [`Handle`](crate::Handle) runs: how to find initial work, and how to
@@ -73,21 +73,21 @@ pub struct Sink<T> {
     chunk_size: usize,
     produced: u64,
     commands: Sender<Command<T>>,
-    stopping: Arc<AtomicBool>,
+    shared: Arc<Shared<T>>,
 }
 
 impl<T> Sink<T> {
     pub(crate) fn new(
         chunk_size: usize,
         commands: Sender<Command<T>>,
-        stopping: Arc<AtomicBool>,
+        shared: Arc<Shared<T>>,
     ) -> Self {
         Sink {
             chunk: Vec::with_capacity(chunk_size),
             chunk_size,
             produced: 0,
             commands,
-            stopping,
+            shared,
         }
     }
 
@@ -114,7 +114,7 @@ impl<T> Sink<T> {
 
     /// Whether the engine is shutting down, so `init` should return soon.
     pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Relaxed)
+        self.shared.stopping.load(Ordering::Relaxed)
     }
 
     /// How many entries this `init` run has pushed so far.
@@ -124,6 +124,13 @@ impl<T> Sink<T> {
 
     fn send_chunk(&mut self) {
         let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(self.chunk_size));
+        self.send(chunk);
+    }
+
+    /// Sends a chunk to the engine; under a bound enforced at hand-over (the
+    /// `Reject` and `Block` policies) it first waits for room, unless stopping.
+    fn send(&self, chunk: Vec<T>) {
+        let guard = self.shared.wait_for_room(chunk.len());
         // The coordinator outlives the init thread (it joins it), so this cannot fail;
         // if it ever did, the entries would be dropped with the message, so log it.
         if let Err(err) = self.commands.send(Command::InitChunk(chunk)) {
@@ -132,18 +139,14 @@ impl<T> Sink<T> {
                 count(&err.0)
             );
         }
+        drop(guard);
     }
 
     /// Sends the remainder; returns how many entries this run produced.
     pub(crate) fn finish(mut self) -> u64 {
         if !self.chunk.is_empty() {
             let chunk = std::mem::take(&mut self.chunk);
-            if let Err(err) = self.commands.send(Command::InitChunk(chunk)) {
-                log::error!(
-                    "init chunk of {} entries could not reach the engine",
-                    count(&err.0)
-                );
-            }
+            self.send(chunk);
         }
         self.produced
     }

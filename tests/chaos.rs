@@ -1,13 +1,14 @@
 //! Randomized, seeded stress: 1,000,000 entries from 8 threads with random
 //! priorities into a bounded queue; `run` randomly panics, retries all or some;
 //! a chaos thread shrinks, expands and flushes; the engine is shut down at a
-//! random moment. The accounting invariant must hold: every entry given leaves
+//! random moment. The overflow policy is drawn too (drop-newest, reject, block).
+//! The accounting invariant must hold: every entry given leaves
 //! exactly once (processed, handed back, or overflowed).
 //!
 //! `CHAOS_SEED=<n>` reruns a seed; `CHAOS_ROUNDS=<n>` soaks (default 1 round).
 
 mod common;
-use buffered_task::{BufferError, Builder, Outcome, Priority};
+use buffered_task::{BufferError, Builder, Outcome, OverflowPolicy, Priority};
 use common::*;
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,8 +45,15 @@ fn round(seed: u64) {
     });
     let of = ledger.clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let policy = match rng.gen_range(0..3) {
+        0 => OverflowPolicy::DropNewest,
+        1 => OverflowPolicy::Reject,
+        _ => OverflowPolicy::Block,
+    };
+    println!("seed {seed}: overflow policy {policy:?}");
     let handle = Builder::new(task, ())
         .name("chaos")
+        .overflow_policy(policy)
         .max_batch_size(rng.gen_range(1..=64))
         .max_concurrency(rng.gen_range(1..=4))
         .max_queue_len(rng.gen_range(1_000..=50_000))
@@ -84,7 +92,9 @@ fn round(seed: u64) {
                     };
                     match result {
                         Ok(()) => {}
-                        Err(BufferError::Stopped(back)) => ledger.handed_back(&back),
+                        Err(BufferError::Stopped(back) | BufferError::Full(back)) => {
+                            ledger.handed_back(&back)
+                        }
                         Err(other) => panic!("unexpected error {other}"),
                     }
                     given.fetch_add(n, Ordering::Relaxed);
