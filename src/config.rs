@@ -93,6 +93,7 @@ pub(crate) struct Config {
     pub(crate) idle_poll_delay: Duration,
     pub(crate) max_queue_len: Option<usize>,
     pub(crate) overflow_policy: OverflowPolicy,
+    pub(crate) run_deadline: Option<Duration>,
 }
 
 /// Builds and starts an engine for a [`Task`].
@@ -146,6 +147,7 @@ impl<K: Task> Builder<K> {
                 idle_poll_delay: Duration::from_secs(600),
                 max_queue_len: None,
                 overflow_policy: OverflowPolicy::DropNewest,
+                run_deadline: None,
             },
             overflow: None,
             weigher: None,
@@ -204,6 +206,17 @@ impl<K: Task> Builder<K> {
         self
     }
 
+    /// A watchdog for `run` calls that do not return: a run older than `deadline`
+    /// is logged at warn (batch size and age) once, counted in
+    /// [`Stats::stuck_runs`](crate::Stats::stuck_runs), and logged again if it
+    /// ever returns. Threads cannot be killed, so a stuck run keeps its worker
+    /// and the engine runs with one slot fewer until it returns. Default: none;
+    /// zero is rejected by `start`.
+    pub fn run_deadline(mut self, deadline: Duration) -> Self {
+        self.config.run_deadline = Some(deadline);
+        self
+    }
+
     /// Name used in thread names (`<name>-coordinator`, `<name>-worker-N`,
     /// `<name>-init`) and log lines. Default `buffered-task`; a NUL byte is rejected.
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -246,6 +259,9 @@ impl<K: Task> Builder<K> {
         }
         if c.flush_interval == FlushInterval::Every(Duration::ZERO) {
             return Err(BuildError::ZeroFlushInterval);
+        }
+        if c.run_deadline == Some(Duration::ZERO) {
+            return Err(BuildError::ZeroRunDeadline);
         }
         if c.max_queue_len == Some(0) {
             return Err(BuildError::ZeroQueueLen);
@@ -292,7 +308,7 @@ impl<K: Task> Builder<K> {
                 let (task, state, shared) = (task.clone(), state.clone(), shared.clone());
                 let (jobs, done) = (job_rx.clone(), done_tx.clone());
                 threads.push(pool::spawn(format!("{name}-worker-{i}"), move || {
-                    pool::worker(task, state, shared, jobs, done)
+                    pool::worker(i, task, state, shared, jobs, done)
                 })?);
             }
             let (task, state, commands) = (task.clone(), state.clone(), cmd_tx.clone());

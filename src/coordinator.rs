@@ -38,7 +38,7 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A message to the coordinator.
 pub(crate) enum Command<T> {
@@ -115,6 +115,7 @@ pub(crate) struct Counters {
     pub(crate) overflow_full: AtomicU64,
     pub(crate) overflow_shrink: AtomicU64,
     pub(crate) overflow_shutdown: AtomicU64,
+    pub(crate) stuck: AtomicU64,
 }
 
 impl<T> Shared<T> {
@@ -269,6 +270,12 @@ impl<K: Task> Coordinator<K> {
             FlushInterval::Every(period) => tick(period),
             FlushInterval::Never => never(),
         };
+        let watchdog = match self.config.run_deadline {
+            Some(deadline) => {
+                tick((deadline / 4).clamp(Duration::from_millis(1), Duration::from_secs(1)))
+            }
+            None => never(),
+        };
         self.start_init();
         loop {
             let poll_timer = match self.poll_at {
@@ -304,6 +311,7 @@ impl<K: Task> Coordinator<K> {
                     Err(_) => return self.finish(ShutdownMode::Abandon, None),
                 },
                 recv(ticker) -> _ => self.flush(),
+                recv(watchdog) -> _ => self.watch(),
                 recv(deadline) -> _ => {
                     // Drained as far as time allowed: hand back the rest.
                     self.shared.halt.store(true, Ordering::SeqCst);
@@ -550,6 +558,30 @@ impl<K: Task> Coordinator<K> {
         self.shared.progress.lock().prefetched -= entries;
         for batch in recalled.into_iter().rev() {
             self.queue.push_front_unbounded(batch);
+        }
+    }
+
+    /// Reports runs older than the run deadline, once each.
+    fn watch(&mut self) {
+        let Some(deadline) = self.config.run_deadline else {
+            return;
+        };
+        let mut stuck = Vec::new();
+        {
+            let mut p = self.shared.progress.lock();
+            for slot in p.runs.iter_mut().flatten() {
+                if !slot.reported && slot.started.elapsed() >= deadline {
+                    slot.reported = true;
+                    stuck.push((slot.entries, slot.started.elapsed()));
+                }
+            }
+        }
+        for (entries, age) in stuck {
+            self.shared.counters.stuck.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "{}: a run of {entries} entries has not returned after {age:?} (deadline {deadline:?})",
+                self.config.name
+            );
         }
     }
 

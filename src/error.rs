@@ -18,6 +18,8 @@ pub enum BuildError {
     ZeroFlushInterval,
     /// `max_queue_len` was 0; a queue that can hold nothing would shed everything.
     ZeroQueueLen,
+    /// The run deadline was zero: every run would be stuck at once.
+    ZeroRunDeadline,
     /// The name contains a NUL byte, which a thread name cannot hold.
     InvalidName(String),
     /// The operating system refused to start one of the engine's threads.
@@ -35,6 +37,7 @@ impl fmt::Display for BuildError {
                 f.write_str("flush interval must be longer than zero (use FlushInterval::Never for manual flushing)")
             }
             BuildError::ZeroQueueLen => f.write_str("max_queue_len must be at least 1"),
+            BuildError::ZeroRunDeadline => f.write_str("run_deadline must be longer than zero"),
             BuildError::InvalidName(name) => {
                 write!(f, "task name {name:?} contains a NUL byte")
             }

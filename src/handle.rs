@@ -47,6 +47,9 @@ pub struct Stats {
     pub overflowed_shrink: u64,
     /// Entries handed to the overflow handler because the last handle was dropped.
     pub overflowed_shutdown: u64,
+    /// Runs that passed the run deadline (see
+    /// [`Builder::run_deadline`](crate::Builder::run_deadline)), counted once each.
+    pub stuck_runs: u64,
 }
 
 /// How a shutdown treats work that has not run yet.
@@ -440,6 +443,7 @@ impl<T: Send + 'static> Handle<T> {
             overflowed_full: c.overflow_full.load(Ordering::Relaxed),
             overflowed_shrink: c.overflow_shrink.load(Ordering::Relaxed),
             overflowed_shutdown: c.overflow_shutdown.load(Ordering::Relaxed),
+            stuck_runs: c.stuck.load(Ordering::Relaxed),
         }
     }
 

@@ -77,6 +77,17 @@ pub(crate) struct Progress {
     pub(crate) prefetched: usize,
     /// Batches running now.
     pub(crate) running: usize,
+    /// Per worker: when its current run started, its batch size, and whether the
+    /// watchdog has reported it.
+    pub(crate) runs: Vec<Option<RunSlot>>,
+}
+
+/// A run in progress, for the stuck-run watchdog.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RunSlot {
+    pub(crate) started: std::time::Instant,
+    pub(crate) entries: usize,
+    pub(crate) reported: bool,
 }
 
 /// One batch to run.
@@ -100,6 +111,7 @@ pub(crate) enum Completion<T> {
 
 /// The body of a worker thread: run jobs until the job channel closes.
 pub(crate) fn worker<K: Task>(
+    index: usize,
     task: Arc<K>,
     state: Arc<StateSlot<K::State>>,
     shared: Arc<Shared<K::Entry>>,
@@ -118,9 +130,26 @@ pub(crate) fn worker<K: Task>(
                 let mut p = shared.progress.lock();
                 p.prefetched -= batch.len();
                 p.running += 1;
+                if p.runs.len() <= index {
+                    p.runs.resize(index + 1, None);
+                }
+                p.runs[index] = Some(RunSlot {
+                    started: std::time::Instant::now(),
+                    entries: batch.len(),
+                    reported: false,
+                });
             }
             let current = state.current();
             let outcome = catch(|| task.run(&batch, &current));
+            if let Some(slot) = shared.progress.lock().runs[index].take() {
+                if slot.reported {
+                    log::warn!(
+                        "a stuck run of {} entries returned after {:?}",
+                        slot.entries,
+                        slot.started.elapsed()
+                    );
+                }
+            }
             drop(current);
             let len = batch.len() as u64;
             let done_ok = |shared: &Shared<K::Entry>| {

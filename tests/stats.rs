@@ -102,3 +102,46 @@ fn shutdown_timeout_past_its_deadline_hands_back_the_rest() {
     assert_eq!(report.unprocessed, (2..10).collect::<Vec<u32>>());
     assert_eq!(ran.try_iter().collect::<Vec<_>>(), vec![vec![0, 1]]);
 }
+
+#[test]
+fn a_run_past_its_deadline_is_reported_once_and_counted() {
+    let gate = Gate::new();
+    let held = gate.clone();
+    let (started_tx, started) = unbounded();
+    let task = Script::new(move |_: &[u32], _: &()| {
+        started_tx.send(()).unwrap();
+        held.wait();
+        Outcome::Ok
+    });
+    let handle = Builder::new(task, ())
+        .max_batch_size(5)
+        .max_concurrency(2)
+        .run_deadline(Duration::from_millis(2))
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .start()
+        .unwrap();
+    handle.push_back(vec![1, 2, 3]).unwrap();
+    recv(&started);
+    wait_until(|| handle.stats().stuck_runs == 1);
+    // Still stuck, still counted once, and the other slot keeps working.
+    let count = handle.debug_count().unwrap();
+    assert_eq!(count.running, 1);
+    assert_eq!(handle.stats().stuck_runs, 1);
+    gate.open();
+    handle.shutdown_drain().unwrap();
+    assert_eq!(handle.stats().stuck_runs, 1);
+    assert_eq!(handle.stats().processed, 3);
+}
+
+#[test]
+fn a_zero_run_deadline_is_rejected() {
+    let err = Builder::new(Script::new(|_: &[u32], _: &()| Outcome::Ok), ())
+        .run_deadline(Duration::ZERO)
+        .start()
+        .unwrap_err();
+    assert!(
+        matches!(err, buffered_task::BuildError::ZeroRunDeadline),
+        "{err}"
+    );
+}
