@@ -4,6 +4,7 @@ use crate::coordinator::{Coordinator, Shared};
 use crate::error::BuildError;
 use crate::handle::Handle;
 use crate::pool::{self, Completion, Job, StateSlot};
+use crate::retry::{DeadLetterHandler, DeadLetterReason, Retries, RetryPolicy, Same};
 use crate::task::Task;
 use crossbeam_channel::{bounded, unbounded};
 use std::sync::Arc;
@@ -130,6 +131,8 @@ pub struct Builder<K: Task> {
     overflow: Option<OverflowHandler<K::Entry>>,
     weigher: Option<Weigher<K::Entry>>,
     monitor: Option<crate::monitor::MemoryMonitor>,
+    retry: Option<(RetryPolicy, Same<K::Entry>)>,
+    dead_letter: Option<DeadLetterHandler<K::Entry>>,
 }
 
 impl<K: Task> Builder<K> {
@@ -152,6 +155,8 @@ impl<K: Task> Builder<K> {
             overflow: None,
             weigher: None,
             monitor: None,
+            retry: None,
+            dead_letter: None,
         }
     }
 
@@ -203,6 +208,33 @@ impl<K: Task> Builder<K> {
     /// effect.
     pub fn overflow_policy(mut self, policy: OverflowPolicy) -> Self {
         self.config.overflow_policy = policy;
+        self
+    }
+
+    /// Bounds retries (see [`RetryPolicy`]): each entry carries an attempt count
+    /// through retries (entries handed back by `RetryEntries` that were in the batch
+    /// keep theirs, matched by `==`; new ones start at zero); a failed entry waits
+    /// its backoff in a timer (no thread sleeps), then runs ahead of the queue; an
+    /// entry that has used its attempts goes to the
+    /// [`dead_letter_handler`](Builder::dead_letter_handler) with the reason.
+    /// Default: none, i.e. retry for ever, at once, as the original does.
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self
+    where
+        K::Entry: PartialEq,
+    {
+        self.retry = Some((policy, |a, b| a == b));
+        self
+    }
+
+    /// Receives entries whose attempts are spent under the retry policy, with the
+    /// reason (the last panic message, or a requested retry). Default: none (they
+    /// are counted in [`Stats::dead_lettered`](crate::Stats::dead_lettered) and
+    /// logged at warn, then dropped).
+    pub fn dead_letter_handler(
+        mut self,
+        handler: impl Fn(Vec<K::Entry>, DeadLetterReason) + Send + 'static,
+    ) -> Self {
+        self.dead_letter = Some(Box::new(handler));
         self
     }
 
@@ -287,6 +319,8 @@ impl<K: Task> Builder<K> {
             overflow,
             weigher,
             monitor,
+            retry,
+            dead_letter,
         } = self;
         let task = Arc::new(task);
         let name = config.name.clone();
@@ -337,6 +371,8 @@ impl<K: Task> Builder<K> {
             threads,
             overflow,
             weigher,
+            retry.map(|(policy, same)| Retries::new(policy, same)),
+            dead_letter,
         );
         let handle = pool::spawn(format!("{name}-coordinator"), move || coordinator.run())
             .map_err(BuildError::Spawn)?;

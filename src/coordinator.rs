@@ -30,6 +30,7 @@ use crate::error::ShrinkError;
 use crate::handle::{DebugCount, ShutdownMode, ShutdownReport};
 use crate::pool::{Completion, Job, Progress};
 use crate::queue::{Pile, Queue};
+use crate::retry::{DeadLetterHandler, DeadLetterReason, Group, Retries};
 use crate::task::{Priority, Task};
 use crate::unwind::catch;
 use crossbeam_channel::{at, never, select_biased, tick, Receiver, Sender};
@@ -116,6 +117,7 @@ pub(crate) struct Counters {
     pub(crate) overflow_shrink: AtomicU64,
     pub(crate) overflow_shutdown: AtomicU64,
     pub(crate) stuck: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
 }
 
 impl<T> Shared<T> {
@@ -215,6 +217,8 @@ pub(crate) struct Coordinator<K: Task> {
     in_flight: usize,
     overflow: Option<OverflowHandler<K::Entry>>,
     weigher: Option<Weigher<K::Entry>>,
+    retries: Option<Retries<K::Entry>>,
+    dead_letter: Option<DeadLetterHandler<K::Entry>>,
     init_running: bool,
     last_init_produced: u64,
     /// A shrink shed work since `init` last started: poll again without delay.
@@ -238,6 +242,8 @@ impl<K: Task> Coordinator<K> {
         threads: Vec<JoinHandle<()>>,
         overflow: Option<OverflowHandler<K::Entry>>,
         weigher: Option<Weigher<K::Entry>>,
+        retries: Option<Retries<K::Entry>>,
+        dead_letter: Option<DeadLetterHandler<K::Entry>>,
     ) -> Self {
         Coordinator {
             queue: Queue::new(config.max_queue_len, config.max_batch_size),
@@ -254,6 +260,8 @@ impl<K: Task> Coordinator<K> {
             },
             overflow,
             weigher,
+            retries,
+            dead_letter,
             init_running: false,
             last_init_produced: 0,
             shed_since_init: false,
@@ -279,6 +287,10 @@ impl<K: Task> Coordinator<K> {
         self.start_init();
         loop {
             let poll_timer = match self.poll_at {
+                Some(when) => at(when),
+                None => never(),
+            };
+            let retry_timer = match self.retries.as_ref().and_then(Retries::next_due) {
                 Some(when) => at(when),
                 None => never(),
             };
@@ -312,6 +324,10 @@ impl<K: Task> Coordinator<K> {
                 },
                 recv(ticker) -> _ => self.flush(),
                 recv(watchdog) -> _ => self.watch(),
+                recv(retry_timer) -> _ => {
+                    self.dispatch();
+                    self.idle_check();
+                }
                 recv(deadline) -> _ => {
                     // Drained as far as time allowed: hand back the rest.
                     self.shared.halt.store(true, Ordering::SeqCst);
@@ -370,7 +386,7 @@ impl<K: Task> Coordinator<K> {
                     (p.prefetched, p.running)
                 };
                 let _ = reply.send(DebugCount {
-                    waiting: buffered + self.queue.len() + prefetched,
+                    waiting: buffered + self.queue.len() + self.retrying() + prefetched,
                     running,
                 });
             }
@@ -476,7 +492,8 @@ impl<K: Task> Coordinator<K> {
     /// enforced bound, wakes whoever waits for room.
     fn publish(&mut self) {
         let c = &self.shared.counters;
-        c.queued.store(self.queue.len(), Ordering::SeqCst);
+        c.queued
+            .store(self.queue.len() + self.retrying(), Ordering::SeqCst);
         if self.shared.admits() {
             let bound = self.queue.max_len().unwrap_or(usize::MAX);
             self.shared.bound.store(bound, Ordering::SeqCst);
@@ -522,42 +539,60 @@ impl<K: Task> Coordinator<K> {
         }
         let Some(jobs) = &self.crew.jobs else { return };
         let limit = crate::pool::HAND_OUT * self.config.max_concurrency;
-        if self.in_flight >= limit || self.queue.is_empty() {
+        if self.in_flight >= limit || (self.queue.is_empty() && self.retrying() == 0) {
             return;
         }
-        let mut batches = Vec::new();
+        let mut batches: Vec<Job<K::Entry>> = Vec::new();
+        if let Some(retries) = &mut self.retries {
+            retries.wake(Instant::now());
+            while self.in_flight + batches.len() < limit {
+                match retries.pop_ready(self.config.max_batch_size) {
+                    Some(group) => batches.push(Job {
+                        batch: group.entries,
+                        attempts: Some(group.attempts),
+                    }),
+                    None => break,
+                }
+            }
+        }
         while self.in_flight + batches.len() < limit {
             match self.queue.pop_batch(self.config.max_batch_size) {
-                Some(batch) => batches.push(batch),
+                Some(batch) => batches.push(Job {
+                    batch,
+                    attempts: None,
+                }),
                 None => break,
             }
         }
         // Counted before they are sent: a worker may start one at once.
-        self.shared.progress.lock().prefetched += batches.iter().map(Vec::len).sum::<usize>();
-        for batch in batches {
+        self.shared.progress.lock().prefetched +=
+            batches.iter().map(|j| j.batch.len()).sum::<usize>();
+        let mut unsent = Vec::new();
+        for job in batches {
             // The channel holds `limit` jobs and fewer are out, so this never
             // blocks; the workers outlive the sender, so it never fails.
-            match jobs.send(Job { batch }) {
+            match jobs.send(job) {
                 Ok(()) => self.in_flight += 1,
-                Err(err) => {
-                    self.shared.progress.lock().prefetched -= err.0.batch.len();
-                    self.queue.push_front_unbounded(err.0.batch);
-                }
+                Err(err) => unsent.push(err.0),
             }
+        }
+        for Job { batch, attempts } in unsent.into_iter().rev() {
+            self.shared.progress.lock().prefetched -= batch.len();
+            self.put_back(batch, attempts);
         }
     }
 
     /// Takes batches that no worker has started back into the queue, in order.
     fn recall(&mut self) {
-        let recalled: Vec<Vec<K::Entry>> = self.recall.try_iter().map(|job| job.batch).collect();
+        let recalled: Vec<Job<K::Entry>> = self.recall.try_iter().collect();
         if recalled.is_empty() {
             return;
         }
-        let entries: usize = recalled.iter().map(Vec::len).sum();
+        let entries: usize = recalled.iter().map(|j| j.batch.len()).sum();
         self.in_flight -= recalled.len();
         self.shared.progress.lock().prefetched -= entries;
-        for batch in recalled.into_iter().rev() {
-            self.queue.push_front_unbounded(batch);
+        for Job { batch, attempts } in recalled.into_iter().rev() {
+            self.put_back(batch, attempts);
         }
     }
 
@@ -592,51 +627,147 @@ impl<K: Task> Coordinator<K> {
     }
 
     fn complete(&mut self, completion: Completion<K::Entry>) {
-        let retry = match completion {
+        match completion {
             Completion::Refill => {
                 // Cleared before the count is read: a batch done after this read
                 // asks again.
                 self.shared.refill_asked.store(false, Ordering::SeqCst);
                 self.absorb_done();
-                return;
             }
-            Completion::Retry(entries) => Some(entries),
-            Completion::Panicked(batch, msg) => {
-                self.shared
-                    .counters
-                    .panicked
-                    .fetch_add(1, Ordering::Relaxed);
-                log::error!(
-                    "{}: run panicked on a batch of {} entries, retrying it: {msg}",
-                    self.config.name,
-                    batch.len()
-                );
-                Some(batch)
-            }
-            Completion::Skipped(batch) => {
+            Completion::Skipped(batch, attempts) => {
                 // Handed back unrun by a halting worker: it was never started.
                 self.in_flight -= 1;
                 self.shared.progress.lock().prefetched -= batch.len();
-                self.queue.push_front_unbounded(batch);
-                return;
+                self.put_back(batch, attempts);
             }
+            Completion::Failed {
+                batch,
+                attempts,
+                again,
+                panic,
+            } => {
+                self.in_flight -= 1;
+                self.shared.progress.lock().running -= 1;
+                if let Some(msg) = &panic {
+                    self.shared
+                        .counters
+                        .panicked
+                        .fetch_add(1, Ordering::Relaxed);
+                    log::error!(
+                        "{}: run panicked on a batch of {} entries, retrying it: {msg}",
+                        self.config.name,
+                        batch.len()
+                    );
+                }
+                self.retry(batch, attempts, again, panic);
+            }
+        }
+    }
+
+    /// A batch recalled or skipped: back where it came from, at the front.
+    fn put_back(&mut self, batch: Vec<K::Entry>, attempts: Option<Vec<u32>>) {
+        match (attempts, &mut self.retries) {
+            (Some(attempts), Some(retries)) => retries.push_ready_front(Group {
+                entries: batch,
+                attempts,
+            }),
+            _ => self.queue.push_front_unbounded(batch),
+        }
+    }
+
+    /// Sends failed entries back: to the queue, or under a retry policy to the
+    /// backoff timer or the dead-letter handler.
+    fn retry(
+        &mut self,
+        batch: Vec<K::Entry>,
+        attempts: Option<Vec<u32>>,
+        again: Option<Vec<K::Entry>>,
+        panic: Option<String>,
+    ) {
+        let Some(retries) = &mut self.retries else {
+            let entries = again.unwrap_or(batch);
+            self.requeue(entries);
+            return;
         };
-        self.in_flight -= 1;
-        self.shared.progress.lock().running -= 1;
-        if let Some(entries) = retry {
-            if !entries.is_empty() {
-                self.shared
-                    .counters
-                    .retried
-                    .fetch_add(entries.len() as u64, Ordering::Relaxed);
-                log::debug!("{}: retrying {} entries", self.config.name, entries.len());
-                self.push(entries, Priority::Back);
+        let attempts = attempts.unwrap_or_else(|| vec![0; batch.len()]);
+        let (known, fresh) = match again {
+            None => (
+                Group {
+                    attempts: attempts.iter().map(|a| a + 1).collect(),
+                    entries: batch,
+                },
+                Vec::new(),
+            ),
+            Some(again) => retries.match_attempts(&batch, &attempts, again),
+        };
+        let max = retries.policy.max_attempts;
+        let mut dead = Vec::new();
+        let mut later = Group {
+            entries: Vec::new(),
+            attempts: Vec::new(),
+        };
+        for (entry, n) in known.entries.into_iter().zip(known.attempts) {
+            if n >= max {
+                dead.push(entry);
+            } else {
+                later.entries.push(entry);
+                later.attempts.push(n);
+            }
+        }
+        if !later.entries.is_empty() {
+            self.shared
+                .counters
+                .retried
+                .fetch_add(later.entries.len() as u64, Ordering::Relaxed);
+            retries.delay(later, Instant::now());
+        }
+        self.requeue(fresh);
+        if !dead.is_empty() {
+            let reason = match panic {
+                Some(msg) => DeadLetterReason::Panicked(msg),
+                None => DeadLetterReason::RetryRequested,
+            };
+            self.dead_letter(dead, reason);
+        }
+    }
+
+    fn requeue(&mut self, entries: Vec<K::Entry>) {
+        if entries.is_empty() {
+            return;
+        }
+        self.shared
+            .counters
+            .retried
+            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        log::debug!("{}: retrying {} entries", self.config.name, entries.len());
+        self.push(entries, Priority::Back);
+    }
+
+    fn dead_letter(&mut self, entries: Vec<K::Entry>, reason: DeadLetterReason) {
+        let n = entries.len();
+        self.shared
+            .counters
+            .dead_lettered
+            .fetch_add(n as u64, Ordering::Relaxed);
+        log::warn!(
+            "{}: {n} entries dead-lettered after {} attempts ({reason})",
+            self.config.name,
+            self.retries.as_ref().map_or(0, |r| r.policy.max_attempts)
+        );
+        if let Some(handler) = &self.dead_letter {
+            if let Err(msg) = catch(|| handler(entries, reason)) {
+                log::error!("{}: dead-letter handler panicked: {msg}", self.config.name);
             }
         }
     }
 
     fn is_idle(&self) -> bool {
-        self.queue.is_empty() && self.in_flight == 0 && !self.init_running
+        self.queue.is_empty() && self.retrying() == 0 && self.in_flight == 0 && !self.init_running
+    }
+
+    /// Entries waiting under the retry policy (backoff or ready).
+    fn retrying(&self) -> usize {
+        self.retries.as_ref().map_or(0, Retries::len)
     }
 
     /// With `poll` on and nothing to do: re-run `init` now, or arm the poll timer.
@@ -673,7 +804,9 @@ impl<K: Task> Coordinator<K> {
     fn shutdown_complete(&self, mode: ShutdownMode) -> bool {
         let settled = self.in_flight == 0 && !self.init_running;
         match mode {
-            ShutdownMode::Drain | ShutdownMode::DrainUntil(_) => settled && self.queue.is_empty(),
+            ShutdownMode::Drain | ShutdownMode::DrainUntil(_) => {
+                settled && self.queue.is_empty() && self.retrying() == 0
+            }
             ShutdownMode::Return | ShutdownMode::Abandon => settled,
         }
     }
@@ -698,10 +831,10 @@ impl<K: Task> Coordinator<K> {
         while let Ok(completion) = self.done.try_recv() {
             match completion {
                 Completion::Refill => {}
-                Completion::Retry(v) | Completion::Panicked(v, _) => {
-                    self.queue.push_back_unbounded(v)
+                Completion::Failed { batch, again, .. } => {
+                    self.queue.push_back_unbounded(again.unwrap_or(batch))
                 }
-                Completion::Skipped(v) => self.queue.push_front_unbounded(v),
+                Completion::Skipped(v, _) => self.queue.push_front_unbounded(v),
             }
         }
         while let Ok(cmd) = self.commands.try_recv() {
@@ -712,6 +845,9 @@ impl<K: Task> Coordinator<K> {
             }
         }
         let mut left = self.queue.drain_all();
+        if let Some(retries) = &mut self.retries {
+            left.extend(retries.drain_all());
+        }
         {
             let mut buffers = self.shared.buffers.lock();
             let front: Vec<K::Entry> = buffers.front.take().into_iter().flatten().collect();

@@ -47,6 +47,8 @@ pub struct Stats {
     pub overflowed_shrink: u64,
     /// Entries handed to the overflow handler because the last handle was dropped.
     pub overflowed_shutdown: u64,
+    /// Entries whose attempts were spent under the retry policy.
+    pub dead_lettered: u64,
     /// Runs that passed the run deadline (see
     /// [`Builder::run_deadline`](crate::Builder::run_deadline)), counted once each.
     pub stuck_runs: u64,
@@ -444,6 +446,7 @@ impl<T: Send + 'static> Handle<T> {
             overflowed_shrink: c.overflow_shrink.load(Ordering::Relaxed),
             overflowed_shutdown: c.overflow_shutdown.load(Ordering::Relaxed),
             stuck_runs: c.stuck.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
         }
     }
 

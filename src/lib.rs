@@ -157,6 +157,7 @@ mod handle;
 mod monitor;
 mod pool;
 mod queue;
+mod retry;
 mod task;
 mod unwind;
 
@@ -169,4 +170,5 @@ pub use monitor::{
     total_memory, CheckOutcome, MemoryMonitor, MemoryProbe, MonitorBuilder, ProcessRss, Shrinkable,
     FALLBACK_LIMIT,
 };
+pub use retry::{DeadLetterHandler, DeadLetterReason, RetryPolicy};
 pub use task::{Outcome, Priority, Sink, Task};

@@ -90,9 +90,10 @@ pub(crate) struct RunSlot {
     pub(crate) reported: bool,
 }
 
-/// One batch to run.
+/// One batch to run, with its entries' attempt counts under a retry policy.
 pub(crate) struct Job<T> {
     pub(crate) batch: Vec<T>,
+    pub(crate) attempts: Option<Vec<u32>>,
 }
 
 /// What a worker reports back. A batch that is simply done is not reported one by
@@ -101,12 +102,17 @@ pub(crate) struct Job<T> {
 pub(crate) enum Completion<T> {
     /// Batches were done and the job channel is low: account and hand out more.
     Refill,
-    /// These entries are to run again.
-    Retry(Vec<T>),
-    /// `run` panicked with this message; the batch is to run again.
-    Panicked(Vec<T>, String),
+    /// The run asked for a retry or panicked.
+    Failed {
+        batch: Vec<T>,
+        attempts: Option<Vec<u32>>,
+        /// The entries to run again; `None`: the whole batch.
+        again: Option<Vec<T>>,
+        /// The panic message, if it panicked.
+        panic: Option<String>,
+    },
     /// Not started: the engine is stopping and hands entries back.
-    Skipped(Vec<T>),
+    Skipped(Vec<T>, Option<Vec<u32>>),
 }
 
 /// The body of a worker thread: run jobs until the job channel closes.
@@ -119,12 +125,12 @@ pub(crate) fn worker<K: Task>(
     done: Sender<Completion<K::Entry>>,
 ) {
     let low_water = jobs.capacity().unwrap_or(2) / 2;
-    for Job { batch } in jobs.iter() {
+    for Job { batch, attempts } in jobs.iter() {
         if jobs.len() < low_water {
             shared.ask_refill(&done);
         }
         let completion = if shared.halt.load(Ordering::Relaxed) {
-            Completion::Skipped(batch)
+            Completion::Skipped(batch, attempts)
         } else {
             {
                 let mut p = shared.progress.lock();
@@ -174,13 +180,33 @@ pub(crate) fn worker<K: Task>(
                     }
                     continue;
                 }
-                Ok(Outcome::Retry) => Completion::Retry(batch),
-                Ok(Outcome::RetryEntries(entries)) => Completion::Retry(entries),
+                Ok(Outcome::Retry) => Completion::Failed {
+                    batch,
+                    attempts,
+                    again: None,
+                    panic: None,
+                },
+                Ok(Outcome::RetryEntries(entries)) => Completion::Failed {
+                    batch,
+                    attempts,
+                    again: Some(entries),
+                    panic: None,
+                },
                 Ok(Outcome::RetryEntriesWithState(entries, s)) => {
                     state.replace(s);
-                    Completion::Retry(entries)
+                    Completion::Failed {
+                        batch,
+                        attempts,
+                        again: Some(entries),
+                        panic: None,
+                    }
                 }
-                Err(msg) => Completion::Panicked(batch, msg),
+                Err(msg) => Completion::Failed {
+                    batch,
+                    attempts,
+                    again: None,
+                    panic: Some(msg),
+                },
             }
         };
         if done.send(completion).is_err() {

@@ -8,7 +8,7 @@
 //! `CHAOS_SEED=<n>` reruns a seed; `CHAOS_ROUNDS=<n>` soaks (default 1 round).
 
 mod common;
-use buffered_task::{BufferError, Builder, Outcome, OverflowPolicy, Priority};
+use buffered_task::{BufferError, Builder, Outcome, OverflowPolicy, Priority, RetryPolicy};
 use common::*;
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,7 +51,19 @@ fn round(seed: u64) {
         _ => OverflowPolicy::Block,
     };
     println!("seed {seed}: overflow policy {policy:?}");
-    let handle = Builder::new(task, ())
+    let mut builder = Builder::new(task, ());
+    if rng.gen_bool(0.5) {
+        let max = rng.gen_range(1..=5);
+        println!("seed {seed}: retry policy, {max} attempts");
+        let dead = ledger.clone();
+        builder = builder
+            .retry_policy(RetryPolicy::new(max).backoff(
+                Duration::from_micros(rng.gen_range(0..500)),
+                Duration::from_millis(2),
+            ))
+            .dead_letter_handler(move |entries, _| dead.dead_lettered(&entries));
+    }
+    let handle = builder
         .name("chaos")
         .overflow_policy(policy)
         .max_batch_size(rng.gen_range(1..=64))
@@ -134,7 +146,8 @@ fn round(seed: u64) {
     });
     ledger.handed_back(&report.unprocessed);
     let (given, processed, back, over) = ledger.check();
-    println!("seed {seed}: {given} given = {processed} processed + {back} handed back + {over} overflowed");
+    let dead = ledger.dead_count();
+    println!("seed {seed}: {given} given = {processed} processed + {back} handed back + {over} overflowed + {dead} dead-lettered");
     assert_eq!(given as u64, TOTAL);
     // Stats count entries of batches that returned Ok; the ledger also counts the
     // entries a partial retry let go.

@@ -114,14 +114,16 @@ pub fn quiet_panics() {
 }
 
 /// The accounting invariant: every entry given to the engine leaves it exactly
-/// once, as processed, handed back (by a failed call or a shutdown report), or
-/// overflowed (queue full, shrink, dropped handle). Entries are `u64` ids.
+/// once, as processed, handed back (by a failed call or a shutdown report),
+/// overflowed (queue full, shrink, dropped handle) or dead-lettered. Entries are
+/// `u64` ids.
 #[derive(Default)]
 pub struct Ledger {
     given: parking_lot::Mutex<Vec<u64>>,
     processed: parking_lot::Mutex<Vec<u64>>,
     handed_back: parking_lot::Mutex<Vec<u64>>,
     overflowed: parking_lot::Mutex<Vec<u64>>,
+    dead: parking_lot::Mutex<Vec<u64>>,
 }
 
 impl Ledger {
@@ -137,18 +139,27 @@ impl Ledger {
     pub fn overflowed(&self, ids: &[u64]) {
         self.overflowed.lock().extend_from_slice(ids);
     }
+    pub fn dead_lettered(&self, ids: &[u64]) {
+        self.dead.lock().extend_from_slice(ids);
+    }
+    pub fn dead_count(&self) -> usize {
+        self.dead.lock().len()
+    }
 
-    /// Panics unless given = processed + handed back + overflowed, with no id
-    /// counted twice. Returns (given, processed, handed back, overflowed).
+    /// Panics unless given = processed + handed back + overflowed + dead-lettered,
+    /// with no id counted twice. Returns (given, processed, handed back,
+    /// overflowed); see `dead_count` for the last.
     pub fn check(&self) -> (usize, usize, usize, usize) {
         let mut given = self.given.lock().clone();
         let processed = self.processed.lock().clone();
         let back = self.handed_back.lock().clone();
         let over = self.overflowed.lock().clone();
+        let dead = self.dead.lock().clone();
         let mut out: Vec<u64> = Vec::with_capacity(processed.len() + back.len() + over.len());
         out.extend(&processed);
         out.extend(&back);
         out.extend(&over);
+        out.extend(&dead);
         given.sort_unstable();
         out.sort_unstable();
         let dup_given = given.windows(2).find(|w| w[0] == w[1]);
