@@ -328,7 +328,7 @@ impl<K: Task> Builder<K> {
             Some(_) => config.overflow_policy,
             None => OverflowPolicy::DropNewest,
         };
-        let shared = Arc::new(Shared::new(policy, config.max_queue_len));
+        let shared = Arc::new(Shared::new(policy, config.max_queue_len, retry.is_some()));
         let (cmd_tx, cmd_rx) = unbounded();
         let state = Arc::new(StateSlot::new(state));
         // At most HAND_OUT batches per worker handed out (see `pool`).

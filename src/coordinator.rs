@@ -103,6 +103,8 @@ pub(crate) struct Shared<T> {
     pub(crate) pending: AtomicUsize,
     /// Signalled (with `buffers` locked) when room may have appeared, or on stop.
     pub(crate) room: Condvar,
+    /// A retry policy is in force: failed batches go back with their entries.
+    pub(crate) tracks_attempts: bool,
 }
 
 /// Monotonic counters, written by the coordinator and the workers, read by anyone.
@@ -165,7 +167,7 @@ impl<T> Shared<T> {
 }
 
 impl<T> Shared<T> {
-    pub(crate) fn new(policy: OverflowPolicy, max: Option<usize>) -> Self {
+    pub(crate) fn new(policy: OverflowPolicy, max: Option<usize>, tracks_attempts: bool) -> Self {
         Shared {
             buffers: Mutex::new(Buffers {
                 back: Pile::new(),
@@ -184,6 +186,7 @@ impl<T> Shared<T> {
             bound: AtomicUsize::new(max.unwrap_or(usize::MAX)),
             pending: AtomicUsize::new(0),
             room: Condvar::new(),
+            tracks_attempts,
         }
     }
 }

@@ -187,7 +187,7 @@ pub(crate) fn worker<K: Task>(
                     panic: None,
                 },
                 Ok(Outcome::RetryEntries(entries)) => Completion::Failed {
-                    batch,
+                    batch: keep_for_matching(batch, &shared),
                     attempts,
                     again: Some(entries),
                     panic: None,
@@ -195,7 +195,7 @@ pub(crate) fn worker<K: Task>(
                 Ok(Outcome::RetryEntriesWithState(entries, s)) => {
                     state.replace(s);
                     Completion::Failed {
-                        batch,
+                        batch: keep_for_matching(batch, &shared),
                         attempts,
                         again: Some(entries),
                         panic: None,
@@ -214,6 +214,17 @@ pub(crate) fn worker<K: Task>(
             // cannot happen while entries are owed to it.
             break;
         }
+    }
+}
+
+/// A batch whose run handed back a list: the coordinator needs it only to match
+/// attempt counts under a retry policy; otherwise it is dropped here, off the
+/// coordinator's thread.
+fn keep_for_matching<T>(batch: Vec<T>, shared: &Shared<T>) -> Vec<T> {
+    if shared.tracks_attempts {
+        batch
+    } else {
+        Vec::new()
     }
 }
 
