@@ -354,7 +354,9 @@ impl<K: Task> Builder<K> {
             Ok(())
         })();
         drop(done_tx);
+        shared.buffers.lock().direct = Some(job_tx.clone());
         if let Err(err) = started {
+            shared.buffers.lock().direct = None;
             drop((job_tx, job_rx, init_tx));
             join_all(threads);
             return Err(BuildError::Spawn(err));

@@ -70,6 +70,10 @@ pub(crate) struct Buffers<T> {
     pub(crate) closed: bool,
     /// A full-batch flush has been asked for and not yet done.
     pub(crate) flush_requested: bool,
+    /// The job channel, for a hand-over that finds a full batch buffered and the
+    /// engine idle: it hands that batch to a worker itself, saving the wake-up of
+    /// the coordinator. Taken away when the engine stops.
+    pub(crate) direct: Option<Sender<Job<T>>>,
 }
 
 impl<T> Buffers<T> {
@@ -89,6 +93,8 @@ pub(crate) struct Shared<T> {
     pub(crate) progress: Mutex<Progress>,
     /// Batches done (and not retried) since the coordinator last looked.
     pub(crate) done_batches: AtomicUsize,
+    /// Batches handed to workers by `buffer` itself since the coordinator last looked.
+    pub(crate) direct_batches: AtomicUsize,
     /// A `Completion::Refill` is on its way and not handled yet.
     pub(crate) refill_asked: AtomicBool,
     /// Counters behind [`Handle::stats`](crate::Handle::stats).
@@ -174,11 +180,13 @@ impl<T> Shared<T> {
                 front: Pile::new(),
                 closed: false,
                 flush_requested: false,
+                direct: None,
             }),
             stopping: Arc::new(AtomicBool::new(false)),
             halt: AtomicBool::new(false),
             progress: Mutex::new(Progress::default()),
             done_batches: AtomicUsize::new(0),
+            direct_batches: AtomicUsize::new(0),
             refill_asked: AtomicBool::new(false),
             counters: Counters::default(),
             policy,
@@ -572,11 +580,11 @@ impl<K: Task> Coordinator<K> {
             batches.iter().map(|j| j.batch.len()).sum::<usize>();
         let mut unsent = Vec::new();
         for job in batches {
-            // The channel holds `limit` jobs and fewer are out, so this never
-            // blocks; the workers outlive the sender, so it never fails.
-            match jobs.send(job) {
+            // Never blocks: `buffer` may have handed out batches this count has
+            // not seen yet, so a full channel just keeps the rest queued.
+            match jobs.try_send(job) {
                 Ok(()) => self.in_flight += 1,
-                Err(err) => unsent.push(err.0),
+                Err(err) => unsent.push(err.into_inner()),
             }
         }
         for Job { batch, attempts } in unsent.into_iter().rev() {
@@ -625,11 +633,16 @@ impl<K: Task> Coordinator<K> {
 
     /// Accounts batches the workers finished without reporting them one by one.
     fn absorb_done(&mut self) {
+        // Done first: every batch counted done was counted handed out before it
+        // was sent, so reading the hand-outs second never finds fewer.
         let done = self.shared.done_batches.swap(0, Ordering::SeqCst);
+        let direct = self.shared.direct_batches.swap(0, Ordering::SeqCst);
+        self.in_flight += direct;
         self.in_flight -= done;
     }
 
     fn complete(&mut self, completion: Completion<K::Entry>) {
+        self.absorb_done();
         match completion {
             Completion::Refill => {
                 // Cleared before the count is read: a batch done after this read
@@ -819,6 +832,7 @@ impl<K: Task> Coordinator<K> {
         {
             let mut buffers = self.shared.buffers.lock();
             buffers.closed = true;
+            buffers.direct = None;
         }
         self.shared.stopping.store(true, Ordering::Relaxed);
         // Stop the workers and the init thread, so nothing more arrives from them.

@@ -258,6 +258,9 @@ impl<T: Send + 'static> Handle<T> {
             Entries::One(entry) => target.push_one(entry, batch),
             Entries::Many(v) => target.push_vec(v, batch),
         }
+        if self.inner.auto_flush {
+            self.hand_out_directly(&mut buffers);
+        }
         let notify = self.inner.auto_flush
             && !buffers.flush_requested
             && buffers.len() >= self.inner.max_batch_size;
@@ -270,6 +273,47 @@ impl<T: Send + 'static> Handle<T> {
             let _ = self.inner.commands.send(Command::Flush(None));
         }
         Ok(())
+    }
+
+    /// With a full batch buffered while the engine has nothing queued, hands that
+    /// batch to a worker at once: the coordinator would only take it from the
+    /// buffers and pass it on, a thread wake-up later. The coordinator learns of it
+    /// from a counter, and can recall it like any batch it handed out itself.
+    fn hand_out_directly(
+        &self,
+        buffers: &mut parking_lot::MutexGuard<'_, crate::coordinator::Buffers<T>>,
+    ) {
+        let shared = &self.inner.shared;
+        let n = self.inner.max_batch_size;
+        if !buffers.front.is_empty()
+            || buffers.back.len() < n
+            || buffers.direct.is_none()
+            || shared.counters.queued.load(Ordering::SeqCst) != 0
+            || shared.pending.load(Ordering::SeqCst) != 0
+            || shared.halt.load(Ordering::SeqCst)
+        {
+            return;
+        }
+        let Some(batch) = buffers.back.take_batch(n) else {
+            return;
+        };
+        shared.progress.lock().prefetched += n;
+        shared.direct_batches.fetch_add(1, Ordering::SeqCst);
+        let sent = match &buffers.direct {
+            Some(jobs) => jobs.try_send(crate::pool::Job {
+                batch,
+                attempts: None,
+            }),
+            None => return,
+        };
+        if let Err(err) = sent {
+            // No room in the hand-out channel: leave it to the coordinator. The
+            // hand-out is already counted (the coordinator may have seen it), so
+            // count it done as well.
+            shared.done_batches.fetch_add(1, Ordering::SeqCst);
+            shared.progress.lock().prefetched -= n;
+            buffers.back.put_front(err.into_inner().batch);
+        }
     }
 
     /// Puts entries straight at the back of the queue (skipping the buffers) and

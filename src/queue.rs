@@ -317,6 +317,31 @@ impl<T> Pile<T> {
         }
     }
 
+    /// Whether the pile holds no entries.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Exactly `n` entries from the front, if the first chunk holds that many.
+    pub(crate) fn take_batch(&mut self, n: usize) -> Option<Vec<T>> {
+        let first = self.chunks.first_mut()?;
+        let batch = if first.len() == n {
+            self.chunks.remove(0)
+        } else if first.len() > n {
+            first.drain(..n).collect()
+        } else {
+            return None;
+        };
+        self.len -= n;
+        Some(batch)
+    }
+
+    /// Puts a batch back at the front (a hand-over that found no room).
+    pub(crate) fn put_front(&mut self, batch: Vec<T>) {
+        self.len += batch.len();
+        self.chunks.insert(0, batch);
+    }
+
     /// The chunks, in arrival order, leaving the pile empty.
     pub(crate) fn take(&mut self) -> Vec<Vec<T>> {
         self.len = 0;

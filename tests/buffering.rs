@@ -186,3 +186,41 @@ fn buffer_from_many_threads_at_once_keeps_each_callers_order() {
         assert_eq!(mine, (0..1000).map(|i| t * 10_000 + i).collect::<Vec<_>>());
     }
 }
+
+#[test]
+fn full_batches_handed_straight_to_workers_keep_fifo_and_yield_to_front_entries() {
+    let gate = Gate::new();
+    let held = gate.clone();
+    let (tx, rx) = unbounded();
+    let (started_tx, started) = unbounded();
+    let task = Script::new(move |b: &[u32], _: &()| {
+        started_tx.send(()).unwrap();
+        held.wait();
+        tx.send(b.to_vec()).unwrap();
+        Outcome::Ok
+    });
+    // A tick an hour away: full batches move at once, partial ones never.
+    let handle = Builder::new(task, ())
+        .max_batch_size(2)
+        .max_concurrency(1)
+        .flush_interval(Duration::from_secs(3600))
+        .poll(false)
+        .start()
+        .unwrap();
+    handle.push_back(vec![0]).unwrap();
+    recv(&started); // the only worker is busy
+    handle.buffer(vec![1, 2], Priority::Back).unwrap(); // handed out at once
+    handle.buffer(vec![3, 4], Priority::Back).unwrap();
+    handle.buffer(vec![5], Priority::Back).unwrap(); // partial: waits
+    let count = handle.debug_count().unwrap();
+    assert_eq!((count.waiting, count.running), (5, 1));
+    // Front entries still go ahead of batches handed out but not started.
+    handle.buffer(vec![9, 10], Priority::Front).unwrap();
+    handle.debug_count().unwrap(); // the flush that front batch asked for is done
+    gate.open();
+    let ran: Vec<Vec<u32>> = recv_n(&rx, 4);
+    assert_eq!(ran, vec![vec![0], vec![9, 10], vec![1, 2], vec![3, 4]]);
+    handle.flush().unwrap();
+    assert_eq!(recv(&rx), vec![5]);
+    handle.shutdown_drain().unwrap();
+}

@@ -364,15 +364,14 @@ pub fn latency_crate(samples: usize, interval: Duration, batch: usize) -> (Vec<f
         .start()
         .unwrap();
     let mut full = Vec::with_capacity(samples);
-    for i in 0..samples {
+    for _ in 0..samples {
+        // Let every engine thread go to sleep first: an idle engine, not a warm one.
+        thread::sleep(Duration::from_micros(300));
         let entries: Vec<u64> = (0..batch as u64).collect();
         let t0 = Instant::now();
         handle.buffer(entries, Priority::Back).unwrap();
         let t1 = started.recv().unwrap();
         full.push(t1.duration_since(t0).as_secs_f64() * 1e6);
-        if i % 16 == 0 {
-            thread::sleep(Duration::from_micros(500)); // let the engine go idle
-        }
     }
     let mut partial = Vec::with_capacity(samples / 10);
     for i in 0..samples / 10 {
