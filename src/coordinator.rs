@@ -74,6 +74,8 @@ pub(crate) struct Buffers<T> {
     /// engine idle: it hands that batch to a worker itself, saving the wake-up of
     /// the coordinator. Taken away when the engine stops.
     pub(crate) direct: Option<Sender<Job<T>>>,
+    /// When the oldest buffered entry arrived (`None`: the buffers are empty).
+    pub(crate) since: Option<Instant>,
 }
 
 impl<T> Buffers<T> {
@@ -111,6 +113,11 @@ pub(crate) struct Shared<T> {
     pub(crate) room: Condvar,
     /// A retry policy is in force: failed batches go back with their entries.
     pub(crate) tracks_attempts: bool,
+    /// When the engine started: the origin of `head_since`.
+    pub(crate) born: Instant,
+    /// Nanoseconds after `born` at which the queue's head chunk was queued, plus
+    /// one (0: the queue is empty). Published by the coordinator.
+    pub(crate) head_since: AtomicU64,
 }
 
 /// Monotonic counters, written by the coordinator and the workers, read by anyone.
@@ -181,6 +188,7 @@ impl<T> Shared<T> {
                 closed: false,
                 flush_requested: false,
                 direct: None,
+                since: None,
             }),
             stopping: Arc::new(AtomicBool::new(false)),
             halt: AtomicBool::new(false),
@@ -195,6 +203,8 @@ impl<T> Shared<T> {
             pending: AtomicUsize::new(0),
             room: Condvar::new(),
             tracks_attempts,
+            born: Instant::now(),
+            head_since: AtomicU64::new(0),
         }
     }
 }
@@ -468,6 +478,7 @@ impl<K: Task> Coordinator<K> {
                 .counters
                 .queued
                 .fetch_add(taken, Ordering::SeqCst);
+            buffers.since = None;
             (buffers.back.take(), buffers.front.take())
         };
         if !front.is_empty() {
@@ -505,6 +516,10 @@ impl<K: Task> Coordinator<K> {
         let c = &self.shared.counters;
         c.queued
             .store(self.queue.len() + self.retrying(), Ordering::SeqCst);
+        let head = self.queue.head_since().map_or(0, |t| {
+            t.saturating_duration_since(self.shared.born).as_nanos() as u64 + 1
+        });
+        self.shared.head_since.store(head, Ordering::Relaxed);
         if self.shared.admits() {
             let bound = self.queue.max_len().unwrap_or(usize::MAX);
             self.shared.bound.store(bound, Ordering::SeqCst);
@@ -554,30 +569,42 @@ impl<K: Task> Coordinator<K> {
             return;
         }
         let mut batches: Vec<Job<K::Entry>> = Vec::new();
+        let mut times = Vec::new();
+        let now = Instant::now();
         if let Some(retries) = &mut self.retries {
-            retries.wake(Instant::now());
+            retries.wake(now);
             while self.in_flight + batches.len() < limit {
                 match retries.pop_ready(self.config.max_batch_size) {
-                    Some(group) => batches.push(Job {
-                        batch: group.entries,
-                        attempts: Some(group.attempts),
-                    }),
+                    Some(group) => {
+                        times.push(now);
+                        batches.push(Job {
+                            batch: group.entries,
+                            attempts: Some(group.attempts),
+                        })
+                    }
                     None => break,
                 }
             }
         }
         while self.in_flight + batches.len() < limit {
+            let since = self.queue.head_since();
             match self.queue.pop_batch(self.config.max_batch_size) {
-                Some(batch) => batches.push(Job {
-                    batch,
-                    attempts: None,
-                }),
+                Some(batch) => {
+                    times.push(since.unwrap_or(now));
+                    batches.push(Job {
+                        batch,
+                        attempts: None,
+                    })
+                }
                 None => break,
             }
         }
         // Counted before they are sent: a worker may start one at once.
-        self.shared.progress.lock().prefetched +=
-            batches.iter().map(|j| j.batch.len()).sum::<usize>();
+        {
+            let mut p = self.shared.progress.lock();
+            p.prefetched += batches.iter().map(|j| j.batch.len()).sum::<usize>();
+            p.handed.extend(times);
+        }
         let mut unsent = Vec::new();
         for job in batches {
             // Never blocks: `buffer` may have handed out batches this count has
@@ -588,7 +615,11 @@ impl<K: Task> Coordinator<K> {
             }
         }
         for Job { batch, attempts } in unsent.into_iter().rev() {
-            self.shared.progress.lock().prefetched -= batch.len();
+            {
+                let mut p = self.shared.progress.lock();
+                p.prefetched -= batch.len();
+                p.handed.pop_back();
+            }
             self.put_back(batch, attempts);
         }
     }
@@ -601,7 +632,12 @@ impl<K: Task> Coordinator<K> {
         }
         let entries: usize = recalled.iter().map(|j| j.batch.len()).sum();
         self.in_flight -= recalled.len();
-        self.shared.progress.lock().prefetched -= entries;
+        {
+            let mut p = self.shared.progress.lock();
+            p.prefetched -= entries;
+            let keep = p.handed.len().saturating_sub(recalled.len());
+            p.handed.truncate(keep);
+        }
         for Job { batch, attempts } in recalled.into_iter().rev() {
             self.put_back(batch, attempts);
         }

@@ -49,6 +49,12 @@ pub struct Stats {
     pub overflowed_shutdown: u64,
     /// Entries whose attempts were spent under the retry policy.
     pub dead_lettered: u64,
+    /// How long the oldest waiting entry has waited (`None`: nothing waits): the
+    /// oldest of the buffered entries, the batches handed to workers and not
+    /// started, and the batch at the head of the queue. The head is the oldest
+    /// queued entry except where front entries, retries or recalled batches were
+    /// put ahead of older ones (their wait counts from when they were put back).
+    pub oldest_wait: Option<Duration>,
     /// Runs that passed the run deadline (see
     /// [`Builder::run_deadline`](crate::Builder::run_deadline)), counted once each.
     pub stuck_runs: u64,
@@ -249,6 +255,9 @@ impl<T: Send + 'static> Handle<T> {
         if let Err(refusal) = self.inner.admit(&mut buffers, entries.len(), deadline) {
             return Err(refusal.with(entries.into_vec()));
         }
+        if buffers.since.is_none() {
+            buffers.since = Some(Instant::now());
+        }
         let target = match priority {
             Priority::Back => &mut buffers.back,
             Priority::Front => &mut buffers.front,
@@ -294,10 +303,18 @@ impl<T: Send + 'static> Handle<T> {
         {
             return;
         }
+        let since = buffers.since.unwrap_or_else(Instant::now);
         let Some(batch) = buffers.back.take_batch(n) else {
             return;
         };
-        shared.progress.lock().prefetched += n;
+        if buffers.len() == 0 {
+            buffers.since = None;
+        }
+        {
+            let mut p = shared.progress.lock();
+            p.prefetched += n;
+            p.handed.push_back(since);
+        }
         shared.direct_batches.fetch_add(1, Ordering::SeqCst);
         let sent = match &buffers.direct {
             Some(jobs) => jobs.try_send(crate::pool::Job {
@@ -311,8 +328,15 @@ impl<T: Send + 'static> Handle<T> {
             // hand-out is already counted (the coordinator may have seen it), so
             // count it done as well.
             shared.done_batches.fetch_add(1, Ordering::SeqCst);
-            shared.progress.lock().prefetched -= n;
+            {
+                let mut p = shared.progress.lock();
+                p.prefetched -= n;
+                p.handed.pop_back();
+            }
             buffers.back.put_front(err.into_inner().batch);
+            if buffers.since.is_none() {
+                buffers.since = Some(since);
+            }
         }
     }
 
@@ -473,11 +497,27 @@ impl<T: Send + 'static> Handle<T> {
     /// Still answers after a shutdown (the final figures).
     pub fn stats(&self) -> Stats {
         let shared = &self.inner.shared;
-        let buffered = shared.buffers.lock().len();
-        let (prefetched, running) = {
-            let p = shared.progress.lock();
-            (p.prefetched, p.running)
+        let (buffered, buffered_since) = {
+            let b = shared.buffers.lock();
+            (b.len(), b.since)
         };
+        let now = Instant::now();
+        let head = match shared.head_since.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(now.saturating_duration_since(shared.born + Duration::from_nanos(n - 1))),
+        };
+        let (prefetched, running, handed_since) = {
+            let p = shared.progress.lock();
+            (p.prefetched, p.running, p.handed.front().copied())
+        };
+        let oldest_wait = [
+            buffered_since.map(|t| now.saturating_duration_since(t)),
+            head,
+            handed_since.map(|t| now.saturating_duration_since(t)),
+        ]
+        .into_iter()
+        .flatten()
+        .max();
         let c = &shared.counters;
         Stats {
             buffered,
@@ -490,6 +530,7 @@ impl<T: Send + 'static> Handle<T> {
             overflowed_shrink: c.overflow_shrink.load(Ordering::Relaxed),
             overflowed_shutdown: c.overflow_shutdown.load(Ordering::Relaxed),
             stuck_runs: c.stuck.load(Ordering::Relaxed),
+            oldest_wait,
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
         }
     }

@@ -75,6 +75,8 @@ impl<S> StateSlot<S> {
 pub(crate) struct Progress {
     /// Entries in batches handed out but not started yet.
     pub(crate) prefetched: usize,
+    /// When each of those batches was queued, in hand-out order.
+    pub(crate) handed: std::collections::VecDeque<std::time::Instant>,
     /// Batches running now.
     pub(crate) running: usize,
     /// Per worker: when its current run started, its batch size, and whether the
@@ -130,10 +132,12 @@ pub(crate) fn worker<K: Task>(
             shared.ask_refill(&done);
         }
         let completion = if shared.halt.load(Ordering::Relaxed) {
+            shared.progress.lock().handed.pop_front();
             Completion::Skipped(batch, attempts)
         } else {
             {
                 let mut p = shared.progress.lock();
+                p.handed.pop_front();
                 p.prefetched -= batch.len();
                 p.running += 1;
                 if p.runs.len() <= index {

@@ -10,6 +10,7 @@
 //! and lowers the maximum until `expand` lifts it again.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 /// Chunks up to this many batches long are queued whole (see `Queue::cut`).
 const CUT_AT: usize = 4;
@@ -20,6 +21,8 @@ pub(crate) struct MinimumSize;
 
 pub(crate) struct Queue<T> {
     chunks: VecDeque<Vec<T>>,
+    /// When each chunk entered the queue (parallel to `chunks`).
+    times: VecDeque<Instant>,
     len: usize,
     /// Entries per batch.
     batch: usize,
@@ -38,6 +41,7 @@ impl<T> Queue<T> {
         debug_assert!(batch > 0);
         Queue {
             chunks: VecDeque::new(),
+            times: VecDeque::new(),
             len: 0,
             batch,
             outside: 0,
@@ -91,8 +95,10 @@ impl<T> Queue<T> {
     pub(crate) fn push_front(&mut self, mut entries: Vec<T>) -> Vec<T> {
         let overflow = self.cut_to_room(&mut entries);
         self.len += entries.len();
+        let now = Instant::now();
         for chunk in self.cut(entries).into_iter().rev() {
             self.chunks.push_front(chunk);
+            self.times.push_front(now);
         }
         overflow
     }
@@ -119,8 +125,10 @@ impl<T> Queue<T> {
     /// workers: they were queued before).
     pub(crate) fn push_front_unbounded(&mut self, entries: Vec<T>) {
         self.len += entries.len();
+        let now = Instant::now();
         for chunk in self.cut(entries).into_iter().rev() {
             self.chunks.push_front(chunk);
+            self.times.push_front(now);
         }
     }
 
@@ -128,8 +136,10 @@ impl<T> Queue<T> {
     /// nothing racing the stop is lost).
     pub(crate) fn push_back_unbounded(&mut self, entries: Vec<T>) {
         self.len += entries.len();
+        let now = Instant::now();
         for chunk in self.cut(entries) {
             self.chunks.push_back(chunk);
+            self.times.push_back(now);
         }
     }
 
@@ -170,6 +180,7 @@ impl<T> Queue<T> {
     pub(crate) fn pop_batch(&mut self, n: usize) -> Option<Vec<T>> {
         let first = self.chunks.front_mut()?;
         let batch = if first.len() == n {
+            self.times.pop_front();
             self.chunks.pop_front().expect("front chunk exists")
         } else if first.len() > n {
             // Copy out the smaller side; the larger one stays where it is.
@@ -180,6 +191,7 @@ impl<T> Queue<T> {
                 first.drain(..n).collect()
             }
         } else {
+            self.times.pop_front();
             let mut batch = self.chunks.pop_front().expect("front chunk exists");
             batch.reserve(n - batch.len());
             while batch.len() < n {
@@ -190,6 +202,7 @@ impl<T> Queue<T> {
                 if next.len() <= want {
                     batch.append(next);
                     self.chunks.pop_front();
+                    self.times.pop_front();
                 } else {
                     batch.extend(next.drain(..want));
                 }
@@ -222,6 +235,7 @@ impl<T> Queue<T> {
                 count -= last.len();
                 self.len -= last.len();
                 parts.push(self.chunks.pop_back().expect("back chunk exists"));
+                self.times.pop_back();
             } else {
                 let at = last.len() - count;
                 parts.push(last.split_off(at));
@@ -250,6 +264,7 @@ impl<T> Queue<T> {
     /// Takes every entry out, in queue order.
     pub(crate) fn drain_all(&mut self) -> Vec<T> {
         let mut all = Vec::with_capacity(self.len);
+        self.times.clear();
         for chunk in self.chunks.drain(..) {
             all.extend(chunk);
         }
@@ -261,9 +276,16 @@ impl<T> Queue<T> {
     pub(crate) fn release_memory(&mut self) {
         if self.chunks.is_empty() {
             self.chunks = VecDeque::new();
+            self.times = VecDeque::new();
         } else {
             self.chunks.shrink_to_fit();
+            self.times.shrink_to_fit();
         }
+    }
+
+    /// When the chunk at the head (the next to run) entered the queue.
+    pub(crate) fn head_since(&self) -> Option<Instant> {
+        self.times.front().copied()
     }
 
     /// Visits every queued entry (for memory weighing).
@@ -544,6 +566,7 @@ mod model {
                 prop_assert_eq!(q.is_shrunk(), m.shrunk);
                 prop_assert_eq!(q.max_len(), m.max);
                 prop_assert!(q.chunks.iter().all(|c| !c.is_empty()));
+                prop_assert_eq!(q.chunks.len(), q.times.len());
             }
         }
     }

@@ -145,3 +145,37 @@ fn a_zero_run_deadline_is_rejected() {
         "{err}"
     );
 }
+
+#[test]
+fn oldest_wait_follows_the_entries_that_wait() {
+    let gate = Gate::new();
+    let held = gate.clone();
+    let (started_tx, started) = unbounded();
+    let task = Script::new(move |_: &[u32], _: &()| {
+        started_tx.send(()).unwrap();
+        held.wait();
+        Outcome::Ok
+    });
+    let handle = Builder::new(task, ())
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .start()
+        .unwrap();
+    assert_eq!(handle.stats().oldest_wait, None);
+    handle.buffer(vec![1], Priority::Back).unwrap();
+    let first = handle.stats().oldest_wait.expect("a buffered entry waits");
+    assert!(handle.stats().oldest_wait.unwrap() >= first);
+    handle.flush().unwrap();
+    recv(&started); // 1 runs; nothing waits
+    handle.debug_count().unwrap(); // the coordinator has published since
+    assert_eq!(handle.stats().oldest_wait, None);
+    handle.push_back(vec![2, 3]).unwrap();
+    handle.debug_count().unwrap();
+    // 2 is handed out (not queued), 3 is at the head of the queue.
+    assert!(handle.stats().oldest_wait.is_some());
+    gate.open();
+    handle.shutdown_drain().unwrap();
+    assert_eq!(handle.stats().oldest_wait, None);
+}
