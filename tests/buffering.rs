@@ -12,12 +12,14 @@ fn recording(
 ) -> (
     buffered_task::Handle<u32>,
     crossbeam_channel::Receiver<Vec<u32>>,
+    std::sync::Arc<Books<u32>>,
 ) {
     let (tx, rx) = unbounded();
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         tx.send(b.to_vec()).unwrap();
         Outcome::Ok
     });
+    let books = task.books();
     let handle = Builder::new(task, ())
         .max_batch_size(batch)
         .max_concurrency(1)
@@ -25,26 +27,29 @@ fn recording(
         .poll(false)
         .start()
         .unwrap();
-    (handle, rx)
+    (handle, rx, books)
 }
 
 fn drain(
     handle: &buffered_task::Handle<u32>,
     rx: &crossbeam_channel::Receiver<Vec<u32>>,
+    books: &Books<u32>,
 ) -> Vec<u32> {
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
     rx.try_iter().flatten().collect()
 }
 
 #[test]
 fn back_entries_are_fifo_across_and_within_calls() {
-    let (handle, rx) = recording(100);
-    handle.buffer(vec![1, 2, 3], Priority::Back).unwrap();
-    handle.buffer(vec![4, 5], Priority::Back).unwrap();
-    handle.buffer_one(6, Priority::Back).unwrap();
+    let (handle, rx, books) = recording(100);
+    books
+        .buffer(&handle, vec![1, 2, 3], Priority::Back)
+        .unwrap();
+    books.buffer(&handle, vec![4, 5], Priority::Back).unwrap();
+    books.buffer_one(&handle, 6, Priority::Back).unwrap();
     handle.flush().unwrap();
     assert_eq!(recv(&rx), vec![1, 2, 3, 4, 5, 6]);
-    assert_eq!(drain(&handle, &rx), Vec::<u32>::new());
+    assert_eq!(drain(&handle, &rx, &books), Vec::<u32>::new());
 }
 
 #[test]
@@ -53,12 +58,13 @@ fn front_entries_go_ahead_in_call_order_keeping_each_call_order() {
     let held = gate.clone();
     let (tx, rx) = unbounded();
     let (started_tx, started) = unbounded();
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         started_tx.send(()).unwrap();
         held.wait();
         tx.send(b.to_vec()).unwrap();
         Outcome::Ok
     });
+    let books = task.books();
     let handle = Builder::new(task, ())
         .max_batch_size(1000)
         .max_concurrency(1)
@@ -67,25 +73,27 @@ fn front_entries_go_ahead_in_call_order_keeping_each_call_order() {
         .start()
         .unwrap();
     // Occupy the only worker, and queue some entries behind it.
-    handle.push_back(vec![0]).unwrap();
+    books.push_back(&handle, vec![0]).unwrap();
     recv(&started);
-    handle.push_back(vec![10, 11]).unwrap();
+    books.push_back(&handle, vec![10, 11]).unwrap();
     // One window: back and front calls interleaved.
-    handle.buffer(vec![20, 21], Priority::Back).unwrap();
-    handle.buffer(vec![1, 2], Priority::Front).unwrap();
-    handle.buffer(vec![22], Priority::Back).unwrap();
-    handle.buffer(vec![3, 4], Priority::Front).unwrap();
+    books.buffer(&handle, vec![20, 21], Priority::Back).unwrap();
+    books.buffer(&handle, vec![1, 2], Priority::Front).unwrap();
+    books.buffer(&handle, vec![22], Priority::Back).unwrap();
+    books.buffer(&handle, vec![3, 4], Priority::Front).unwrap();
     handle.flush().unwrap();
     gate.open();
     assert_eq!(recv(&rx), vec![0]);
     assert_eq!(recv(&rx), vec![1, 2, 3, 4, 10, 11, 20, 21, 22]);
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
 }
 
 #[test]
 fn nothing_moves_without_a_flush_when_the_interval_is_never() {
-    let (handle, rx) = recording(2);
-    handle.buffer(vec![1, 2, 3, 4, 5], Priority::Back).unwrap();
+    let (handle, rx, books) = recording(2);
+    books
+        .buffer(&handle, vec![1, 2, 3, 4, 5], Priority::Back)
+        .unwrap();
     // Even a full batch waits: flushing is manual.
     let count = handle.debug_count().unwrap();
     assert_eq!((count.waiting, count.running), (5, 0));
@@ -93,16 +101,17 @@ fn nothing_moves_without_a_flush_when_the_interval_is_never() {
     handle.flush().unwrap();
     let got: Vec<u32> = recv_n(&rx, 3).into_iter().flatten().collect();
     assert_eq!(got, vec![1, 2, 3, 4, 5]);
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
 }
 
 #[test]
 fn a_full_batch_is_flushed_at_once_and_a_partial_one_waits_for_the_tick() {
     let (tx, rx) = unbounded();
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         tx.send(b.to_vec()).unwrap();
         Outcome::Ok
     });
+    let books = task.books();
     // A tick an hour away: only the full-batch rule can move entries.
     let handle = Builder::new(task, ())
         .max_batch_size(3)
@@ -110,15 +119,15 @@ fn a_full_batch_is_flushed_at_once_and_a_partial_one_waits_for_the_tick() {
         .poll(false)
         .start()
         .unwrap();
-    handle.buffer(vec![1, 2], Priority::Back).unwrap();
-    handle.buffer(vec![3], Priority::Front).unwrap();
+    books.buffer(&handle, vec![1, 2], Priority::Back).unwrap();
+    books.buffer(&handle, vec![3], Priority::Front).unwrap();
     assert_eq!(recv(&rx), vec![3, 1, 2]);
-    handle.buffer(vec![4], Priority::Back).unwrap();
+    books.buffer(&handle, vec![4], Priority::Back).unwrap();
     // The partial batch stays buffered until a flush.
     assert_eq!(handle.debug_count().unwrap().waiting, 1);
     handle.flush().unwrap();
     assert_eq!(recv(&rx), vec![4]);
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
 }
 
 #[test]
@@ -127,24 +136,25 @@ fn push_back_and_push_front_skip_the_buffers() {
     let held = gate.clone();
     let (tx, rx) = unbounded();
     let (started_tx, started) = unbounded();
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         started_tx.send(()).unwrap();
         held.wait();
         tx.send(b.to_vec()).unwrap();
         Outcome::Ok
     });
+    let books = task.books();
     let handle = Builder::new(task, ())
         .max_batch_size(10)
         .flush_interval(FlushInterval::Never)
         .poll(false)
         .start()
         .unwrap();
-    handle.push_back(vec![0]).unwrap(); // runs at once, no flush needed
+    books.push_back(&handle, vec![0]).unwrap(); // runs at once, no flush needed
     recv(&started);
-    handle.push_back(vec![5, 6]).unwrap();
-    handle.push_front(vec![3, 4]).unwrap();
-    handle.buffer(vec![99], Priority::Front).unwrap(); // buffered: needs a flush
-                                                       // (debug_count answers after the pushes above: commands are handled in order.)
+    books.push_back(&handle, vec![5, 6]).unwrap();
+    books.push_front(&handle, vec![3, 4]).unwrap();
+    books.buffer(&handle, vec![99], Priority::Front).unwrap(); // buffered: needs a flush
+                                                               // (debug_count answers after the pushes above: commands are handled in order.)
     assert_eq!(handle.debug_count().unwrap().waiting, 5);
     gate.open();
     assert_eq!(recv(&rx), vec![0]);
@@ -152,34 +162,36 @@ fn push_back_and_push_front_skip_the_buffers() {
     assert_eq!(handle.debug_count().unwrap().waiting, 1);
     handle.flush().unwrap();
     assert_eq!(recv(&rx), vec![99]);
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
 }
 
 #[test]
 fn empty_calls_are_no_ops() {
-    let (handle, rx) = recording(2);
-    handle.buffer(vec![], Priority::Back).unwrap();
-    handle.push_back(vec![]).unwrap();
+    let (handle, rx, books) = recording(2);
+    books.buffer(&handle, vec![], Priority::Back).unwrap();
+    books.push_back(&handle, vec![]).unwrap();
     handle.flush().unwrap();
     assert_eq!(handle.debug_count().unwrap().waiting, 0);
-    assert_eq!(drain(&handle, &rx), Vec::<u32>::new());
+    assert_eq!(drain(&handle, &rx, &books), Vec::<u32>::new());
 }
 
 #[test]
 fn buffer_from_many_threads_at_once_keeps_each_callers_order() {
-    let (handle, rx) = recording(64);
+    let (handle, rx, books) = recording(64);
     std::thread::scope(|s| {
         for t in 0..4u32 {
-            let handle = handle.clone();
+            let (handle, books) = (handle.clone(), books.clone());
             s.spawn(move || {
                 for i in 0..1000u32 {
-                    handle.buffer_one(t * 10_000 + i, Priority::Back).unwrap();
+                    books
+                        .buffer_one(&handle, t * 10_000 + i, Priority::Back)
+                        .unwrap();
                 }
             });
         }
     });
     handle.flush().unwrap();
-    let all = drain(&handle, &rx);
+    let all = drain(&handle, &rx, &books);
     assert_eq!(all.len(), 4000);
     for t in 0..4u32 {
         let mine: Vec<u32> = all.iter().copied().filter(|v| v / 10_000 == t).collect();
@@ -193,12 +205,13 @@ fn full_batches_handed_straight_to_workers_keep_fifo_and_yield_to_front_entries(
     let held = gate.clone();
     let (tx, rx) = unbounded();
     let (started_tx, started) = unbounded();
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         started_tx.send(()).unwrap();
         held.wait();
         tx.send(b.to_vec()).unwrap();
         Outcome::Ok
     });
+    let books = task.books();
     // A tick an hour away: full batches move at once, partial ones never.
     let handle = Builder::new(task, ())
         .max_batch_size(2)
@@ -207,20 +220,20 @@ fn full_batches_handed_straight_to_workers_keep_fifo_and_yield_to_front_entries(
         .poll(false)
         .start()
         .unwrap();
-    handle.push_back(vec![0]).unwrap();
+    books.push_back(&handle, vec![0]).unwrap();
     recv(&started); // the only worker is busy
-    handle.buffer(vec![1, 2], Priority::Back).unwrap(); // handed out at once
-    handle.buffer(vec![3, 4], Priority::Back).unwrap();
-    handle.buffer(vec![5], Priority::Back).unwrap(); // partial: waits
+    books.buffer(&handle, vec![1, 2], Priority::Back).unwrap(); // handed out at once
+    books.buffer(&handle, vec![3, 4], Priority::Back).unwrap();
+    books.buffer(&handle, vec![5], Priority::Back).unwrap(); // partial: waits
     let count = handle.debug_count().unwrap();
     assert_eq!((count.waiting, count.running), (5, 1));
     // Front entries still go ahead of batches handed out but not started.
-    handle.buffer(vec![9, 10], Priority::Front).unwrap();
+    books.buffer(&handle, vec![9, 10], Priority::Front).unwrap();
     handle.debug_count().unwrap(); // the flush that front batch asked for is done
     gate.open();
     let ran: Vec<Vec<u32>> = recv_n(&rx, 4);
     assert_eq!(ran, vec![vec![0], vec![9, 10], vec![1, 2], vec![3, 4]]);
     handle.flush().unwrap();
     assert_eq!(recv(&rx), vec![5]);
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
 }

@@ -73,18 +73,19 @@ fn edge_values_that_are_valid_start() {
 #[test]
 fn thread_names_carry_the_task_name() {
     let (tx, rx) = crossbeam_channel::unbounded();
-    let task = Script::new(move |_: &[u32], _: &()| {
+    let mut task = Script::new(move |_: &[u32], _: &()| {
         tx.send(std::thread::current().name().map(String::from))
             .unwrap();
         Outcome::Ok
     });
+    let books = task.books();
     let handle = Builder::new(task, ())
         .name("blocks")
         .flush_interval(FlushInterval::Never)
         .start()
         .unwrap();
-    handle.push_back(vec![1]).unwrap();
+    books.push_back(&handle, vec![1]).unwrap();
     assert_eq!(recv(&rx).as_deref(), Some("blocks-worker-0"));
     assert_eq!(handle.name(), "blocks");
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
 }

@@ -14,16 +14,21 @@ fn init_chunks_are_dispatched_while_init_is_still_running() {
     // full chunks are queued and dispatched at once.
     let (ran_tx, ran) = unbounded();
     let (init_wait_tx, init_wait) = unbounded::<()>();
+    let books = Books::new();
+    let g = books.clone();
     let task = Script::new(move |b: &[u32], _: &()| {
         ran_tx.send(b.to_vec()).unwrap();
         init_wait_tx.send(()).unwrap();
         Outcome::Ok
     })
     .with_init(move |sink, _| {
+        g.given(&[1, 2, 3]);
         sink.extend([1, 2, 3]);
         init_wait.recv_timeout(HANG).expect("first chunk never ran");
+        g.given(&[4]);
         sink.push(4); // the remainder, sent when init returns
     });
+    let task = task.with_books(&books);
     let handle = Builder::new(task, ())
         .max_batch_size(3)
         .flush_interval(FlushInterval::Never)
@@ -32,21 +37,25 @@ fn init_chunks_are_dispatched_while_init_is_still_running() {
         .unwrap();
     assert_eq!(recv(&ran), vec![1, 2, 3]);
     assert_eq!(recv(&ran), vec![4]);
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
 }
 
 #[test]
 fn a_panicking_init_keeps_what_it_pushed() {
     quiet_panics();
     let (ran_tx, ran) = unbounded();
+    let books = Books::new();
+    let g = books.clone();
     let task = Script::new(move |b: &[u32], _: &()| {
         ran_tx.send(b.to_vec()).unwrap();
         Outcome::Ok
     })
-    .with_init(|sink, _| {
+    .with_init(move |sink, _| {
+        g.given(&[1, 2, 3]);
         sink.extend([1, 2, 3]);
         panic!("deliberate: init");
     });
+    let task = task.with_books(&books);
     let handle = Builder::new(task, ())
         .max_batch_size(2)
         .flush_interval(FlushInterval::Never)
@@ -55,7 +64,7 @@ fn a_panicking_init_keeps_what_it_pushed() {
         .unwrap();
     let got: Vec<u32> = recv_n(&ran, 2).into_iter().flatten().collect();
     assert_eq!(got, vec![1, 2, 3]);
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
 }
 
 #[test]
@@ -63,6 +72,8 @@ fn poll_reruns_init_at_once_after_it_produced_work_and_waits_when_it_produced_no
     let (init_tx, inits) = unbounded();
     let runs = Arc::new(AtomicU32::new(0));
     let r = runs.clone();
+    let books = Books::new();
+    let g = books.clone();
     let task = Script::new(move |_: &[u32], _: &()| {
         r.fetch_add(1, Ordering::SeqCst);
         Outcome::Ok
@@ -71,9 +82,11 @@ fn poll_reruns_init_at_once_after_it_produced_work_and_waits_when_it_produced_no
         let call = init_tx.len(); // calls so far are still in the channel
         init_tx.send(()).unwrap();
         if call == 0 {
+            g.given(&[1, 2]);
             sink.extend([1, 2]);
         }
     });
+    let task = task.with_books(&books);
     let handle = Builder::new(task, ())
         .max_batch_size(1)
         .flush_interval(FlushInterval::Never)
@@ -92,15 +105,17 @@ fn poll_reruns_init_at_once_after_it_produced_work_and_waits_when_it_produced_no
     let count = handle.debug_count().unwrap();
     assert_eq!((count.waiting, count.running), (0, 0));
     assert_eq!(inits.len(), 2);
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
 }
 
 #[test]
 fn poll_reruns_an_empty_init_after_the_idle_delay() {
     let (init_tx, inits) = unbounded();
+    let books = Books::new();
     let task = Script::new(|_: &[u32], _: &()| Outcome::Ok).with_init(move |_, _| {
         let _ = init_tx.send(());
     });
+    let task = task.with_books(&books);
     let handle = Builder::new(task, ())
         .flush_interval(FlushInterval::Never)
         .poll(true)
@@ -108,16 +123,20 @@ fn poll_reruns_an_empty_init_after_the_idle_delay() {
         .start()
         .unwrap();
     recv_n(&inits, 3); // the first run, then two polls after the delay
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
 }
 
 #[test]
 fn without_poll_init_runs_once() {
     let (init_tx, inits) = unbounded();
+    let books = Books::new();
+    let g = books.clone();
     let task = Script::new(|_: &[u32], _: &()| Outcome::Ok).with_init(move |sink, _| {
         init_tx.send(()).unwrap();
+        g.given(&[1]);
         sink.push(1);
     });
+    let task = task.with_books(&books);
     let handle = Builder::new(task, ())
         .flush_interval(Duration::from_millis(1))
         .poll(false)
@@ -127,7 +146,7 @@ fn without_poll_init_runs_once() {
     for _ in 0..20 {
         handle.flush().unwrap();
     }
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
     assert_eq!(inits.len(), 0);
 }
 
@@ -137,6 +156,8 @@ fn init_sees_the_state_and_stops_when_told_and_nothing_it_pushed_is_lost() {
     let (ran_tx, ran) = unbounded();
     let (started_tx, started) = unbounded();
     let (total_tx, total) = unbounded();
+    let books = Books::new();
+    let g = books.clone();
     let task = Script::new(move |b: &[u64], _: &u64| {
         let _ = started_tx.send(());
         ran_tx.send(b.to_vec()).unwrap();
@@ -146,11 +167,15 @@ fn init_sees_the_state_and_stops_when_told_and_nothing_it_pushed_is_lost() {
         seen_tx.send(*state).unwrap();
         // An endless source that honours the stop signal.
         let mut i = 0;
-        while sink.push(i) {
+        while {
+            g.given(&[i]);
+            sink.push(i)
+        } {
             i += 1;
         }
         total_tx.send(i + 1).unwrap();
     });
+    let task = task.with_books(&books);
     let handle = Builder::new(task, 42u64)
         .max_batch_size(100)
         .max_concurrency(2)
@@ -160,7 +185,7 @@ fn init_sees_the_state_and_stops_when_told_and_nothing_it_pushed_is_lost() {
         .unwrap();
     assert_eq!(recv(&seen), 42);
     recv(&started); // some work is running
-    let report = handle.shutdown_return().unwrap();
+    let report = books.finish(handle.shutdown_return().unwrap());
     let total = recv(&total);
     let mut all: Vec<u64> = ran.try_iter().flatten().collect();
     all.extend(report.unprocessed);

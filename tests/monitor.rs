@@ -41,6 +41,7 @@ fn monitor(dial: &Dial) -> MemoryMonitor {
 
 struct Rig {
     handle: Handle<u64>,
+    books: Arc<Books<u64>>,
     gate: Gate,
     shed: Receiver<(Vec<u64>, OverflowReason)>,
 }
@@ -52,12 +53,15 @@ fn task(monitor: &MemoryMonitor, name: &str, queued: u64, weight: usize) -> Rig 
     let held = gate.clone();
     let (shed_tx, shed) = unbounded();
     let (started_tx, started) = unbounded();
+    let books = Books::new();
+    let b = books.clone();
     let handle = Builder::new(
         Script::new(move |_: &[u64], _: &()| {
             let _ = started_tx.send(());
             held.wait();
             Outcome::Ok
-        }),
+        })
+        .with_books(&books),
         (),
     )
     .name(name)
@@ -66,24 +70,33 @@ fn task(monitor: &MemoryMonitor, name: &str, queued: u64, weight: usize) -> Rig 
     .poll(false)
     .memory_monitor(monitor)
     .weigher(move |_| weight)
-    .overflow_handler(move |entries, reason| shed_tx.send((entries, reason)).unwrap())
+    .overflow_handler(move |entries, reason| {
+        b.overflowed(&entries);
+        shed_tx.send((entries, reason)).unwrap()
+    })
     .start()
     .unwrap();
-    handle.push_back(vec![u64::MAX]).unwrap(); // runs, held
+    books.push_back(&handle, vec![u64::MAX]).unwrap(); // runs, held
     recv(&started);
-    handle.push_back((0..queued).collect()).unwrap();
+    books.push_back(&handle, (0..queued).collect()).unwrap();
     assert_eq!(handle.debug_count().unwrap().waiting as u64, queued);
-    Rig { handle, gate, shed }
+    Rig {
+        handle,
+        books,
+        gate,
+        shed,
+    }
 }
 
 fn queued(rig: &Rig) -> usize {
     rig.handle.debug_count().unwrap().waiting
 }
 
+/// Drains every rig and checks its books.
 fn finish(rigs: &[&Rig]) {
     for rig in rigs {
         rig.gate.open();
-        rig.handle.shutdown_drain().unwrap();
+        rig.books.finish(rig.handle.shutdown_drain().unwrap());
     }
 }
 
@@ -170,7 +183,7 @@ fn after_a_shrink_tasks_expand_at_or_below_forty_percent_and_not_above() {
     assert!(!a.handle.is_shrunk().unwrap() && !b.handle.is_shrunk().unwrap());
     assert_eq!(monitor.check_now(), CheckOutcome::Normal);
     // Unbounded again: a push is taken whole.
-    a.handle.push_back((100..200).collect()).unwrap();
+    a.books.push_back(&a.handle, (100..200).collect()).unwrap();
     assert_eq!(queued(&a), 2 + 100);
     finish(&[&a, &b]);
 }
@@ -210,6 +223,8 @@ fn shed_entries_reach_the_overflow_handler_and_init_finds_them_again() {
     let (init_tx, inits) = unbounded();
     let (shed_tx, shed) = unbounded();
     let (ran_tx, ran) = unbounded();
+    let books = Books::new();
+    let (g, o) = (books.clone(), books.clone());
     let handle = Builder::new(
         Script::new(move |b: &[u64], _: &()| {
             held.wait();
@@ -220,9 +235,11 @@ fn shed_entries_reach_the_overflow_handler_and_init_finds_them_again() {
             let call = init_tx.len();
             init_tx.send(()).unwrap();
             if call == 0 {
+                g.given(&(0..9).collect::<Vec<u64>>());
                 sink.extend(0..9); // the backlog at start
             }
-        }),
+        })
+        .with_books(&books),
         (),
     )
     .max_batch_size(1)
@@ -230,7 +247,10 @@ fn shed_entries_reach_the_overflow_handler_and_init_finds_them_again() {
     .poll(true)
     .idle_poll_delay(Duration::from_secs(3600))
     .memory_monitor(&monitor)
-    .overflow_handler(move |entries, reason| shed_tx.send((entries, reason)).unwrap())
+    .overflow_handler(move |entries, reason| {
+        o.overflowed(&entries);
+        shed_tx.send((entries, reason)).unwrap()
+    })
     .start()
     .unwrap();
     recv(&inits);
@@ -252,7 +272,7 @@ fn shed_entries_reach_the_overflow_handler_and_init_finds_them_again() {
     assert_eq!(done, vec![0, 1, 2, 3, 4]);
     // The queue ran empty after a shrink: init runs again to find the shed work.
     recv(&inits);
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
 }
 
 #[test]

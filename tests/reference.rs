@@ -40,15 +40,19 @@ fn assert_idle<T: Send + 'static>(handle: &Handle<T>) {
 #[test]
 fn scenario_1_init_then_buffered_entries_each_run_once() {
     let (tx, rx) = unbounded();
+    let books = Books::new();
+    let given = books.clone();
     let task = Script::new(move |batch: &[String], _: &()| {
         tx.send(batch.to_vec()).unwrap();
         Outcome::Ok
     })
-    .with_init(|sink, _| {
+    .with_init(move |sink, _| {
         for i in 1..=11 {
+            given.given(&[i.to_string()]);
             sink.push(i.to_string());
         }
-    });
+    })
+    .with_books(&books);
     let handle = reference(task).start().unwrap();
 
     let expected: Vec<Vec<String>> = [
@@ -64,8 +68,12 @@ fn scenario_1_init_then_buffered_entries_each_run_once() {
     .collect();
     assert_eq!(sorted(recv_n(&rx, 6)), sorted(expected));
 
-    handle
-        .buffer(strings(&["12", "13", "14", "15", "16"]), Priority::Back)
+    books
+        .buffer(
+            &handle,
+            strings(&["12", "13", "14", "15", "16"]),
+            Priority::Back,
+        )
         .unwrap();
     let expected = vec![
         strings(&["12", "13"]),
@@ -74,26 +82,34 @@ fn scenario_1_init_then_buffered_entries_each_run_once() {
     ];
     assert_eq!(sorted(recv_n(&rx, 3)), sorted(expected));
 
-    handle.buffer(strings(&["17"]), Priority::Back).unwrap();
+    books
+        .buffer(&handle, strings(&["17"]), Priority::Back)
+        .unwrap();
     assert_eq!(recv(&rx), strings(&["17"]));
 
     assert_idle(&handle);
     assert_empty(&rx);
+    books.finish(handle.shutdown_drain().unwrap());
 }
 
 #[test]
 fn scenario_2_empty_init_then_buffer() {
     let (tx, rx) = unbounded();
-    let task = Script::new(move |batch: &[String], _: &()| {
+    let mut task = Script::new(move |batch: &[String], _: &()| {
         tx.send(batch.to_vec()).unwrap();
         Outcome::Ok
     });
+    let books = task.books();
     let handle = reference(task).start().unwrap();
     assert_idle(&handle);
     assert_empty(&rx);
 
-    handle
-        .buffer(strings(&["some", "more", "entries"]), Priority::Back)
+    books
+        .buffer(
+            &handle,
+            strings(&["some", "more", "entries"]),
+            Priority::Back,
+        )
         .unwrap();
     let got = sorted(recv_n(&rx, 2));
     assert_eq!(
@@ -102,6 +118,7 @@ fn scenario_2_empty_init_then_buffer() {
     );
     assert_idle(&handle);
     assert_empty(&rx);
+    books.finish(handle.shutdown_drain().unwrap());
 }
 
 #[test]
@@ -109,7 +126,7 @@ fn scenario_3_panic_then_success_runs_twice() {
     quiet_panics();
     let (tx, rx) = unbounded();
     let calls = Arc::new(Mutex::new(0));
-    let task = Script::new(move |batch: &[String], _: &()| {
+    let mut task = Script::new(move |batch: &[String], _: &()| {
         let mut calls = calls.lock();
         *calls += 1;
         tx.send(batch.to_vec()).unwrap();
@@ -119,18 +136,22 @@ fn scenario_3_panic_then_success_runs_twice() {
         }
         Outcome::Ok
     });
+    let books = task.books();
     let handle = reference(task).start().unwrap();
-    handle.buffer(strings(&["boom"]), Priority::Back).unwrap();
+    books
+        .buffer(&handle, strings(&["boom"]), Priority::Back)
+        .unwrap();
     assert_eq!(recv_n(&rx, 2), vec![strings(&["boom"]), strings(&["boom"])]);
     assert_idle(&handle);
     assert_empty(&rx);
+    books.finish(handle.shutdown_drain().unwrap());
 }
 
 #[test]
 fn scenario_4_retry_twice_then_ok_runs_six_times_in_rounds() {
     let (tx, rx) = unbounded();
     let attempts: Arc<Mutex<HashMap<Vec<u32>, u32>>> = Default::default();
-    let task = Script::new(move |batch: &[u32], _: &()| {
+    let mut task = Script::new(move |batch: &[u32], _: &()| {
         let mut attempts = attempts.lock();
         let n = attempts.entry(batch.to_vec()).or_insert(0);
         *n += 1;
@@ -141,8 +162,11 @@ fn scenario_4_retry_twice_then_ok_runs_six_times_in_rounds() {
             Outcome::Ok
         }
     });
+    let books = task.books();
     let handle = reference(task).start().unwrap();
-    handle.buffer(vec![1, 2, 3], Priority::Back).unwrap();
+    books
+        .buffer(&handle, vec![1, 2, 3], Priority::Back)
+        .unwrap();
     let runs = recv_n(&rx, 6);
     for round in 1..=3 {
         let mut in_round: Vec<Vec<u32>> = runs
@@ -164,6 +188,7 @@ fn scenario_4_retry_twice_then_ok_runs_six_times_in_rounds() {
     }
     assert_idle(&handle);
     assert_empty(&rx);
+    books.finish(handle.shutdown_drain().unwrap());
 }
 
 #[test]
@@ -171,13 +196,16 @@ fn scenario_5_counts_add_up_while_runs_are_held() {
     let gate = Gate::new();
     let (started_tx, started) = unbounded();
     let held = gate.clone();
-    let task = Script::new(move |_: &[u32], _: &()| {
+    let mut task = Script::new(move |_: &[u32], _: &()| {
         started_tx.send(()).unwrap();
         held.wait();
         Outcome::Ok
     });
+    let books = task.books();
     let handle = reference(task).max_batch_size(1).start().unwrap();
-    handle.buffer(vec![1, 2, 3], Priority::Back).unwrap();
+    books
+        .buffer(&handle, vec![1, 2, 3], Priority::Back)
+        .unwrap();
     let count = handle.debug_count().unwrap();
     assert_eq!(count.waiting + count.running, 3);
     // And once both slots are busy: 2 running, 1 waiting.
@@ -186,7 +214,7 @@ fn scenario_5_counts_add_up_while_runs_are_held() {
     assert_eq!((count.waiting, count.running), (1, 2));
     gate.open();
     recv(&started);
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
 }
 
 #[test]
@@ -196,21 +224,24 @@ fn scenario_6_empty_shrunk_queue_with_poll_reruns_init_and_keeps_flushing() {
     let (init_tx, inits) = unbounded();
     let (ran_tx, ran) = unbounded();
     let (started_tx, started) = unbounded();
-    let task = Script::new(move |batch: &[u32], _: &()| {
+    let mut task = Script::new(move |batch: &[u32], _: &()| {
         started_tx.send(()).unwrap();
         held.wait();
         ran_tx.send(batch.to_vec()).unwrap();
         Outcome::Ok
     })
     .with_init(move |_, _| init_tx.send(()).unwrap());
+    let books = task.books();
+    let shed = books.clone();
     let handle = reference(task)
+        .overflow_handler(move |e, _| shed.overflowed(&e))
         .poll(true)
         .idle_poll_delay(Duration::from_secs(3600))
         .start()
         .unwrap();
     recv(&inits); // the first init produced nothing; the next poll is an hour away
 
-    handle.push_back((1..=8).collect()).unwrap();
+    books.push_back(&handle, (1..=8).collect()).unwrap();
     recv_n(&started, 2); // both slots busy
     let count = handle.debug_count().unwrap();
     assert_eq!((count.waiting, count.running), (4, 2));
@@ -225,7 +256,7 @@ fn scenario_6_empty_shrunk_queue_with_poll_reruns_init_and_keeps_flushing() {
     recv(&inits);
 
     // And flushing goes on.
-    handle.buffer(vec![100], Priority::Back).unwrap();
+    books.buffer(&handle, vec![100], Priority::Back).unwrap();
     assert_eq!(recv(&ran), vec![100]);
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
 }

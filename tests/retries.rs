@@ -21,22 +21,23 @@ fn builder<T: Send + 'static, S: Send + Sync + 'static>(
 #[test]
 fn a_new_state_is_seen_by_batches_dispatched_afterwards() {
     let (tx, rx) = unbounded();
-    let task = Script::new(move |b: &[u32], state: &u32| {
+    let mut task = Script::new(move |b: &[u32], state: &u32| {
         tx.send((b.to_vec(), *state)).unwrap();
         Outcome::OkWithState(state + 1)
     });
+    let books = task.books();
     let handle = builder(task, 0).start().unwrap();
-    handle.push_back(vec![1, 2, 3, 4, 5]).unwrap();
+    books.push_back(&handle, vec![1, 2, 3, 4, 5]).unwrap();
     let seen = recv_n(&rx, 3);
     assert_eq!(seen, vec![(vec![1, 2], 0), (vec![3, 4], 1), (vec![5], 2)]);
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
 }
 
 #[test]
 fn retry_of_a_subset_runs_only_those_entries_again_at_the_back() {
     let (tx, rx) = unbounded();
     let first = Arc::new(AtomicU32::new(0));
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         tx.send(b.to_vec()).unwrap();
         if b == [1, 2] && first.fetch_add(1, Ordering::SeqCst) == 0 {
             Outcome::RetryEntries(vec![2])
@@ -44,20 +45,21 @@ fn retry_of_a_subset_runs_only_those_entries_again_at_the_back() {
             Outcome::Ok
         }
     });
+    let books = task.books();
     let handle = builder(task, ()).start().unwrap();
-    handle.push_back(vec![1, 2, 3, 4]).unwrap();
+    books.push_back(&handle, vec![1, 2, 3, 4]).unwrap();
     // [1,2] is done but 2; 2 goes behind [3,4].
     assert_eq!(recv_n(&rx, 3), vec![vec![1, 2], vec![3, 4], vec![2]]);
     handle.flush().unwrap();
     assert_eq!(handle.debug_count().unwrap().waiting, 0);
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
     assert_empty(&rx);
 }
 
 #[test]
 fn retry_with_new_entries_and_a_new_state() {
     let (tx, rx) = unbounded();
-    let task = Script::new(move |b: &[u32], state: &&'static str| {
+    let mut task = Script::new(move |b: &[u32], state: &&'static str| {
         tx.send((b.to_vec(), *state)).unwrap();
         if *state == "first" {
             Outcome::RetryEntriesWithState(vec![b[0] * 10], "second")
@@ -65,20 +67,21 @@ fn retry_with_new_entries_and_a_new_state() {
             Outcome::Ok
         }
     });
+    let books = task.books();
     let handle = builder(task, "first").start().unwrap();
-    handle.push_back(vec![7]).unwrap();
+    books.push_back(&handle, vec![7]).unwrap();
     assert_eq!(
         recv_n(&rx, 2),
         vec![(vec![7], "first"), (vec![70], "second")]
     );
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
 }
 
 #[test]
 fn retry_all_then_ok() {
     let (tx, rx) = unbounded();
     let calls = Arc::new(AtomicU32::new(0));
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         tx.send(b.to_vec()).unwrap();
         if calls.fetch_add(1, Ordering::SeqCst) < 2 {
             Outcome::Retry
@@ -86,11 +89,12 @@ fn retry_all_then_ok() {
             Outcome::Ok
         }
     });
+    let books = task.books();
     let handle = builder(task, ()).start().unwrap();
-    handle.buffer(vec![1, 2], Priority::Back).unwrap();
+    books.buffer(&handle, vec![1, 2], Priority::Back).unwrap();
     handle.flush().unwrap();
     assert_eq!(recv_n(&rx, 3), vec![vec![1, 2]; 3]);
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
     assert_empty(&rx);
 }
 
@@ -99,7 +103,7 @@ fn a_panic_is_retried_and_the_worker_lives_on() {
     quiet_panics();
     let (tx, rx) = unbounded();
     let calls = Arc::new(AtomicU32::new(0));
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         tx.send((b.to_vec(), std::thread::current().id())).unwrap();
         match calls.fetch_add(1, Ordering::SeqCst) {
             0 => panic!("deliberate: string payload"),
@@ -107,13 +111,14 @@ fn a_panic_is_retried_and_the_worker_lives_on() {
             _ => Outcome::Ok,
         }
     });
+    let books = task.books();
     let handle = builder(task, ()).start().unwrap();
-    handle.push_back(vec![1]).unwrap();
+    books.push_back(&handle, vec![1]).unwrap();
     let runs = recv_n(&rx, 3);
     assert!(runs.iter().all(|(b, _)| *b == vec![1]));
     // The one worker thread ran all three: it survived both panics.
     assert!(runs.iter().all(|(_, id)| *id == runs[0].1));
-    handle.push_back(vec![2]).unwrap();
+    books.push_back(&handle, vec![2]).unwrap();
     assert_eq!(recv(&rx).0, vec![2]);
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
 }

@@ -15,21 +15,28 @@ fn no_wait(max: u32) -> RetryPolicy {
 fn an_entry_runs_at_most_max_attempts_then_is_dead_lettered() {
     let (ran_tx, ran) = unbounded();
     let (dead_tx, dead) = unbounded();
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         ran_tx.send(b.to_vec()).unwrap();
         Outcome::Retry
     });
+    let books = task.books();
     let handle = Builder::new(task, ())
         .max_batch_size(10)
         .flush_interval(FlushInterval::Never)
         .poll(false)
         .retry_policy(no_wait(3))
-        .dead_letter_handler(move |e, reason| dead_tx.send((e, reason)).unwrap())
+        .dead_letter_handler({
+            let b = books.clone();
+            move |e, reason| {
+                b.dead_lettered(&e);
+                dead_tx.send((e, reason)).unwrap()
+            }
+        })
         .start()
         .unwrap();
-    handle.push_back(vec![1, 2]).unwrap();
+    books.push_back(&handle, vec![1, 2]).unwrap();
     assert_eq!(recv(&dead), (vec![1, 2], DeadLetterReason::RetryRequested));
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
     assert_eq!(ran.try_iter().count(), 3);
     let stats = handle.stats();
     assert_eq!((stats.dead_lettered, stats.retried), (2, 4));
@@ -39,15 +46,22 @@ fn an_entry_runs_at_most_max_attempts_then_is_dead_lettered() {
 fn the_reason_carries_the_last_panic_message() {
     quiet_panics();
     let (dead_tx, dead) = unbounded();
-    let task = Script::new(|b: &[u32], _: &()| panic!("deliberate: entry {}", b[0]));
+    let mut task = Script::new(|b: &[u32], _: &()| panic!("deliberate: entry {}", b[0]));
+    let books = task.books();
     let handle = Builder::new(task, ())
         .flush_interval(FlushInterval::Never)
         .poll(false)
         .retry_policy(no_wait(2))
-        .dead_letter_handler(move |e, reason| dead_tx.send((e, reason)).unwrap())
+        .dead_letter_handler({
+            let b = books.clone();
+            move |e, reason| {
+                b.dead_lettered(&e);
+                dead_tx.send((e, reason)).unwrap()
+            }
+        })
         .start()
         .unwrap();
-    handle.push_back(vec![7]).unwrap();
+    books.push_back(&handle, vec![7]).unwrap();
     let (entries, reason) = recv(&dead);
     assert_eq!(entries, vec![7]);
     assert_eq!(
@@ -55,7 +69,7 @@ fn the_reason_carries_the_last_panic_message() {
         DeadLetterReason::Panicked("deliberate: entry 7".to_string())
     );
     assert_eq!(reason.to_string(), "panicked: deliberate: entry 7");
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
     assert_eq!(handle.stats().panicked, 2);
 }
 
@@ -66,7 +80,7 @@ fn handed_back_entries_keep_their_count_and_new_ones_start_at_zero() {
     // 1 always fails; on its first run it also spawns 100, which fails twice then
     // succeeds (a fresh entry gets the full budget of 3 runs).
     let first = std::sync::atomic::AtomicBool::new(true);
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         ran_tx.send(b.to_vec()).unwrap();
         let mut again = Vec::new();
         for &e in b {
@@ -81,18 +95,25 @@ fn handed_back_entries_keep_their_count_and_new_ones_start_at_zero() {
         }
         Outcome::RetryEntries(again)
     });
+    let books = task.books();
     let handle = Builder::new(task, ())
         .max_batch_size(1)
         .max_concurrency(1)
         .flush_interval(FlushInterval::Never)
         .poll(false)
         .retry_policy(no_wait(3))
-        .dead_letter_handler(move |e, reason| dead_tx.send((e, reason)).unwrap())
+        .dead_letter_handler({
+            let b = books.clone();
+            move |e, reason| {
+                b.dead_lettered(&e);
+                dead_tx.send((e, reason)).unwrap()
+            }
+        })
         .start()
         .unwrap();
-    handle.push_back(vec![1]).unwrap();
+    books.push_back(&handle, vec![1]).unwrap();
     assert_eq!(recv(&dead), (vec![1], DeadLetterReason::RetryRequested));
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
     let runs: Vec<Vec<u32>> = ran.try_iter().collect();
     assert_eq!(runs.iter().filter(|b| **b == [1]).count(), 3);
     // 100 was new (not in [1]), so it ran as a fresh entry; 101 and 102 were new too.
@@ -103,7 +124,7 @@ fn handed_back_entries_keep_their_count_and_new_ones_start_at_zero() {
 #[test]
 fn a_backoff_blocks_no_worker_and_a_shutdown_hands_the_waiting_entries_back() {
     let (ran_tx, ran) = unbounded();
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         ran_tx.send(b.to_vec()).unwrap();
         if b == [1] {
             Outcome::Retry
@@ -111,6 +132,7 @@ fn a_backoff_blocks_no_worker_and_a_shutdown_hands_the_waiting_entries_back() {
             Outcome::Ok
         }
     });
+    let books = task.books();
     let handle = Builder::new(task, ())
         .max_batch_size(1)
         .max_concurrency(1)
@@ -121,10 +143,10 @@ fn a_backoff_blocks_no_worker_and_a_shutdown_hands_the_waiting_entries_back() {
         )
         .start()
         .unwrap();
-    handle.push_back(vec![1]).unwrap();
+    books.push_back(&handle, vec![1]).unwrap();
     assert_eq!(recv(&ran), vec![1]);
     // 1 now waits an hour; the only worker is free for other work.
-    handle.buffer(vec![2], Priority::Back).unwrap();
+    books.buffer(&handle, vec![2], Priority::Back).unwrap();
     handle.flush().unwrap();
     assert_eq!(recv(&ran), vec![2]);
     // 2's run has returned; 1 waits in the backoff timer.
@@ -132,7 +154,7 @@ fn a_backoff_blocks_no_worker_and_a_shutdown_hands_the_waiting_entries_back() {
         let c = handle.debug_count().unwrap();
         (c.running, c.waiting) == (0, 1)
     });
-    let report = handle.shutdown_return().unwrap();
+    let report = books.finish(handle.shutdown_return().unwrap());
     assert_eq!(report.unprocessed, vec![1]);
 }
 
@@ -140,7 +162,7 @@ fn a_backoff_blocks_no_worker_and_a_shutdown_hands_the_waiting_entries_back() {
 fn after_its_backoff_an_entry_runs_again() {
     let (ran_tx, ran) = unbounded();
     let calls = std::sync::atomic::AtomicU32::new(0);
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         ran_tx.send(b.to_vec()).unwrap();
         if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
             Outcome::Retry
@@ -148,6 +170,7 @@ fn after_its_backoff_an_entry_runs_again() {
             Outcome::Ok
         }
     });
+    let books = task.books();
     let handle = Builder::new(task, ())
         .flush_interval(FlushInterval::Never)
         .poll(false)
@@ -156,9 +179,9 @@ fn after_its_backoff_an_entry_runs_again() {
         )
         .start()
         .unwrap();
-    handle.push_back(vec![5]).unwrap();
+    books.push_back(&handle, vec![5]).unwrap();
     assert_eq!(recv_n(&ran, 2), vec![vec![5], vec![5]]);
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
     assert_eq!(handle.stats().processed, 1);
     assert_eq!(handle.stats().retried, 1);
 }

@@ -15,21 +15,23 @@ fn ok_task() -> Script<u32, ()> {
 
 #[test]
 fn every_call_after_shutdown_hands_the_entries_back() {
-    let handle = Builder::new(ok_task(), ())
+    let mut task = ok_task();
+    let books = task.books();
+    let handle = Builder::new(task, ())
         .flush_interval(FlushInterval::Never)
         .start()
         .unwrap();
     let other = handle.clone();
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
     assert!(other.is_stopped());
 
-    match other.buffer(vec![1, 2, 3], Priority::Back) {
+    match books.buffer(&other, vec![1, 2, 3], Priority::Back) {
         Err(BufferError::Stopped(v)) => assert_eq!(v, vec![1, 2, 3]),
         r => panic!("{r:?}"),
     }
     assert_eq!(
-        other
-            .buffer_one(4, Priority::Front)
+        books
+            .buffer_one(&other, 4, Priority::Front)
             .unwrap_err()
             .into_entries(),
         vec![4]
@@ -42,11 +44,14 @@ fn every_call_after_shutdown_hands_the_entries_back() {
         vec![5]
     );
     assert_eq!(
-        other.push_back(vec![6]).unwrap_err().into_entries(),
+        books.push_back(&other, vec![6]).unwrap_err().into_entries(),
         vec![6]
     );
     assert_eq!(
-        other.push_front(vec![7]).unwrap_err().into_entries(),
+        books
+            .push_front(&other, vec![7])
+            .unwrap_err()
+            .into_entries(),
         vec![7]
     );
     assert_eq!(other.flush(), Err(ControlError::Stopped));
@@ -57,16 +62,18 @@ fn every_call_after_shutdown_hands_the_entries_back() {
     assert_eq!(other.shutdown_drain().unwrap_err(), ControlError::Stopped);
     assert_eq!(other.shutdown_return().unwrap_err(), ControlError::Stopped);
     // An empty call is still a no-op.
-    assert!(other.buffer(vec![], Priority::Back).is_ok());
+    assert!(books.buffer(&other, vec![], Priority::Back).is_ok());
+    books.check();
 }
 
 #[test]
 fn shutdown_drain_runs_everything_left() {
     let (tx, rx) = unbounded();
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         tx.send(b.to_vec()).unwrap();
         Outcome::Ok
     });
+    let books = task.books();
     let handle = Builder::new(task, ())
         .max_batch_size(7)
         .max_concurrency(2)
@@ -74,12 +81,14 @@ fn shutdown_drain_runs_everything_left() {
         .poll(false)
         .start()
         .unwrap();
-    handle.buffer((0..50).collect(), Priority::Back).unwrap();
-    handle.push_back((50..100).collect()).unwrap();
-    handle
-        .buffer((100..120).collect(), Priority::Front)
+    books
+        .buffer(&handle, (0..50).collect(), Priority::Back)
         .unwrap();
-    let report = handle.shutdown_drain().unwrap();
+    books.push_back(&handle, (50..100).collect()).unwrap();
+    books
+        .buffer(&handle, (100..120).collect(), Priority::Front)
+        .unwrap();
+    let report = books.finish(handle.shutdown_drain().unwrap());
     assert!(report.unprocessed.is_empty());
     let mut ran: Vec<u32> = rx.try_iter().flatten().collect();
     ran.sort();
@@ -92,12 +101,13 @@ fn shutdown_return_hands_back_exactly_the_unprocessed_entries_in_order() {
     let held = gate.clone();
     let (tx, rx) = unbounded();
     let (started_tx, started) = unbounded();
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         started_tx.send(()).unwrap();
         held.wait();
         tx.send(b.to_vec()).unwrap();
         Outcome::Ok
     });
+    let books = task.books();
     let handle = Builder::new(task, ())
         .max_batch_size(2)
         .max_concurrency(1)
@@ -105,16 +115,19 @@ fn shutdown_return_hands_back_exactly_the_unprocessed_entries_in_order() {
         .poll(false)
         .start()
         .unwrap();
-    handle.push_back(vec![0, 1]).unwrap(); // running, held
+    books.push_back(&handle, vec![0, 1]).unwrap(); // running, held
     recv(&started);
-    handle.push_back(vec![2, 3, 4]).unwrap(); // queued
-    handle.buffer(vec![5, 6], Priority::Back).unwrap(); // buffered
-    handle.buffer(vec![9], Priority::Front).unwrap(); // buffered, front
+    books.push_back(&handle, vec![2, 3, 4]).unwrap(); // queued
+    books.buffer(&handle, vec![5, 6], Priority::Back).unwrap(); // buffered
+    books.buffer(&handle, vec![9], Priority::Front).unwrap(); // buffered, front
     assert_eq!(handle.debug_count().unwrap().running, 1);
 
     let stopper = {
         let handle = handle.clone();
-        std::thread::spawn(move || handle.shutdown_return().unwrap())
+        {
+            let books = books.clone();
+            std::thread::spawn(move || books.finish(handle.shutdown_return().unwrap()))
+        }
     };
     // Once the shutdown has begun no new batch starts; let the held one finish.
     wait_until(|| handle.is_stopped());
@@ -131,22 +144,26 @@ fn shutdown_return_keeps_retries_of_running_batches() {
     let gate = Gate::new();
     let held = gate.clone();
     let (started_tx, started) = unbounded();
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         started_tx.send(()).unwrap();
         held.wait();
         Outcome::RetryEntries(b.iter().map(|v| v + 100).collect())
     });
+    let books = task.books();
     let handle = Builder::new(task, ())
         .max_batch_size(2)
         .flush_interval(FlushInterval::Never)
         .poll(false)
         .start()
         .unwrap();
-    handle.push_back(vec![1, 2, 3]).unwrap();
+    books.push_back(&handle, vec![1, 2, 3]).unwrap();
     recv(&started);
     let stopper = {
         let handle = handle.clone();
-        std::thread::spawn(move || handle.shutdown_return().unwrap())
+        {
+            let books = books.clone();
+            std::thread::spawn(move || books.finish(handle.shutdown_return().unwrap()))
+        }
     };
     wait_until(|| handle.is_stopped());
     handle.debug_count().unwrap(); // answered after the shutdown command
@@ -161,22 +178,29 @@ fn dropping_the_last_handle_loses_nothing_silently() {
     let held = gate.clone();
     let (ran_tx, ran) = unbounded();
     let (of_tx, overflow) = unbounded();
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         held.wait();
         ran_tx.send(b.to_vec()).unwrap();
         Outcome::Ok
     });
+    let books = task.books();
     let handle = Builder::new(task, ())
         .max_batch_size(2)
         .max_concurrency(1)
         .flush_interval(FlushInterval::Never)
         .poll(false)
-        .overflow_handler(move |entries, reason| of_tx.send((entries, reason)).unwrap())
+        .overflow_handler({
+            let b = books.clone();
+            move |entries, reason| {
+                b.overflowed(&entries);
+                of_tx.send((entries, reason)).unwrap()
+            }
+        })
         .start()
         .unwrap();
-    handle.push_back(vec![0, 1]).unwrap();
-    handle.push_back(vec![2, 3, 4]).unwrap();
-    handle.buffer(vec![5], Priority::Back).unwrap();
+    books.push_back(&handle, vec![0, 1]).unwrap();
+    books.push_back(&handle, vec![2, 3, 4]).unwrap();
+    books.buffer(&handle, vec![5], Priority::Back).unwrap();
     let weak = handle.downgrade();
     let dropper = std::thread::spawn(move || drop(handle));
     wait_until(|| weak.upgrade().is_none());
@@ -190,6 +214,7 @@ fn dropping_the_last_handle_loses_nothing_silently() {
     }
     accounted.sort();
     assert_eq!(accounted, vec![0, 1, 2, 3, 4, 5]);
+    books.check();
 }
 
 #[test]

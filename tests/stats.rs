@@ -13,13 +13,14 @@ fn stats_count_what_happened() {
     quiet_panics();
     let calls = Arc::new(AtomicU32::new(0));
     let c = calls.clone();
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         match c.fetch_add(1, Ordering::SeqCst) {
             0 => panic!("deliberate: stats"),       // [1,2] again
             1 => Outcome::RetryEntries(vec![b[0]]), // one entry again
             _ => Outcome::Ok,
         }
     });
+    let books = task.books();
     let (of_tx, overflow) = unbounded();
     let handle = Builder::new(task, ())
         .max_batch_size(2)
@@ -27,17 +28,25 @@ fn stats_count_what_happened() {
         .max_queue_len(4)
         .flush_interval(FlushInterval::Never)
         .poll(false)
-        .overflow_handler(move |e, r| of_tx.send((e, r)).unwrap())
+        .overflow_handler({
+            let b = books.clone();
+            move |e, r| {
+                b.overflowed(&e);
+                of_tx.send((e, r)).unwrap()
+            }
+        })
         .start()
         .unwrap();
     assert_eq!(handle.stats(), Stats::default());
-    handle.buffer(vec![1, 2], Priority::Back).unwrap();
+    books.buffer(&handle, vec![1, 2], Priority::Back).unwrap();
     assert_eq!(handle.stats().buffered, 2);
     handle.flush().unwrap();
     wait_until(|| handle.stats().processed == 1); // [1] after a panic and a retry of [1]
-    handle.push_back(vec![10, 11, 12, 13, 14, 15]).unwrap(); // 2 overflow
+    books
+        .push_back(&handle, vec![10, 11, 12, 13, 14, 15])
+        .unwrap(); // 2 overflow
     recv(&overflow);
-    let report = handle.shutdown_timeout(Duration::from_secs(3600)).unwrap();
+    let report = books.finish(handle.shutdown_drain().unwrap());
     assert!(report.unprocessed.is_empty());
     let stats = handle.stats();
     assert_eq!(stats.panicked, 1);
@@ -50,10 +59,11 @@ fn stats_count_what_happened() {
 #[test]
 fn shutdown_timeout_with_time_to_spare_drains_everything() {
     let (tx, rx) = unbounded();
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         tx.send(b.len()).unwrap();
         Outcome::Ok
     });
+    let books = task.books();
     let handle = Builder::new(task, ())
         .max_batch_size(10)
         .max_concurrency(2)
@@ -61,8 +71,10 @@ fn shutdown_timeout_with_time_to_spare_drains_everything() {
         .poll(false)
         .start()
         .unwrap();
-    handle.buffer((0..1000).collect(), Priority::Back).unwrap();
-    let report = handle.shutdown_timeout(Duration::from_secs(3600)).unwrap();
+    books
+        .buffer(&handle, (0..1000).collect(), Priority::Back)
+        .unwrap();
+    let report = books.finish(handle.shutdown_timeout(Duration::from_secs(3600)).unwrap());
     assert!(report.unprocessed.is_empty());
     assert_eq!(report.drained, 1000);
     assert_eq!(rx.try_iter().sum::<usize>(), 1000);
@@ -74,12 +86,13 @@ fn shutdown_timeout_past_its_deadline_hands_back_the_rest() {
     let held = gate.clone();
     let (started_tx, started) = unbounded();
     let (ran_tx, ran) = unbounded();
-    let task = Script::new(move |b: &[u32], _: &()| {
+    let mut task = Script::new(move |b: &[u32], _: &()| {
         started_tx.send(()).unwrap();
         held.wait();
         ran_tx.send(b.to_vec()).unwrap();
         Outcome::Ok
     });
+    let books = task.books();
     let handle = Builder::new(task, ())
         .max_batch_size(2)
         .max_concurrency(1)
@@ -87,12 +100,13 @@ fn shutdown_timeout_past_its_deadline_hands_back_the_rest() {
         .poll(false)
         .start()
         .unwrap();
-    handle.push_back(vec![0, 1]).unwrap();
+    books.push_back(&handle, vec![0, 1]).unwrap();
     recv(&started);
-    handle.push_back((2..10).collect()).unwrap();
+    books.push_back(&handle, (2..10).collect()).unwrap();
     let stopper = {
         let handle = handle.clone();
-        std::thread::spawn(move || handle.shutdown_timeout(Duration::ZERO).unwrap())
+        let books = books.clone();
+        std::thread::spawn(move || books.finish(handle.shutdown_timeout(Duration::ZERO).unwrap()))
     };
     wait_until(|| handle.is_stopped());
     handle.debug_count().unwrap(); // answered after the shutdown command
@@ -108,11 +122,12 @@ fn a_run_past_its_deadline_is_reported_once_and_counted() {
     let gate = Gate::new();
     let held = gate.clone();
     let (started_tx, started) = unbounded();
-    let task = Script::new(move |_: &[u32], _: &()| {
+    let mut task = Script::new(move |_: &[u32], _: &()| {
         started_tx.send(()).unwrap();
         held.wait();
         Outcome::Ok
     });
+    let books = task.books();
     let handle = Builder::new(task, ())
         .max_batch_size(5)
         .max_concurrency(2)
@@ -121,7 +136,7 @@ fn a_run_past_its_deadline_is_reported_once_and_counted() {
         .poll(false)
         .start()
         .unwrap();
-    handle.push_back(vec![1, 2, 3]).unwrap();
+    books.push_back(&handle, vec![1, 2, 3]).unwrap();
     recv(&started);
     wait_until(|| handle.stats().stuck_runs == 1);
     // Still stuck, still counted once, and the other slot keeps working.
@@ -129,7 +144,7 @@ fn a_run_past_its_deadline_is_reported_once_and_counted() {
     assert_eq!(count.running, 1);
     assert_eq!(handle.stats().stuck_runs, 1);
     gate.open();
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
     assert_eq!(handle.stats().stuck_runs, 1);
     assert_eq!(handle.stats().processed, 3);
 }
@@ -151,11 +166,12 @@ fn oldest_wait_follows_the_entries_that_wait() {
     let gate = Gate::new();
     let held = gate.clone();
     let (started_tx, started) = unbounded();
-    let task = Script::new(move |_: &[u32], _: &()| {
+    let mut task = Script::new(move |_: &[u32], _: &()| {
         started_tx.send(()).unwrap();
         held.wait();
         Outcome::Ok
     });
+    let books = task.books();
     let handle = Builder::new(task, ())
         .max_batch_size(1)
         .max_concurrency(1)
@@ -164,18 +180,18 @@ fn oldest_wait_follows_the_entries_that_wait() {
         .start()
         .unwrap();
     assert_eq!(handle.stats().oldest_wait, None);
-    handle.buffer(vec![1], Priority::Back).unwrap();
+    books.buffer(&handle, vec![1], Priority::Back).unwrap();
     let first = handle.stats().oldest_wait.expect("a buffered entry waits");
     assert!(handle.stats().oldest_wait.unwrap() >= first);
     handle.flush().unwrap();
     recv(&started); // 1 runs; nothing waits
     handle.debug_count().unwrap(); // the coordinator has published since
     assert_eq!(handle.stats().oldest_wait, None);
-    handle.push_back(vec![2, 3]).unwrap();
+    books.push_back(&handle, vec![2, 3]).unwrap();
     handle.debug_count().unwrap();
     // 2 is handed out (not queued), 3 is at the head of the queue.
     assert!(handle.stats().oldest_wait.is_some());
     gate.open();
-    handle.shutdown_drain().unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
     assert_eq!(handle.stats().oldest_wait, None);
 }

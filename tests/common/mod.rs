@@ -2,8 +2,9 @@
 //! channel-based waiting with a generous bound that only catches hangs.
 #![allow(dead_code)]
 
-use buffered_task::{Outcome, Sink, Task};
+use buffered_task::{BufferError, Handle, Outcome, Priority, ShutdownReport, Sink, Task};
 use crossbeam_channel::Receiver;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Long enough that only a hang reaches it.
@@ -11,11 +12,13 @@ pub const HANG: Duration = Duration::from_secs(20);
 
 type InitFn<T, S> = Box<dyn Fn(&mut Sink<T>, &S) + Send + Sync>;
 type RunFn<T, S> = Box<dyn Fn(&[T], &S) -> Outcome<T, S> + Send + Sync>;
+type RanFn<T, S> = Box<dyn Fn(&[T], &Outcome<T, S>) + Send + Sync>;
 
 /// A task whose `init` and `run` are closures.
 pub struct Script<T, S> {
     init: InitFn<T, S>,
     run: RunFn<T, S>,
+    ran: Option<RanFn<T, S>>,
 }
 
 impl<T: Send + 'static, S: Send + Sync + 'static> Script<T, S> {
@@ -23,12 +26,34 @@ impl<T: Send + 'static, S: Send + Sync + 'static> Script<T, S> {
         Script {
             init: Box::new(|_, _| {}),
             run: Box::new(run),
+            ran: None,
         }
     }
 
     pub fn with_init(mut self, init: impl Fn(&mut Sink<T>, &S) + Send + Sync + 'static) -> Self {
         self.init = Box::new(init);
         self
+    }
+}
+
+impl<T, S> Script<T, S>
+where
+    T: Clone + Ord + std::fmt::Debug + Send + Sync + 'static,
+    S: Send + Sync + 'static,
+{
+    /// Every outcome of `run` goes into `books` (what succeeded, what was new).
+    pub fn with_books(mut self, books: &Arc<Books<T>>) -> Self {
+        let books = books.clone();
+        self.ran = Some(Box::new(move |batch, outcome| books.ran(batch, outcome)));
+        self
+    }
+
+    /// New books, kept by this script's `run`.
+    pub fn books(&mut self) -> Arc<Books<T>> {
+        let books = Books::new();
+        let kept = books.clone();
+        self.ran = Some(Box::new(move |batch, outcome| kept.ran(batch, outcome)));
+        books
     }
 }
 
@@ -39,7 +64,11 @@ impl<T: Send + 'static, S: Send + Sync + 'static> Task for Script<T, S> {
         (self.init)(sink, state)
     }
     fn run(&self, batch: &[T], state: &S) -> Outcome<T, S> {
-        (self.run)(batch, state)
+        let outcome = (self.run)(batch, state);
+        if let Some(ran) = &self.ran {
+            ran(batch, &outcome);
+        }
+        outcome
     }
 }
 
@@ -187,5 +216,141 @@ impl Ledger {
             );
         }
         (given.len(), processed.len(), back.len(), over.len())
+    }
+}
+
+/// The accounting invariant for any entry type, kept by the test around every
+/// hand-over: entries given = processed + handed back + overflowed +
+/// dead-lettered, as multisets (an entry counted twice, or lost, fails `check`).
+/// Entries a `run` hands back that were not in its batch count as given by it.
+pub struct Books<T> {
+    given: parking_lot::Mutex<Vec<T>>,
+    processed: parking_lot::Mutex<Vec<T>>,
+    back: parking_lot::Mutex<Vec<T>>,
+    overflowed: parking_lot::Mutex<Vec<T>>,
+    dead: parking_lot::Mutex<Vec<T>>,
+}
+
+impl<T: Clone + Ord + std::fmt::Debug + Send + 'static> Books<T> {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Books {
+            given: Default::default(),
+            processed: Default::default(),
+            back: Default::default(),
+            overflowed: Default::default(),
+            dead: Default::default(),
+        })
+    }
+
+    pub fn given(&self, entries: &[T]) {
+        self.given.lock().extend_from_slice(entries);
+    }
+    pub fn handed_back(&self, entries: &[T]) {
+        self.back.lock().extend_from_slice(entries);
+    }
+    pub fn overflowed(&self, entries: &[T]) {
+        self.overflowed.lock().extend_from_slice(entries);
+    }
+    pub fn dead_lettered(&self, entries: &[T]) {
+        self.dead.lock().extend_from_slice(entries);
+    }
+    /// Records what a shutdown handed back.
+    pub fn settle(&self, report: &ShutdownReport<T>) {
+        self.handed_back(&report.unprocessed);
+    }
+
+    /// What a `run` outcome means for the books.
+    pub fn ran<S>(&self, batch: &[T], outcome: &Outcome<T, S>) {
+        let again: &[T] = match outcome {
+            Outcome::Ok | Outcome::OkWithState(_) => &[],
+            Outcome::Retry => batch,
+            Outcome::RetryEntries(v) | Outcome::RetryEntriesWithState(v, _) => v,
+        };
+        let mut left: Vec<Option<&T>> = batch.iter().map(Some).collect();
+        let mut new = Vec::new();
+        for e in again {
+            match left.iter_mut().find(|x| x.is_some_and(|x| x == e)) {
+                Some(slot) => *slot = None,
+                None => new.push(e.clone()),
+            }
+        }
+        let done: Vec<T> = left.into_iter().flatten().cloned().collect();
+        self.processed.lock().extend(done);
+        self.given.lock().extend(new);
+    }
+
+    fn refused(&self, result: Result<(), BufferError<T>>) -> Result<(), BufferError<T>>
+    where
+        T: Clone,
+    {
+        if let Err(err) = &result {
+            let back: Vec<T> = match err {
+                BufferError::Stopped(v) | BufferError::Full(v) | BufferError::Timeout(v) => {
+                    v.clone()
+                }
+                _ => Vec::new(),
+            };
+            self.handed_back(&back);
+        }
+        result
+    }
+
+    pub fn buffer(&self, h: &Handle<T>, v: Vec<T>, p: Priority) -> Result<(), BufferError<T>> {
+        self.given(&v);
+        self.refused(h.buffer(v, p))
+    }
+    pub fn buffer_one(&self, h: &Handle<T>, e: T, p: Priority) -> Result<(), BufferError<T>> {
+        self.given(std::slice::from_ref(&e));
+        self.refused(h.buffer_one(e, p))
+    }
+    pub fn push_back(&self, h: &Handle<T>, v: Vec<T>) -> Result<(), BufferError<T>> {
+        self.given(&v);
+        self.refused(h.push_back(v))
+    }
+    pub fn push_front(&self, h: &Handle<T>, v: Vec<T>) -> Result<(), BufferError<T>> {
+        self.given(&v);
+        self.refused(h.push_front(v))
+    }
+
+    /// Records what a shutdown handed back, checks the books, passes the report on.
+    pub fn finish(&self, report: ShutdownReport<T>) -> ShutdownReport<T> {
+        self.settle(&report);
+        self.check();
+        report
+    }
+
+    /// Panics unless every entry given left exactly once.
+    pub fn check(&self) {
+        let mut given = self.given.lock().clone();
+        let mut out = self.processed.lock().clone();
+        out.extend(self.back.lock().iter().cloned());
+        out.extend(self.overflowed.lock().iter().cloned());
+        out.extend(self.dead.lock().iter().cloned());
+        given.sort();
+        out.sort();
+        if out != given {
+            let mut lost = Vec::new();
+            let mut extra = Vec::new();
+            let (mut i, mut j) = (0, 0);
+            while i < given.len() || j < out.len() {
+                match (given.get(i), out.get(j)) {
+                    (Some(g), Some(o)) if g == o => (i, j) = (i + 1, j + 1),
+                    (Some(g), Some(o)) if g < o => (lost.push(g.clone()), i += 1).1,
+                    (Some(_), Some(o)) => (extra.push(o.clone()), j += 1).1,
+                    (Some(g), None) => (lost.push(g.clone()), i += 1).1,
+                    (None, Some(o)) => (extra.push(o.clone()), j += 1).1,
+                    (None, None) => unreachable!(),
+                }
+            }
+            panic!(
+                "accounting broken: {} given, {} left; lost {:?}{}, left but never given (or twice) {:?}{}",
+                given.len(),
+                out.len(),
+                &lost[..lost.len().min(10)],
+                if lost.len() > 10 { " ..." } else { "" },
+                &extra[..extra.len().min(10)],
+                if extra.len() > 10 { " ..." } else { "" },
+            );
+        }
     }
 }
