@@ -159,3 +159,21 @@ fn a_panicking_overflow_handler_is_contained() {
     let report = books.finish(handle.shutdown_drain().unwrap());
     assert_eq!(report.overflowed, 2);
 }
+
+#[test]
+fn a_panicking_weigher_is_contained() {
+    quiet_panics();
+    let mut task = Script::new(|_: &[u32], _: &()| Outcome::Ok);
+    let books = task.books();
+    let handle = Builder::new(task, ())
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .weigher(|_| panic!("deliberate: weigher"))
+        .start()
+        .unwrap();
+    books.buffer(&handle, vec![1, 2], Priority::Back).unwrap();
+    handle.flush().unwrap();
+    // Weighing fails (logged); the size part of the answer still comes back.
+    assert!(handle.memory_usage().is_ok());
+    books.finish(handle.shutdown_drain().unwrap());
+}

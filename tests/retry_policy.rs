@@ -185,3 +185,27 @@ fn after_its_backoff_an_entry_runs_again() {
     assert_eq!(handle.stats().processed, 1);
     assert_eq!(handle.stats().retried, 1);
 }
+
+#[test]
+fn a_panicking_dead_letter_handler_is_contained() {
+    quiet_panics();
+    let mut task = Script::new(|_: &[u32], _: &()| Outcome::Retry);
+    let books = task.books();
+    let b = books.clone();
+    let handle = Builder::new(task, ())
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .retry_policy(no_wait(1))
+        .dead_letter_handler(move |e, _| {
+            b.dead_lettered(&e); // recorded, then the handler fails
+            panic!("deliberate: dead-letter handler")
+        })
+        .start()
+        .unwrap();
+    books.push_back(&handle, vec![1]).unwrap();
+    wait_until(|| handle.stats().dead_lettered == 1);
+    // The engine lives on.
+    books.push_back(&handle, vec![2]).unwrap();
+    wait_until(|| handle.stats().dead_lettered == 2);
+    books.finish(handle.shutdown_drain().unwrap());
+}
