@@ -35,7 +35,9 @@ pub struct Stats {
     pub queued: usize,
     /// Batches running now.
     pub running: usize,
-    /// Entries in batches whose `run` returned `Ok` or `OkWithState`.
+    /// Entries done: those of batches whose `run` returned `Ok` or
+    /// `OkWithState`, and those a `RetryEntries` let go (counted as the batch's
+    /// size less the entries handed back, exact when those come from the batch).
     pub processed: u64,
     /// Entries sent back to the queue by a retry outcome or a panic.
     pub retried: u64,

@@ -139,11 +139,55 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! # Reliability: retry budgets, overflow policies, watchdog, stats
+//!
+//! By default a failing batch is retried for ever, at once, as in the original.
+//! A [`RetryPolicy`] bounds that: attempt counts follow each entry, failed entries
+//! wait an exponential backoff (with jitter) in a timer, and an entry out of
+//! attempts goes to the dead-letter handler with the reason. An
+//! [`OverflowPolicy`] chooses what a full bounded queue does: drop the newest
+//! (reported), reject the hand-over (entries come back), or block the caller.
+//! [`Builder::run_deadline`] reports `run` calls that do not return, and
+//! [`Handle::stats`] is a cheap snapshot of every counter.
+//!
+//! ```
+//! use buffered_task::{Builder, DeadLetterReason, OverflowPolicy, Outcome, RetryPolicy, Task};
+//! use std::sync::mpsc;
+//! use std::time::Duration;
+//!
+//! struct Flaky;
+//! impl Task for Flaky {
+//!     type Entry = u32;
+//!     type State = ();
+//!     fn run(&self, batch: &[u32], _: &()) -> Outcome<u32, ()> {
+//!         // Odd entries never succeed.
+//!         Outcome::RetryEntries(batch.iter().copied().filter(|e| e % 2 == 1).collect())
+//!     }
+//! }
+//!
+//! let (dead_tx, dead) = mpsc::channel();
+//! let handle = Builder::new(Flaky, ())
+//!     .max_queue_len(10_000)
+//!     .overflow_policy(OverflowPolicy::Block)
+//!     .retry_policy(RetryPolicy::new(3).backoff(Duration::from_millis(1), Duration::from_millis(10)))
+//!     .dead_letter_handler(move |entries, reason| dead_tx.send((entries, reason)).unwrap())
+//!     .run_deadline(Duration::from_secs(30))
+//!     .start()?;
+//! handle.push_back(vec![1, 2])?;
+//! let (entries, reason) = dead.recv()?; // 1 ran three times
+//! assert_eq!((entries, reason), (vec![1], DeadLetterReason::RetryRequested));
+//! handle.shutdown_drain()?;
+//! let stats = handle.stats();
+//! assert_eq!((stats.processed, stats.dead_lettered), (1, 1)); // 2 was let go at once
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Shutdown
 //!
 //! [`Handle::shutdown_drain`] runs everything left and stops;
 //! [`Handle::shutdown_return`] waits for the running batches and hands every
-//! unprocessed entry back. Either way, a call made afterwards fails with an error
+//! unprocessed entry back; [`Handle::shutdown_timeout`] drains until a deadline,
+//! then hands back the rest. Either way, a call made afterwards fails with an error
 //! that carries its entries back. Dropping the last handle stops the engine too,
 //! handing what is left to the overflow handler (or counting and logging it).
 //! Every thread the engine started is joined.

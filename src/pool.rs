@@ -191,7 +191,7 @@ pub(crate) fn worker<K: Task>(
                     panic: None,
                 },
                 Ok(Outcome::RetryEntries(entries)) => Completion::Failed {
-                    batch: keep_for_matching(batch, &shared),
+                    batch: keep_for_matching(batch, &entries, &shared),
                     attempts,
                     again: Some(entries),
                     panic: None,
@@ -199,7 +199,7 @@ pub(crate) fn worker<K: Task>(
                 Ok(Outcome::RetryEntriesWithState(entries, s)) => {
                     state.replace(s);
                     Completion::Failed {
-                        batch: keep_for_matching(batch, &shared),
+                        batch: keep_for_matching(batch, &entries, &shared),
                         attempts,
                         again: Some(entries),
                         panic: None,
@@ -224,7 +224,15 @@ pub(crate) fn worker<K: Task>(
 /// A batch whose run handed back a list: the coordinator needs it only to match
 /// attempt counts under a retry policy; otherwise it is dropped here, off the
 /// coordinator's thread.
-fn keep_for_matching<T>(batch: Vec<T>, shared: &Shared<T>) -> Vec<T> {
+///
+/// Also counts as processed the entries the run let go: the batch's size less
+/// the entries handed back (exact when those are taken from the batch).
+fn keep_for_matching<T>(batch: Vec<T>, again: &[T], shared: &Shared<T>) -> Vec<T> {
+    let let_go = batch.len().saturating_sub(again.len()) as u64;
+    shared
+        .counters
+        .processed
+        .fetch_add(let_go, Ordering::Relaxed);
     if shared.tracks_attempts {
         batch
     } else {
