@@ -29,5 +29,7 @@
 #![deny(missing_docs)]
 
 mod queue;
+mod task;
 
 pub use queue::{Claimed, PgError, PgQueue, QueueConfig, Settled};
+pub use task::{PgTask, RowHandler, RowOutcome};

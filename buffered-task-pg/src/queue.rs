@@ -180,6 +180,13 @@ impl PgQueue {
         &self.owner
     }
 
+    /// Uses `owner` as the token, so several connections of one process can
+    /// settle each other's claims.
+    pub fn with_owner(mut self, owner: &str) -> Self {
+        self.owner = owner.to_string();
+        self
+    }
+
     /// Creates the table and its indexes if they do not exist. Idempotent, and safe
     /// to run from many processes at once (serialised by an advisory lock).
     ///
@@ -326,15 +333,7 @@ impl PgQueue {
     /// [`PgError::Db`]: nothing was settled; the rows come back after their lease.
     pub fn retry(&mut self, ids: &[i64], error: &str) -> Result<Settled, PgError> {
         let rows = self.client.execute(
-            &format!(
-                "UPDATE {TABLE}
-                 SET state = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'ready' END,
-                     run_after = now() + make_interval(secs =>
-                         least($4::float8, $3::float8 * power(2, greatest(attempts - 1, 0)))
-                         * (0.5 + random() / 2)),
-                     last_error = $5, owner = NULL, lease_until = NULL, updated_at = now()
-                 WHERE id = ANY($1) AND owner = $2 AND state = 'leased'"
-            ),
+            &retry_sql(),
             &[
                 &ids,
                 &self.owner,
@@ -344,6 +343,57 @@ impl PgQueue {
             ],
         )?;
         Ok(self.settled(ids.len(), rows, "retried"))
+    }
+
+    /// Sends rows straight to `dead` with this error (a payload that cannot be
+    /// decoded will never succeed).
+    ///
+    /// # Errors
+    ///
+    /// [`PgError::Db`]: nothing was settled; the rows come back after their lease.
+    pub fn bury(&mut self, ids: &[i64], error: &str) -> Result<Settled, PgError> {
+        let rows = self.client.execute(
+            &format!(
+                "UPDATE {TABLE} SET state = 'dead', last_error = $3, owner = NULL,
+                     lease_until = NULL, updated_at = now()
+                 WHERE id = ANY($1) AND owner = $2 AND state = 'leased'"
+            ),
+            &[&ids, &self.owner, &error],
+        )?;
+        Ok(self.settled(ids.len(), rows, "buried"))
+    }
+
+    /// Acknowledges `done` and retries `again` in one transaction ("retry these
+    /// rows": the batch is settled all at once or not at all).
+    ///
+    /// # Errors
+    ///
+    /// [`PgError::Db`]: nothing was settled; the rows come back after their lease.
+    pub fn settle_mixed(
+        &mut self,
+        done: &[i64],
+        again: &[i64],
+        error: &str,
+    ) -> Result<Settled, PgError> {
+        let owner = self.owner.clone();
+        let config = self.config.clone();
+        let mut tx = self.client.transaction()?;
+        let deleted = tx.execute(
+            &format!("DELETE FROM {TABLE} WHERE id = ANY($1) AND owner = $2 AND state = 'leased'"),
+            &[&done, &owner],
+        )?;
+        let retried = tx.execute(
+            &retry_sql(),
+            &[
+                &again,
+                &owner,
+                &config.backoff_base.as_secs_f64(),
+                &config.backoff_cap.as_secs_f64(),
+                &error,
+            ],
+        )?;
+        tx.commit()?;
+        Ok(self.settled(done.len() + again.len(), deleted + retried, "settled"))
     }
 
     /// Releases rows at once (shed under memory pressure): back to `ready`, and the
@@ -407,6 +457,21 @@ impl PgQueue {
             &[&self.config.queue],
         )?)
     }
+}
+
+/// Back to `ready` after a backoff (exponential, capped, with jitter: between half
+/// and all of it), or to `dead` once the attempts are spent; keeps the last error.
+/// Parameters: ids, owner, backoff base (s), cap (s), error.
+fn retry_sql() -> String {
+    format!(
+        "UPDATE {TABLE}
+         SET state = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'ready' END,
+             run_after = now() + make_interval(secs =>
+                 least($4::float8, $3::float8 * power(2, greatest(attempts - 1, 0)))
+                 * (0.5 + random() / 2)),
+             last_error = $5, owner = NULL, lease_until = NULL, updated_at = now()
+         WHERE id = ANY($1) AND owner = $2 AND state = 'leased'"
+    )
 }
 
 /// The NOTIFY channel of a queue.

@@ -1,0 +1,116 @@
+//! The engine over a shared table: claims streamed by `init`, outcomes settled
+//! in SQL. Needs `DATABASE_URL` (see `tests/queue.rs`).
+
+use buffered_task::{Builder, FlushInterval};
+use buffered_task_pg::{PgQueue, PgTask, QueueConfig, RowHandler, RowOutcome};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn url() -> String {
+    std::env::var("DATABASE_URL").expect(
+        "these tests need a PostgreSQL server: set DATABASE_URL, e.g. \
+         DATABASE_URL=\"host=127.0.0.1 user=postgres dbname=test\"",
+    )
+}
+
+/// Payloads are u64s; every 7th fails its first attempt, every 11th panics on
+/// its first attempt, payload 13 cannot be decoded.
+struct Flaky {
+    done: Arc<Mutex<HashMap<u64, u32>>>,
+    seen: Mutex<HashMap<u64, u32>>,
+}
+
+impl RowHandler for Flaky {
+    type Item = u64;
+    fn decode(&self, payload: &[u8]) -> Result<u64, String> {
+        let v = u64::from_le_bytes(payload.try_into().map_err(|_| "not 8 bytes".to_string())?);
+        if v == 13 {
+            return Err("13 is unlucky".to_string());
+        }
+        Ok(v)
+    }
+    fn run(&self, rows: &[(i64, u64)]) -> RowOutcome {
+        let mut seen = self.seen.lock().unwrap();
+        let mut again = Vec::new();
+        for (id, v) in rows {
+            let n = seen.entry(*v).or_insert(0);
+            *n += 1;
+            if *v % 11 == 0 && *n == 1 {
+                drop(seen);
+                std::panic::panic_any(format!("deliberate: {v}"));
+            }
+            if *v % 7 == 0 && *n == 1 {
+                again.push(*id);
+            }
+        }
+        let mut done = self.done.lock().unwrap();
+        for (id, v) in rows {
+            if !again.contains(id) {
+                *done.entry(*v).or_insert(0) += 1;
+            }
+        }
+        if again.is_empty() {
+            RowOutcome::Done
+        } else {
+            RowOutcome::RetryRows(again, "first try fails".to_string())
+        }
+    }
+}
+
+#[test]
+fn the_engine_drains_the_table_every_row_done_once() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let deliberate = info
+            .payload()
+            .downcast_ref::<String>()
+            .is_some_and(|m| m.starts_with("deliberate"));
+        if !deliberate {
+            default(info);
+        }
+    }));
+    let queue = format!("engine-{}", std::process::id());
+    let config = QueueConfig::new(queue.clone()).backoff(Duration::ZERO, Duration::ZERO);
+    let mut admin = PgQueue::connect(&url(), config.clone()).unwrap();
+    admin.install().unwrap();
+    admin.purge().unwrap();
+    let rows: Vec<(Vec<u8>, Option<String>)> = (0..2_000u64)
+        .map(|v| (v.to_le_bytes().to_vec(), Some(v.to_string())))
+        .collect();
+    assert_eq!(admin.enqueue(&rows).unwrap(), 2_000);
+
+    let done = Arc::new(Mutex::new(HashMap::new()));
+    let handler = Flaky {
+        done: done.clone(),
+        seen: Mutex::new(HashMap::new()),
+    };
+    let task = PgTask::new(&url(), config, handler, 2 * 2 * 50).unwrap();
+    let handle = Builder::new(task, ())
+        .max_batch_size(50)
+        .max_concurrency(2)
+        .flush_interval(FlushInterval::Never)
+        .poll(true)
+        .idle_poll_delay(Duration::from_millis(20))
+        .start()
+        .unwrap();
+    // The table is the source of truth: wait until only the dead row is left.
+    let start = Instant::now();
+    while admin.counts().unwrap() != (0, 0, 1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{:?}",
+            admin.counts()
+        );
+        std::thread::sleep(Duration::from_millis(20)); // polling a database, not syncing threads
+    }
+    handle.shutdown_drain().unwrap();
+    let _ = std::panic::take_hook();
+    // Every decodable row was done exactly once (failed and panicking attempts
+    // were retried through the table); 13 is dead.
+    let done = done.lock().unwrap();
+    assert_eq!(done.len(), 1_999);
+    assert!(done.iter().all(|(v, n)| *v != 13 && *n == 1));
+    assert_eq!(admin.counts().unwrap(), (0, 0, 1));
+    admin.purge().unwrap();
+}
