@@ -57,6 +57,8 @@ pub(crate) enum Command<T> {
     Shrink(Sender<Result<(), ShrinkError>>),
     Expand(Sender<()>),
     IsShrunk(Sender<bool>),
+    /// Run `init` now if it is not running (new work is known to exist).
+    PollNow,
     /// Bytes the queued entries occupy (entries × size + weigher).
     Memory(Sender<usize>),
     Shutdown(ShutdownMode, Sender<ShutdownReport<T>>),
@@ -424,6 +426,11 @@ impl<K: Task> Coordinator<K> {
                 };
                 let _ = reply.send(result);
                 self.dispatch();
+            }
+            Command::PollNow => {
+                if self.shutdown.is_none() {
+                    self.start_init();
+                }
             }
             Command::Expand(reply) => {
                 self.queue.expand();

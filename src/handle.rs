@@ -405,6 +405,23 @@ impl<T: Send + 'static> Handle<T> {
         self.ask(|reply| Command::Flush(Some(reply)), Some(timeout))
     }
 
+    /// Runs `init` now (unless it is running): for a source that learns of new
+    /// work, e.g. a database notification, instead of waiting for the next poll.
+    /// Does not wait for the engine.
+    ///
+    /// # Errors
+    ///
+    /// [`ControlError::Stopped`] when the engine has shut down.
+    pub fn poll_now(&self) -> Result<(), ControlError> {
+        if self.inner.shared.buffers.lock().closed {
+            return Err(ControlError::Stopped);
+        }
+        self.inner
+            .commands
+            .send(Command::PollNow)
+            .map_err(|_| ControlError::Stopped)
+    }
+
     /// Exact counts: entries waiting (buffers and queue) and batches running.
     ///
     /// # Errors

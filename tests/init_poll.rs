@@ -193,3 +193,22 @@ fn init_sees_the_state_and_stops_when_told_and_nothing_it_pushed_is_lost() {
     // Every pushed entry either ran or came back, exactly once.
     assert_eq!(all, (0..total).collect::<Vec<u64>>());
 }
+
+#[test]
+fn poll_now_runs_init_at_once() {
+    let (init_tx, inits) = unbounded();
+    let task = Script::new(|_: &[u32], _: &()| Outcome::Ok).with_init(move |_, _| {
+        init_tx.send(()).unwrap();
+    });
+    let handle = Builder::new(task, ())
+        .flush_interval(FlushInterval::Never)
+        .poll(true)
+        .idle_poll_delay(Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    recv(&inits); // the first run; the next poll is an hour away
+    handle.poll_now().unwrap();
+    recv(&inits);
+    handle.shutdown_drain().unwrap();
+    assert_eq!(handle.poll_now(), Err(buffered_task::ControlError::Stopped));
+}

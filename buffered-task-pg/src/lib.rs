@@ -28,8 +28,10 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod listen;
 mod queue;
 mod task;
 
+pub use listen::PgListener;
 pub use queue::{Claimed, PgError, PgQueue, QueueConfig, Settled};
 pub use task::{PgTask, RowHandler, RowOutcome};

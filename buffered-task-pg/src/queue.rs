@@ -18,6 +18,8 @@ pub enum PgError {
     /// An error from the server or the connection (a lost connection included):
     /// nothing was settled by the failed call, so no row is lost; retry it.
     Db(postgres::Error),
+    /// The operating system refused to start a thread.
+    Io(String),
 }
 
 impl fmt::Display for PgError {
@@ -32,6 +34,7 @@ impl fmt::Display for PgError {
                 f.write_str("the queue table does not exist; call PgQueue::install() first")
             }
             PgError::Db(e) => write!(f, "database error: {e}"),
+            PgError::Io(e) => write!(f, "could not start a thread: {e}"),
         }
     }
 }

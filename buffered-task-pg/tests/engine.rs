@@ -114,3 +114,75 @@ fn the_engine_drains_the_table_every_row_done_once() {
     assert_eq!(admin.counts().unwrap(), (0, 0, 1));
     admin.purge().unwrap();
 }
+
+/// Reports every row it runs.
+struct Report(crossbeam_channel::Sender<u64>);
+
+impl RowHandler for Report {
+    type Item = u64;
+    fn decode(&self, payload: &[u8]) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(
+            payload.try_into().map_err(|_| "not 8 bytes".to_string())?,
+        ))
+    }
+    fn run(&self, rows: &[(i64, u64)]) -> RowOutcome {
+        for (_, v) in rows {
+            let _ = self.0.send(*v);
+        }
+        RowOutcome::Done
+    }
+}
+
+#[test]
+fn notify_wakes_an_idle_engine_and_a_lost_listener_reconnects_and_claims() {
+    let queue = format!("notify-{}", std::process::id());
+    let config = QueueConfig::new(queue.clone());
+    let mut admin = PgQueue::connect(&url(), config.clone()).unwrap();
+    admin.install().unwrap();
+    admin.purge().unwrap();
+    let (tx, ran) = crossbeam_channel::unbounded();
+    let task = PgTask::new(&url(), config, Report(tx), 100).unwrap();
+    // Polling an hour apart: only a notification (or a reconnection) can start a
+    // claim once the first, empty one is done.
+    let handle = Builder::new(task, ())
+        .max_batch_size(10)
+        .flush_interval(FlushInterval::Never)
+        .poll(true)
+        .idle_poll_delay(Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    let listener = buffered_task_pg::PgListener::start(&url(), &queue, handle.downgrade()).unwrap();
+    let hang = Duration::from_secs(30);
+
+    admin
+        .enqueue(&[(7u64.to_le_bytes().to_vec(), None)])
+        .unwrap();
+    assert_eq!(ran.recv_timeout(hang).expect("woken by NOTIFY"), 7);
+
+    // Kill the listener's server process: the next row is enqueued while it is
+    // away; the reconnection claims it.
+    let start = Instant::now();
+    while listener.backend_pid() == 0 {
+        assert!(start.elapsed() < hang);
+        std::thread::yield_now();
+    }
+    let pid = listener.backend_pid();
+    let mut killer = postgres::Client::connect(&url(), postgres::NoTls).unwrap();
+    killer
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
+    admin
+        .enqueue(&[(8u64.to_le_bytes().to_vec(), None)])
+        .unwrap();
+    assert_eq!(
+        ran.recv_timeout(hang)
+            .expect("found after the reconnection"),
+        8
+    );
+    assert_ne!(listener.backend_pid(), pid);
+
+    drop(listener);
+    handle.shutdown_drain().unwrap();
+    assert_eq!(admin.counts().unwrap(), (0, 0, 0));
+    admin.purge().unwrap();
+}
