@@ -34,4 +34,4 @@ mod task;
 
 pub use listen::PgListener;
 pub use queue::{Claimed, PgError, PgQueue, QueueConfig, Settled};
-pub use task::{PgTask, RowHandler, RowOutcome};
+pub use task::{PgHeartbeat, PgTask, RowHandler, RowOutcome};

@@ -20,6 +20,8 @@ pub enum PgError {
     Db(postgres::Error),
     /// The operating system refused to start a thread.
     Io(String),
+    /// A heartbeat must beat at least three times per lease.
+    HeartbeatTooSlow,
 }
 
 impl fmt::Display for PgError {
@@ -35,6 +37,9 @@ impl fmt::Display for PgError {
             }
             PgError::Db(e) => write!(f, "database error: {e}"),
             PgError::Io(e) => write!(f, "could not start a thread: {e}"),
+            PgError::HeartbeatTooSlow => {
+                f.write_str("the lease must be at least three heartbeat intervals")
+            }
         }
     }
 }
@@ -416,6 +421,43 @@ impl PgQueue {
             &[&ids, &self.owner],
         )?;
         Ok(self.settled(ids.len(), rows, "released"))
+    }
+
+    /// Extends the lease of every row this owner holds in this queue by the full
+    /// lease from now (the heartbeat of long batches). Returns the rows extended.
+    ///
+    /// # Errors
+    ///
+    /// [`PgError::Db`].
+    pub fn extend_leases(&mut self) -> Result<u64, PgError> {
+        Ok(self.client.execute(
+            &format!(
+                "UPDATE {TABLE} SET lease_until = now() + make_interval(secs => $3)
+                 WHERE queue = $1 AND owner = $2 AND state = 'leased'"
+            ),
+            &[
+                &self.config.queue,
+                &self.owner,
+                &self.config.lease.as_secs_f64(),
+            ],
+        )?)
+    }
+
+    /// Seconds until a row's lease runs out, by the database's clock (`None`: the
+    /// row is not leased).
+    ///
+    /// # Errors
+    ///
+    /// [`PgError::Db`].
+    pub fn lease_left(&mut self, id: i64) -> Result<Option<f64>, PgError> {
+        let row = self.client.query_opt(
+            &format!(
+                "SELECT extract(epoch FROM lease_until - now())::float8 FROM {TABLE}
+                 WHERE id = $1 AND state = 'leased'"
+            ),
+            &[&id],
+        )?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     /// Rows of this queue by state: (ready, leased, dead).

@@ -3,7 +3,11 @@
 
 use crate::queue::{Claimed, PgError, PgQueue, QueueConfig};
 use buffered_task::{Outcome, Sink, Task};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// What the user's handler says about a batch of decoded rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +100,11 @@ impl<H: RowHandler> PgTask<H> {
         result
     }
 
+    /// The owner token the task's claims carry (for a [`PgHeartbeat`]).
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
     /// For the engine's overflow handler: rows shed under memory pressure go back
     /// to `ready` at once.
     pub fn release(&self, rows: &[Claimed]) {
@@ -173,5 +182,80 @@ impl<H: RowHandler> Task for PgTask<H> {
             );
         }
         Outcome::Ok
+    }
+}
+
+/// Keeps the leases of a task's claimed rows alive while long batches run: every
+/// `interval` it extends them by the full lease. The lease must be at least three
+/// intervals, so one missed beat never loses a lease. Dropping it stops the
+/// thread and joins it.
+pub struct PgHeartbeat {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for PgHeartbeat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgHeartbeat")
+    }
+}
+
+impl PgHeartbeat {
+    /// Starts beating for the rows `owner` holds in the queue of `config`.
+    ///
+    /// # Errors
+    ///
+    /// [`PgError::HeartbeatTooSlow`] when the lease is under three intervals;
+    /// connection errors as [`PgQueue::connect`].
+    pub fn start(
+        url: &str,
+        config: QueueConfig,
+        owner: &str,
+        interval: Duration,
+    ) -> Result<Self, PgError> {
+        if config.lease < interval * 3 {
+            return Err(PgError::HeartbeatTooSlow);
+        }
+        let mut conn = PgQueue::connect(url, config.clone())?.with_owner(owner);
+        let url = url.to_string();
+        let owner = owner.to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("lease-heartbeat".to_string())
+            .spawn(move || {
+                while !s.load(Ordering::SeqCst) {
+                    if let Err(e) = conn.extend_leases() {
+                        log::warn!("heartbeat failed ({e}); reconnecting");
+                        match PgQueue::connect(&url, config.clone()) {
+                            Ok(c) => conn = c.with_owner(&owner),
+                            Err(e) => log::warn!("heartbeat reconnect failed ({e})"),
+                        }
+                    }
+                    // Sleep in short steps so a stop is seen quickly.
+                    let mut left = interval;
+                    while !left.is_zero() && !s.load(Ordering::SeqCst) {
+                        let step = left.min(Duration::from_millis(50));
+                        std::thread::sleep(step);
+                        left -= step;
+                    }
+                }
+            })
+            .map_err(|e| PgError::Io(e.to_string()))?;
+        Ok(PgHeartbeat {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for PgHeartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("the heartbeat thread panicked");
+            }
+        }
     }
 }

@@ -183,3 +183,47 @@ fn four_connections_drain_a_shared_backlog_each_row_exactly_once() {
     assert_eq!((all.len(), unique.len()), (5_000, 5_000));
     assert_eq!(seed.counts().unwrap(), (0, 0, 0));
 }
+
+#[test]
+fn the_heartbeat_keeps_leases_alive_and_must_beat_three_times_per_lease() {
+    let mut q = queue("heartbeat", |c| c.lease(Duration::from_secs(2)));
+    let name = format!("heartbeat-{}", std::process::id());
+    q.enqueue(&rows(3)).unwrap();
+    let claimed = q.claim(3).unwrap();
+    let id = claimed[0].id;
+    let before = q.lease_left(id).unwrap().expect("leased");
+    assert!(before <= 2.0);
+
+    // A direct extension renews every row this owner holds, by the full lease.
+    assert_eq!(q.extend_leases().unwrap(), 3);
+
+    // The heartbeat thread does the same on its own.
+    let too_slow = buffered_task_pg::PgHeartbeat::start(
+        &url(),
+        QueueConfig::new(name.clone()).lease(Duration::from_secs(2)),
+        q.owner(),
+        Duration::from_secs(1),
+    );
+    assert!(matches!(too_slow, Err(PgError::HeartbeatTooSlow)));
+    let beat = buffered_task_pg::PgHeartbeat::start(
+        &url(),
+        QueueConfig::new(name).lease(Duration::from_secs(2)),
+        q.owner(),
+        Duration::from_millis(100),
+    )
+    .unwrap();
+    // Past the original lease, the rows are still held (no other claim gets them).
+    let mut other = PgQueue::connect(
+        &url(),
+        QueueConfig::new(format!("heartbeat-{}", std::process::id())),
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(2500) {
+        assert!(other.claim(3).unwrap().is_empty(), "a lease ran out");
+        std::thread::sleep(Duration::from_millis(100)); // letting the lease clock run
+    }
+    drop(beat);
+    let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
+    assert_eq!(q.ack(&ids).unwrap().rows, 3);
+}
