@@ -333,6 +333,38 @@ impl PgQueue {
         Ok(self.settled(ids.len(), rows, "acknowledged"))
     }
 
+    /// Deletes done rows this connection still holds and, in the same transaction,
+    /// lets `effects` write the results for exactly the rows that were deleted:
+    /// a row whose lease was lost is not passed, so its effect is never written
+    /// twice (exactly-once effect).
+    ///
+    /// # Errors
+    ///
+    /// [`PgError::Db`] from the delete or from `effects`: the transaction rolls
+    /// back, nothing is settled, the rows come back after their lease.
+    pub fn ack_with(
+        &mut self,
+        ids: &[i64],
+        effects: impl FnOnce(&mut postgres::Transaction<'_>, &[i64]) -> Result<(), postgres::Error>,
+    ) -> Result<Settled, PgError> {
+        let owner = self.owner.clone();
+        let mut tx = self.client.transaction()?;
+        let owned: Vec<i64> = tx
+            .query(
+                &format!(
+                    "DELETE FROM {TABLE} WHERE id = ANY($1) AND owner = $2 AND state = 'leased'
+                     RETURNING id"
+                ),
+                &[&ids, &owner],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        effects(&mut tx, &owned)?;
+        tx.commit()?;
+        Ok(self.settled(ids.len(), owned.len() as u64, "acknowledged"))
+    }
+
     /// Sends failed rows back to `ready` after a backoff, or to `dead` once their
     /// attempts are spent, keeping `error` as their last error.
     ///
