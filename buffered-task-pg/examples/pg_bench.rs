@@ -1,0 +1,107 @@
+//! Throughput of a shared PostgreSQL queue: 4 worker processes claim, run (a
+//! trivial sum) and acknowledge rows in batches of 500, against a naive loop
+//! measured in the same run (one row per transaction with SKIP LOCKED).
+//!
+//! `cargo run --release -p buffered-task-pg --example pg_bench`
+//! (uses DATABASE_URL, default `host=127.0.0.1 user=postgres dbname=test`).
+
+use buffered_task_pg::{PgQueue, QueueConfig};
+use std::process::Command;
+use std::time::Instant;
+
+const PROCESSES: usize = 4;
+
+fn url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() == 4 && args[1] == "--worker" {
+        return worker(&args[2], &args[3]);
+    }
+    let rows: usize = std::env::var("PG_BENCH_ROWS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200_000);
+    let naive_rows = rows / 10;
+    let batched = run("batched", rows);
+    let naive = run("naive", naive_rows);
+    println!("{:<28} {:>12}", "workload (4 processes)", "rows/s");
+    println!("{:<28} {:>12.0}", "claim 500, run, ack 500", batched);
+    println!("{:<28} {:>12.0}", "naive: 1 row per transaction", naive);
+    println!("ratio {:.1}x", batched / naive);
+    println!(
+        "{{\"pg\":{{\"batched_rows_per_s\":{batched:.0},\"naive_rows_per_s\":{naive:.0},\"ratio\":{:.2}}}}}",
+        batched / naive
+    );
+}
+
+/// Seeds `rows`, starts the processes, returns rows per second.
+fn run(mode: &str, rows: usize) -> f64 {
+    let queue = format!("bench-{mode}-{}", std::process::id());
+    let mut admin = PgQueue::connect(&url(), QueueConfig::new(queue.clone())).expect("connect");
+    admin.install().unwrap();
+    admin.purge().unwrap();
+    let payloads: Vec<(Vec<u8>, Option<String>)> = (0..rows as u64)
+        .map(|i| (i.to_le_bytes().to_vec(), None))
+        .collect();
+    for chunk in payloads.chunks(20_000) {
+        admin.enqueue(chunk).unwrap();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let start = Instant::now();
+    let mut children: Vec<_> = (0..PROCESSES)
+        .map(|_| {
+            Command::new(&exe)
+                .args(["--worker", mode, &queue])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in &mut children {
+        assert!(c.wait().unwrap().success());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(admin.counts().unwrap(), (0, 0, 0), "{mode}: rows left");
+    rows as f64 / secs
+}
+
+fn worker(mode: &str, queue: &str) {
+    let mut q = PgQueue::connect(&url(), QueueConfig::new(queue)).expect("connect");
+    let mut sum = 0u64;
+    match mode {
+        "batched" => loop {
+            let claimed = q.claim(500).unwrap();
+            if claimed.is_empty() {
+                break;
+            }
+            for c in &claimed {
+                sum = sum.wrapping_add(c.payload[0] as u64);
+            }
+            let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
+            q.ack(&ids).unwrap();
+        },
+        _ => {
+            let mut sql = postgres::Client::connect(&url(), postgres::NoTls).unwrap();
+            loop {
+                let mut tx = sql.transaction().unwrap();
+                let row = tx
+                    .query_opt(
+                        "SELECT id, payload FROM buffered_task_jobs WHERE queue = $1 AND state = 'ready'
+                         ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+                        &[&queue],
+                    )
+                    .unwrap();
+                let Some(row) = row else { break };
+                let (id, payload): (i64, Vec<u8>) = (row.get(0), row.get(1));
+                sum = sum.wrapping_add(payload[0] as u64);
+                tx.execute("DELETE FROM buffered_task_jobs WHERE id = $1", &[&id])
+                    .unwrap();
+                tx.commit().unwrap();
+            }
+        }
+    }
+    std::hint::black_box(sum);
+}
