@@ -72,6 +72,7 @@ pub struct QueueConfig {
     pub(crate) max_attempts: i32,
     pub(crate) backoff_base: Duration,
     pub(crate) backoff_cap: Duration,
+    pub(crate) archive: bool,
 }
 
 impl QueueConfig {
@@ -84,6 +85,7 @@ impl QueueConfig {
             max_attempts: 25,
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(3600),
+            archive: false,
         }
     }
 
@@ -96,6 +98,13 @@ impl QueueConfig {
     /// Attempts before a row goes to `dead` (at least 1).
     pub fn max_attempts(mut self, n: i32) -> Self {
         self.max_attempts = n.max(1);
+        self
+    }
+
+    /// Keep acknowledged rows in `buffered_task_jobs_archive` (with the time they
+    /// were done) instead of deleting them. Default: off.
+    pub fn archive(mut self, archive: bool) -> Self {
+        self.archive = archive;
         self
     }
 
@@ -230,7 +239,16 @@ impl PgQueue {
             CREATE INDEX IF NOT EXISTS {TABLE}_ready
                 ON {TABLE} (queue, run_after, id) WHERE state = 'ready';
             CREATE INDEX IF NOT EXISTS {TABLE}_leased
-                ON {TABLE} (queue, lease_until) WHERE state = 'leased';"
+                ON {TABLE} (queue, lease_until) WHERE state = 'leased';
+            CREATE TABLE IF NOT EXISTS {TABLE}_archive (
+                id bigint PRIMARY KEY,
+                queue text NOT NULL,
+                payload bytea NOT NULL,
+                dedup_key text,
+                attempts int NOT NULL,
+                created_at timestamptz NOT NULL,
+                done_at timestamptz NOT NULL DEFAULT now()
+            );"
         ))?;
         tx.commit()?;
         Ok(())
@@ -338,10 +356,9 @@ impl PgQueue {
     ///
     /// [`PgError::Db`]: nothing was settled; the rows come back after their lease.
     pub fn ack(&mut self, ids: &[i64]) -> Result<Settled, PgError> {
-        let rows = self.client.execute(
-            &format!("DELETE FROM {TABLE} WHERE id = ANY($1) AND owner = $2 AND state = 'leased'"),
-            &[&ids, &self.owner],
-        )?;
+        let rows = self
+            .client
+            .execute(&ack_sql(self.config.archive), &[&ids, &self.owner])?;
         Ok(self.settled(ids.len(), rows, "acknowledged"))
     }
 
@@ -360,15 +377,10 @@ impl PgQueue {
         effects: impl FnOnce(&mut postgres::Transaction<'_>, &[i64]) -> Result<(), postgres::Error>,
     ) -> Result<Settled, PgError> {
         let owner = self.owner.clone();
+        let archive = self.config.archive;
         let mut tx = self.client.transaction()?;
         let owned: Vec<i64> = tx
-            .query(
-                &format!(
-                    "DELETE FROM {TABLE} WHERE id = ANY($1) AND owner = $2 AND state = 'leased'
-                     RETURNING id"
-                ),
-                &[&ids, &owner],
-            )?
+            .query(&ack_sql(archive), &[&ids, &owner])?
             .iter()
             .map(|r| r.get(0))
             .collect();
@@ -430,10 +442,7 @@ impl PgQueue {
         let owner = self.owner.clone();
         let config = self.config.clone();
         let mut tx = self.client.transaction()?;
-        let deleted = tx.execute(
-            &format!("DELETE FROM {TABLE} WHERE id = ANY($1) AND owner = $2 AND state = 'leased'"),
-            &[&done, &owner],
-        )?;
+        let deleted = tx.execute(&ack_sql(config.archive), &[&done, &owner])?;
         let retried = tx.execute(
             &retry_sql(),
             &[
@@ -535,16 +544,53 @@ impl PgQueue {
         Ok(row.and_then(|r| r.get(0)))
     }
 
-    /// Removes every row of this queue (for tests and tools).
+    /// Removes every row of this queue, archived ones too (for tests and tools).
+    /// Returns the live rows removed.
     ///
     /// # Errors
     ///
     /// [`PgError::Db`].
     pub fn purge(&mut self) -> Result<u64, PgError> {
+        self.client.execute(
+            &format!("DELETE FROM {TABLE}_archive WHERE queue = $1"),
+            &[&self.config.queue],
+        )?;
         Ok(self.client.execute(
             &format!("DELETE FROM {TABLE} WHERE queue = $1"),
             &[&self.config.queue],
         )?)
+    }
+
+    /// Archived rows of this queue (with [`QueueConfig::archive`]).
+    ///
+    /// # Errors
+    ///
+    /// [`PgError::Db`].
+    pub fn archived(&mut self) -> Result<i64, PgError> {
+        Ok(self
+            .client
+            .query_one(
+                &format!("SELECT count(*) FROM {TABLE}_archive WHERE queue = $1"),
+                &[&self.config.queue],
+            )?
+            .get(0))
+    }
+}
+
+/// Deletes the rows (ids $1) the owner ($2) still holds, returning their ids; with
+/// `archive`, copies them into the archive table in the same statement.
+fn ack_sql(archive: bool) -> String {
+    let delete =
+        format!("DELETE FROM {TABLE} WHERE id = ANY($1) AND owner = $2 AND state = 'leased'");
+    if archive {
+        format!(
+            "WITH gone AS ({delete} RETURNING id, queue, payload, dedup_key, attempts, created_at)
+             INSERT INTO {TABLE}_archive (id, queue, payload, dedup_key, attempts, created_at)
+             SELECT id, queue, payload, dedup_key, attempts, created_at FROM gone
+             RETURNING id"
+        )
+    } else {
+        format!("{delete} RETURNING id")
     }
 }
 

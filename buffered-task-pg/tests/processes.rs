@@ -97,3 +97,65 @@ fn killing_workers_at_random_loses_nothing_and_doubles_nothing() {
     assert_eq!(admin.counts().unwrap(), (0, 0, 0));
     sql.batch_execute(&format!("DROP TABLE {done}")).unwrap();
 }
+
+#[test]
+fn a_stopped_worker_past_its_lease_finds_its_rows_done_by_another() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let queue = format!("stop-{}", std::process::id());
+    let done = format!("done_stop_{}", std::process::id());
+    let mut admin = PgQueue::connect(&url(), QueueConfig::new(queue.clone())).unwrap();
+    admin.install().unwrap();
+    admin.purge().unwrap();
+    let mut sql = postgres::Client::connect(&url(), postgres::NoTls).unwrap();
+    sql.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {done}; CREATE TABLE {done} (id bigint PRIMARY KEY)"
+    ))
+    .unwrap();
+    let rows: Vec<(Vec<u8>, Option<String>)> = (0..50u64)
+        .map(|i| (i.to_le_bytes().to_vec(), None))
+        .collect();
+    admin.enqueue(&rows).unwrap();
+
+    // A claims everything with a short lease and is stopped before it can ack.
+    let mut a = Command::new(env!("CARGO_BIN_EXE_pg_worker"))
+        .args([url().as_str(), &queue, "once", "500"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(a.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "claimed 50");
+    let pid = a.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+
+    // Past A's lease, B takes the rows and finishes them.
+    std::thread::sleep(Duration::from_millis(800)); // letting A's lease run out
+    let mut b = spawn(&queue);
+    assert!(b.wait().unwrap().success());
+    assert_eq!(admin.counts().unwrap(), (0, 0, 0));
+
+    // A wakes up: its late ack touches no row, and writes no effect.
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "acked 0");
+    assert!(a.wait().unwrap().success());
+    let row = sql
+        .query_one(
+            &format!("SELECT count(*), count(DISTINCT id) FROM {done}"),
+            &[],
+        )
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (50, 50));
+    sql.batch_execute(&format!("DROP TABLE {done}")).unwrap();
+}

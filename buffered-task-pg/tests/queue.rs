@@ -227,3 +227,22 @@ fn the_heartbeat_keeps_leases_alive_and_must_beat_three_times_per_lease() {
     let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
     assert_eq!(q.ack(&ids).unwrap().rows, 3);
 }
+
+#[test]
+fn with_archive_on_done_rows_are_kept_in_the_archive() {
+    let mut q = queue("archive", |c| c.archive(true));
+    q.enqueue(&rows(3)).unwrap();
+    let ids: Vec<i64> = q.claim(3).unwrap().iter().map(|c| c.id).collect();
+    assert_eq!(q.ack(&ids[..2]).unwrap().rows, 2);
+    let settled = q
+        .ack_with(&ids[2..], |_, owned| {
+            assert_eq!(owned, &ids[2..]);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(settled.rows, 1);
+    assert_eq!(q.counts().unwrap(), (0, 0, 0));
+    assert_eq!(q.archived().unwrap(), 3);
+    q.purge().unwrap();
+    assert_eq!(q.archived().unwrap(), 0);
+}
