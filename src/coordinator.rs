@@ -243,6 +243,8 @@ pub(crate) struct Coordinator<K: Task> {
     retries: Option<Retries<K::Entry>>,
     dead_letter: Option<DeadLetterHandler<K::Entry>>,
     init_running: bool,
+    /// `poll_now` came while `init` ran: run it again when it returns.
+    poll_again: bool,
     last_init_produced: u64,
     /// A shrink shed work since `init` last started: poll again without delay.
     shed_since_init: bool,
@@ -286,6 +288,7 @@ impl<K: Task> Coordinator<K> {
             retries,
             dead_letter,
             init_running: false,
+            poll_again: false,
             last_init_produced: 0,
             shed_since_init: false,
             poll_at: None,
@@ -400,7 +403,11 @@ impl<K: Task> Coordinator<K> {
             Command::InitDone { produced } => {
                 self.init_running = false;
                 self.last_init_produced = produced;
-                self.idle_check();
+                if std::mem::take(&mut self.poll_again) && self.shutdown.is_none() {
+                    self.start_init();
+                } else {
+                    self.idle_check();
+                }
             }
             Command::Count(reply) => {
                 let buffered = self.shared.buffers.lock().len();
@@ -429,7 +436,13 @@ impl<K: Task> Coordinator<K> {
             }
             Command::PollNow => {
                 if self.shutdown.is_none() {
-                    self.start_init();
+                    if self.init_running {
+                        // The running init may have looked before the new work
+                        // arrived: run it again when it returns.
+                        self.poll_again = true;
+                    } else {
+                        self.start_init();
+                    }
                 }
             }
             Command::Expand(reply) => {

@@ -405,9 +405,10 @@ impl<T: Send + 'static> Handle<T> {
         self.ask(|reply| Command::Flush(Some(reply)), Some(timeout))
     }
 
-    /// Runs `init` now (unless it is running): for a source that learns of new
-    /// work, e.g. a database notification, instead of waiting for the next poll.
-    /// Does not wait for the engine.
+    /// Runs `init` now: for a source that learns of new work, e.g. a database
+    /// notification, instead of waiting for the next poll. If `init` is running,
+    /// it runs once more when it returns (it may have looked before the new work
+    /// arrived). Does not wait for the engine.
     ///
     /// # Errors
     ///

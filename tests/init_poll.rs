@@ -212,3 +212,30 @@ fn poll_now_runs_init_at_once() {
     handle.shutdown_drain().unwrap();
     assert_eq!(handle.poll_now(), Err(buffered_task::ControlError::Stopped));
 }
+
+#[test]
+fn poll_now_while_init_runs_runs_it_once_more_afterwards() {
+    let (init_tx, inits) = unbounded();
+    let (go_tx, go) = unbounded::<()>();
+    let task = Script::new(|_: &[u32], _: &()| Outcome::Ok).with_init(move |_, _| {
+        init_tx.send(()).unwrap();
+        let _ = go.recv_timeout(HANG); // hold the first run
+    });
+    let handle = Builder::new(task, ())
+        .flush_interval(FlushInterval::Never)
+        .poll(true)
+        .idle_poll_delay(Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    recv(&inits); // the first run is holding
+    handle.poll_now().unwrap();
+    handle.poll_now().unwrap(); // asked twice: still one more run
+    handle.debug_count().unwrap(); // both asks are handled
+    go_tx.send(()).unwrap();
+    recv(&inits); // the run asked for
+    go_tx.send(()).unwrap();
+    handle.flush().unwrap();
+    handle.debug_count().unwrap();
+    assert_eq!(inits.len(), 0);
+    handle.shutdown_drain().unwrap();
+}

@@ -5,9 +5,12 @@
 //! `cargo run --release -p buffered-task-pg --example pg_bench`
 //! (uses DATABASE_URL, default `host=127.0.0.1 user=postgres dbname=test`).
 
-use buffered_task_pg::{PgQueue, QueueConfig};
+use buffered_task::{Builder, FlushInterval};
+use buffered_task_pg::{PgListener, PgQueue, PgTask, QueueConfig, RowHandler, RowOutcome};
 use std::process::Command;
-use std::time::Instant;
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 const PROCESSES: usize = 4;
 
@@ -28,12 +31,14 @@ fn main() {
     let naive_rows = rows / 10;
     let batched = run("batched", rows);
     let naive = run("naive", naive_rows);
+    let (p50, p99) = wake_latency(100);
     println!("{:<28} {:>12}", "workload (4 processes)", "rows/s");
     println!("{:<28} {:>12.0}", "claim 500, run, ack 500", batched);
     println!("{:<28} {:>12.0}", "naive: 1 row per transaction", naive);
     println!("ratio {:.1}x", batched / naive);
+    println!("idle engine, 60 s poll: enqueue to run p50 {p50:.1} ms, p99 {p99:.1} ms (NOTIFY)");
     println!(
-        "{{\"pg\":{{\"batched_rows_per_s\":{batched:.0},\"naive_rows_per_s\":{naive:.0},\"ratio\":{:.2}}}}}",
+        "{{\"pg\":{{\"batched_rows_per_s\":{batched:.0},\"naive_rows_per_s\":{naive:.0},\"ratio\":{:.2},\"notify_p50_ms\":{p50:.2},\"notify_p99_ms\":{p99:.2}}}}}",
         batched / naive
     );
 }
@@ -104,4 +109,55 @@ fn worker(mode: &str, queue: &str) {
         }
     }
     std::hint::black_box(sum);
+}
+
+struct Signal(Mutex<mpsc::Sender<Instant>>);
+
+impl RowHandler for Signal {
+    type Item = ();
+    fn decode(&self, _: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    fn run(&self, _: &[(i64, ())]) -> RowOutcome {
+        let _ = self.0.lock().unwrap().send(Instant::now());
+        RowOutcome::Done
+    }
+}
+
+/// From `enqueue` to `run` starting, in an idle engine polling once a minute:
+/// only the notification can be that quick.
+fn wake_latency(samples: usize) -> (f64, f64) {
+    let queue = format!("bench-notify-{}", std::process::id());
+    let config = QueueConfig::new(queue.clone());
+    let mut admin = PgQueue::connect(&url(), config.clone()).expect("connect");
+    admin.install().unwrap();
+    admin.purge().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let task = PgTask::new(&url(), config, Signal(Mutex::new(tx)), 100).unwrap();
+    let handle = Builder::new(task, ())
+        .flush_interval(FlushInterval::Never)
+        .poll(true)
+        .idle_poll_delay(Duration::from_secs(60))
+        .start()
+        .unwrap();
+    let listener = PgListener::start(&url(), &queue, handle.downgrade()).unwrap();
+    while listener.backend_pid() == 0 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut ms = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        std::thread::sleep(Duration::from_millis(20)); // idle again
+        let t0 = Instant::now();
+        admin.enqueue(&[(vec![0], None)]).unwrap();
+        let t1 = rx.recv_timeout(Duration::from_secs(30)).expect("woken");
+        ms.push(t1.duration_since(t0).as_secs_f64() * 1e3);
+    }
+    drop(listener);
+    handle.shutdown_drain().unwrap();
+    admin.purge().unwrap();
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (
+        ms[ms.len() / 2],
+        ms[(ms.len() * 99 / 100).min(ms.len() - 1)],
+    )
 }

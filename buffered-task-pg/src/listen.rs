@@ -124,14 +124,15 @@ fn run<T: Send + 'static>(
             // we were away are lost.
             wake(&engine);
         }
-        let mut woke = false;
         let mut broken = false;
         {
             let mut notes = c.notifications();
             let mut it = notes.timeout_iter(Duration::from_millis(200));
             loop {
                 match it.next() {
-                    Ok(Some(_)) => woke = true,
+                    // Claim at once; a burst of notifications while the claim
+                    // runs costs nothing (poll_now is a no-op while init runs).
+                    Ok(Some(_)) => wake(&engine),
                     Ok(None) => break, // the timeout passed
                     Err(e) => {
                         log::warn!("listener: connection lost ({e}); reconnecting");
@@ -140,9 +141,6 @@ fn run<T: Send + 'static>(
                     }
                 }
             }
-        }
-        if woke {
-            wake(&engine);
         }
         if broken || c.is_closed() {
             client = None;
