@@ -262,28 +262,8 @@ impl PgQueue {
     ///
     /// [`PgError::NotInstalled`], [`PgError::Db`]: then nothing was inserted.
     pub fn enqueue(&mut self, rows: &[(Vec<u8>, Option<String>)]) -> Result<u64, PgError> {
-        let payloads: Vec<&[u8]> = rows.iter().map(|(p, _)| p.as_slice()).collect();
-        let keys: Vec<Option<&str>> = rows.iter().map(|(_, k)| k.as_deref()).collect();
         let mut tx = self.client.transaction()?;
-        let inserted = tx.execute(
-            &format!(
-                "INSERT INTO {TABLE} (queue, payload, dedup_key, max_attempts)
-                 SELECT $1, p, k, $4 FROM unnest($2::bytea[], $3::text[]) AS u(p, k)
-                 ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING"
-            ),
-            &[
-                &self.config.queue,
-                &payloads,
-                &keys,
-                &self.config.max_attempts,
-            ],
-        )?;
-        if inserted > 0 {
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&notify_channel(&self.config.queue), &self.config.queue],
-            )?;
-        }
+        let inserted = insert(&mut tx, &self.config, rows)?;
         tx.commit()?;
         Ok(inserted)
     }
@@ -427,8 +407,8 @@ impl PgQueue {
         Ok(self.settled(ids.len(), rows, "buried"))
     }
 
-    /// Acknowledges `done` and retries `again` in one transaction ("retry these
-    /// rows": the batch is settled all at once or not at all).
+    /// Acknowledges `done`, retries `again` and enqueues `add` in one transaction
+    /// ("retry these entries": the batch is settled all at once or not at all).
     ///
     /// # Errors
     ///
@@ -438,10 +418,12 @@ impl PgQueue {
         done: &[i64],
         again: &[i64],
         error: &str,
+        add: &[(Vec<u8>, Option<String>)],
     ) -> Result<Settled, PgError> {
         let owner = self.owner.clone();
         let config = self.config.clone();
         let mut tx = self.client.transaction()?;
+        insert(&mut tx, &config, add)?;
         let deleted = tx.execute(&ack_sql(config.archive), &[&done, &owner])?;
         let retried = tx.execute(
             &retry_sql(),
@@ -575,6 +557,35 @@ impl PgQueue {
             )?
             .get(0))
     }
+}
+
+/// Inserts rows (a dedup key already in the queue is skipped) and notifies
+/// listeners, inside the caller's transaction. Returns the rows inserted.
+fn insert(
+    tx: &mut postgres::Transaction<'_>,
+    config: &QueueConfig,
+    rows: &[(Vec<u8>, Option<String>)],
+) -> Result<u64, postgres::Error> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let payloads: Vec<&[u8]> = rows.iter().map(|(p, _)| p.as_slice()).collect();
+    let keys: Vec<Option<&str>> = rows.iter().map(|(_, k)| k.as_deref()).collect();
+    let inserted = tx.execute(
+        &format!(
+            "INSERT INTO {TABLE} (queue, payload, dedup_key, max_attempts)
+             SELECT $1, p, k, $4 FROM unnest($2::bytea[], $3::text[]) AS u(p, k)
+             ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING"
+        ),
+        &[&config.queue, &payloads, &keys, &config.max_attempts],
+    )?;
+    if inserted > 0 {
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&notify_channel(&config.queue), &config.queue],
+        )?;
+    }
+    Ok(inserted)
 }
 
 /// Deletes the rows (ids $1) the owner ($2) still holds, returning their ids; with

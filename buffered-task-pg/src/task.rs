@@ -19,6 +19,16 @@ pub enum RowOutcome {
     Retry(String),
     /// These row ids failed (backoff, this error); the others are done.
     RetryRows(Vec<i64>, String),
+    /// As `RetryRows`, and these new rows (payload, optional dedup key) are
+    /// enqueued in the same transaction.
+    RetryRowsAndAdd {
+        /// Rows of the batch that failed.
+        retry: Vec<i64>,
+        /// Their error.
+        error: String,
+        /// New rows to enqueue.
+        add: Vec<(Vec<u8>, Option<String>)>,
+    },
 }
 
 /// Processes rows of a shared queue: decode a payload, run a batch.
@@ -146,13 +156,21 @@ impl<H: RowHandler> PgTask<H> {
         self.with_connection(|q| match &outcome {
             RowOutcome::Done => q.ack(&ids).map(drop),
             RowOutcome::Retry(error) => q.retry(&ids, error).map(drop),
-            RowOutcome::RetryRows(again, error) => {
+            RowOutcome::RetryRows(retry, error) => {
                 let done: Vec<i64> = ids
                     .iter()
                     .copied()
-                    .filter(|id| !again.contains(id))
+                    .filter(|id| !retry.contains(id))
                     .collect();
-                q.settle_mixed(&done, again, error).map(drop)
+                q.settle_mixed(&done, retry, error, &[]).map(drop)
+            }
+            RowOutcome::RetryRowsAndAdd { retry, error, add } => {
+                let done: Vec<i64> = ids
+                    .iter()
+                    .copied()
+                    .filter(|id| !retry.contains(id))
+                    .collect();
+                q.settle_mixed(&done, retry, error, add).map(drop)
             }
         })
     }

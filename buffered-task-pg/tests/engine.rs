@@ -186,3 +186,95 @@ fn notify_wakes_an_idle_engine_and_a_lost_listener_reconnects_and_claims() {
     assert_eq!(admin.counts().unwrap(), (0, 0, 0));
     admin.purge().unwrap();
 }
+
+/// Row 1 spawns a new row (100) while being done; row 2 always panics.
+struct Spawner(crossbeam_channel::Sender<u64>);
+
+impl RowHandler for Spawner {
+    type Item = u64;
+    fn decode(&self, payload: &[u8]) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(
+            payload.try_into().map_err(|_| "not 8 bytes".to_string())?,
+        ))
+    }
+    fn run(&self, rows: &[(i64, u64)]) -> RowOutcome {
+        for (_, v) in rows {
+            if *v == 2 {
+                std::panic::panic_any("deliberate: row 2".to_string());
+            }
+        }
+        for (_, v) in rows {
+            let _ = self.0.send(*v);
+        }
+        if rows.iter().any(|(_, v)| *v == 1) {
+            RowOutcome::RetryRowsAndAdd {
+                retry: Vec::new(),
+                error: String::new(),
+                add: vec![(100u64.to_le_bytes().to_vec(), None)],
+            }
+        } else {
+            RowOutcome::Done
+        }
+    }
+}
+
+#[test]
+fn new_rows_are_enqueued_with_the_settlement_and_a_panic_spends_an_attempt() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let deliberate = info
+            .payload()
+            .downcast_ref::<String>()
+            .is_some_and(|m| m.starts_with("deliberate"));
+        if !deliberate {
+            default(info);
+        }
+    }));
+    let queue = format!("spawn-{}", std::process::id());
+    let config = QueueConfig::new(queue.clone())
+        .max_attempts(2)
+        .backoff(Duration::ZERO, Duration::ZERO);
+    let mut admin = PgQueue::connect(&url(), config.clone()).unwrap();
+    admin.install().unwrap();
+    admin.purge().unwrap();
+    admin
+        .enqueue(&[(1u64.to_le_bytes().to_vec(), None)])
+        .unwrap();
+    admin
+        .enqueue(&[(2u64.to_le_bytes().to_vec(), None)])
+        .unwrap();
+    let (tx, ran) = crossbeam_channel::unbounded();
+    let task = PgTask::new(&url(), config, Spawner(tx), 10).unwrap();
+    let handle = Builder::new(task, ())
+        .max_batch_size(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(true)
+        .idle_poll_delay(Duration::from_millis(10))
+        .start()
+        .unwrap();
+    let hang = Duration::from_secs(30);
+    let mut seen = vec![
+        ran.recv_timeout(hang).unwrap(),
+        ran.recv_timeout(hang).unwrap(),
+    ];
+    seen.sort();
+    assert_eq!(seen, vec![1, 100]);
+    // Row 2 panicked on both of its attempts: dead, with the panic as its error.
+    let start = Instant::now();
+    while admin.counts().unwrap() != (0, 0, 1) {
+        assert!(start.elapsed() < hang, "{:?}", admin.counts());
+        std::thread::sleep(Duration::from_millis(10)); // polling a database
+    }
+    handle.shutdown_drain().unwrap();
+    let _ = std::panic::take_hook();
+    let mut sql = postgres::Client::connect(&url(), postgres::NoTls).unwrap();
+    let error: String = sql
+        .query_one(
+            "SELECT last_error FROM buffered_task_jobs WHERE queue = $1 AND state = 'dead'",
+            &[&queue],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(error, "panicked: deliberate: row 2");
+    admin.purge().unwrap();
+}
