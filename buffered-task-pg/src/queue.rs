@@ -240,6 +240,12 @@ impl PgQueue {
                 ON {TABLE} (queue, run_after, id) WHERE state = 'ready';
             CREATE INDEX IF NOT EXISTS {TABLE}_leased
                 ON {TABLE} (queue, lease_until) WHERE state = 'leased';
+            -- Every row is written twice and deleted: vacuum early and often, or
+            -- dead tuples pile up ahead of the ready rows and every claim wades
+            -- through them (seen here: 6.6 M dead tuples, claims 5x slower).
+            ALTER TABLE {TABLE} SET (autovacuum_vacuum_scale_factor = 0.01,
+                                     autovacuum_vacuum_threshold = 1000,
+                                     autovacuum_vacuum_cost_delay = 0);
             CREATE TABLE IF NOT EXISTS {TABLE}_archive (
                 id bigint PRIMARY KEY,
                 queue text NOT NULL,
