@@ -54,17 +54,15 @@ fn back_entries_are_fifo_across_and_within_calls() {
 
 #[test]
 fn front_entries_go_ahead_in_call_order_keeping_each_call_order() {
-    let gate = Gate::new();
-    let held = gate.clone();
-    let (tx, rx) = unbounded();
-    let (started_tx, started) = unbounded();
-    let mut task = Script::new(move |b: &[u32], _: &()| {
-        started_tx.send(()).unwrap();
-        held.wait();
-        tx.send(b.to_vec()).unwrap();
-        Outcome::Ok
-    });
-    let books = task.books();
+    let (
+        task,
+        Held {
+            gate,
+            started,
+            ran: rx,
+            books,
+        },
+    ) = held::<u32>();
     let handle = Builder::new(task, ())
         .max_batch_size(1000)
         .max_concurrency(1)
@@ -132,17 +130,15 @@ fn a_full_batch_is_flushed_at_once_and_a_partial_one_waits_for_the_tick() {
 
 #[test]
 fn push_back_and_push_front_skip_the_buffers() {
-    let gate = Gate::new();
-    let held = gate.clone();
-    let (tx, rx) = unbounded();
-    let (started_tx, started) = unbounded();
-    let mut task = Script::new(move |b: &[u32], _: &()| {
-        started_tx.send(()).unwrap();
-        held.wait();
-        tx.send(b.to_vec()).unwrap();
-        Outcome::Ok
-    });
-    let books = task.books();
+    let (
+        task,
+        Held {
+            gate,
+            started,
+            ran: rx,
+            books,
+        },
+    ) = held::<u32>();
     let handle = Builder::new(task, ())
         .max_batch_size(10)
         .flush_interval(FlushInterval::Never)
@@ -201,17 +197,15 @@ fn buffer_from_many_threads_at_once_keeps_each_callers_order() {
 
 #[test]
 fn full_batches_handed_straight_to_workers_keep_fifo_and_yield_to_front_entries() {
-    let gate = Gate::new();
-    let held = gate.clone();
-    let (tx, rx) = unbounded();
-    let (started_tx, started) = unbounded();
-    let mut task = Script::new(move |b: &[u32], _: &()| {
-        started_tx.send(()).unwrap();
-        held.wait();
-        tx.send(b.to_vec()).unwrap();
-        Outcome::Ok
-    });
-    let books = task.books();
+    let (
+        task,
+        Held {
+            gate,
+            started,
+            ran: rx,
+            books,
+        },
+    ) = held::<u32>();
     // A tick an hour away: full batches move at once, partial ones never.
     let handle = Builder::new(task, ())
         .max_batch_size(2)

@@ -97,17 +97,15 @@ fn shutdown_drain_runs_everything_left() {
 
 #[test]
 fn shutdown_return_hands_back_exactly_the_unprocessed_entries_in_order() {
-    let gate = Gate::new();
-    let held = gate.clone();
-    let (tx, rx) = unbounded();
-    let (started_tx, started) = unbounded();
-    let mut task = Script::new(move |b: &[u32], _: &()| {
-        started_tx.send(()).unwrap();
-        held.wait();
-        tx.send(b.to_vec()).unwrap();
-        Outcome::Ok
-    });
-    let books = task.books();
+    let (
+        task,
+        Held {
+            gate,
+            started,
+            ran: rx,
+            books,
+        },
+    ) = held::<u32>();
     let handle = Builder::new(task, ())
         .max_batch_size(2)
         .max_concurrency(1)

@@ -82,17 +82,15 @@ fn shutdown_timeout_with_time_to_spare_drains_everything() {
 
 #[test]
 fn shutdown_timeout_past_its_deadline_hands_back_the_rest() {
-    let gate = Gate::new();
-    let held = gate.clone();
-    let (started_tx, started) = unbounded();
-    let (ran_tx, ran) = unbounded();
-    let mut task = Script::new(move |b: &[u32], _: &()| {
-        started_tx.send(()).unwrap();
-        held.wait();
-        ran_tx.send(b.to_vec()).unwrap();
-        Outcome::Ok
-    });
-    let books = task.books();
+    let (
+        task,
+        Held {
+            gate,
+            started,
+            ran,
+            books,
+        },
+    ) = held::<u32>();
     let handle = Builder::new(task, ())
         .max_batch_size(2)
         .max_concurrency(1)

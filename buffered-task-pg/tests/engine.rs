@@ -7,6 +7,20 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Keeps the default panic report for every panic but the tests' deliberate ones.
+fn quiet_deliberate_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let deliberate = info
+            .payload()
+            .downcast_ref::<String>()
+            .is_some_and(|m| m.starts_with("deliberate"));
+        if !deliberate {
+            default(info);
+        }
+    }));
+}
+
 fn url() -> String {
     std::env::var("DATABASE_URL").expect(
         "these tests need a PostgreSQL server: set DATABASE_URL, e.g. \
@@ -60,16 +74,7 @@ impl RowHandler for Flaky {
 
 #[test]
 fn the_engine_drains_the_table_every_row_done_once() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let deliberate = info
-            .payload()
-            .downcast_ref::<String>()
-            .is_some_and(|m| m.starts_with("deliberate"));
-        if !deliberate {
-            default(info);
-        }
-    }));
+    quiet_deliberate_panics();
     let queue = format!("engine-{}", std::process::id());
     let config = QueueConfig::new(queue.clone()).backoff(Duration::ZERO, Duration::ZERO);
     let mut admin = PgQueue::connect(&url(), config.clone()).unwrap();
@@ -105,7 +110,6 @@ fn the_engine_drains_the_table_every_row_done_once() {
         std::thread::sleep(Duration::from_millis(20)); // polling a database, not syncing threads
     }
     handle.shutdown_drain().unwrap();
-    let _ = std::panic::take_hook();
     // Every decodable row was done exactly once (failed and panicking attempts
     // were retried through the table); 13 is dead.
     let done = done.lock().unwrap();
@@ -220,16 +224,7 @@ impl RowHandler for Spawner {
 
 #[test]
 fn new_rows_are_enqueued_with_the_settlement_and_a_panic_spends_an_attempt() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let deliberate = info
-            .payload()
-            .downcast_ref::<String>()
-            .is_some_and(|m| m.starts_with("deliberate"));
-        if !deliberate {
-            default(info);
-        }
-    }));
+    quiet_deliberate_panics();
     let queue = format!("spawn-{}", std::process::id());
     let config = QueueConfig::new(queue.clone())
         .max_attempts(2)
@@ -266,7 +261,6 @@ fn new_rows_are_enqueued_with_the_settlement_and_a_panic_spends_an_attempt() {
         std::thread::sleep(Duration::from_millis(10)); // polling a database
     }
     handle.shutdown_drain().unwrap();
-    let _ = std::panic::take_hook();
     let mut sql = postgres::Client::connect(&url(), postgres::NoTls).unwrap();
     let error: String = sql
         .query_one(

@@ -354,3 +354,43 @@ impl<T: Clone + Ord + std::fmt::Debug + Send + 'static> Books<T> {
         }
     }
 }
+
+/// What a [`held`] task reports, and the gate that holds it.
+pub struct Held<T> {
+    /// Opens to let every run (held until then) go on.
+    pub gate: Gate,
+    /// One message as each run starts.
+    pub started: Receiver<()>,
+    /// Each batch, as its run returns.
+    pub ran: Receiver<Vec<T>>,
+    /// The books its runs keep.
+    pub books: Arc<Books<T>>,
+}
+
+/// A task whose every run reports that it started, waits at a gate, reports its
+/// batch and returns `Ok`; its outcomes go into its books.
+pub fn held<T>() -> (Script<T, ()>, Held<T>)
+where
+    T: Clone + Ord + std::fmt::Debug + Send + Sync + 'static,
+{
+    let gate = Gate::new();
+    let waits = gate.clone();
+    let (ran_tx, ran) = crossbeam_channel::unbounded();
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let mut task = Script::new(move |b: &[T], _: &()| {
+        let _ = started_tx.send(());
+        waits.wait();
+        let _ = ran_tx.send(b.to_vec());
+        Outcome::Ok
+    });
+    let books = task.books();
+    (
+        task,
+        Held {
+            gate,
+            started,
+            ran,
+            books,
+        },
+    )
+}
