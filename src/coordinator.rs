@@ -530,12 +530,18 @@ impl<K: Task> Coordinator<K> {
         self.idle_check();
     }
 
+    /// Publishes how many entries wait in the queue (and under a retry policy).
+    fn publish_queued(&self) {
+        self.shared
+            .counters
+            .queued
+            .store(self.queue.len() + self.retrying(), Ordering::SeqCst);
+    }
+
     /// Publishes the queue's length and bound for hand-overs and stats; under an
     /// enforced bound, wakes whoever waits for room.
     fn publish(&mut self) {
-        let c = &self.shared.counters;
-        c.queued
-            .store(self.queue.len() + self.retrying(), Ordering::SeqCst);
+        self.publish_queued();
         let head = self.queue.head_since().map_or(0, |t| {
             t.saturating_duration_since(self.shared.born).as_nanos() as u64 + 1
         });
@@ -619,12 +625,15 @@ impl<K: Task> Coordinator<K> {
                 None => break,
             }
         }
-        // Counted before they are sent: a worker may start one at once.
+        // Counted before they are sent: a worker may start one at once. (Handed
+        // out first, then no longer queued: a reader may count them twice for an
+        // instant, never not at all.)
         {
             let mut p = self.shared.progress.lock();
             p.prefetched += batches.iter().map(|j| j.batch.len()).sum::<usize>();
             p.handed.extend(times);
         }
+        self.publish_queued();
         let mut unsent = Vec::new();
         for job in batches {
             // Never blocks: `buffer` may have handed out batches this count has
@@ -651,16 +660,18 @@ impl<K: Task> Coordinator<K> {
             return;
         }
         let entries: usize = recalled.iter().map(|j| j.batch.len()).sum();
-        self.in_flight -= recalled.len();
-        {
-            let mut p = self.shared.progress.lock();
-            p.prefetched -= entries;
-            let keep = p.handed.len().saturating_sub(recalled.len());
-            p.handed.truncate(keep);
-        }
+        let jobs = recalled.len();
+        self.in_flight -= jobs;
         for Job { batch, attempts } in recalled.into_iter().rev() {
             self.put_back(batch, attempts);
         }
+        // Queued again first, then no longer handed out: a reader may count them
+        // twice for an instant, never not at all.
+        self.publish_queued();
+        let mut p = self.shared.progress.lock();
+        p.prefetched -= entries;
+        let keep = p.handed.len().saturating_sub(jobs);
+        p.handed.truncate(keep);
     }
 
     /// Reports runs older than the run deadline, once each.

@@ -175,6 +175,20 @@ fn notify_wakes_an_idle_engine_and_a_lost_listener_reconnects_and_claims() {
     killer
         .execute("SELECT pg_terminate_backend($1)", &[&pid])
         .unwrap();
+    // Termination is asynchronous: wait until that backend is gone, so the next
+    // notification cannot reach it.
+    while killer
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+            &[&pid],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+        > 0
+    {
+        assert!(start.elapsed() < hang);
+        std::thread::yield_now();
+    }
     admin
         .enqueue(&[(8u64.to_le_bytes().to_vec(), None)])
         .unwrap();
