@@ -171,17 +171,19 @@ fn baseline_coordinator(
 // ---------------------------------------------------------------------------
 // Workloads. Each returns the wall time of the whole run.
 
+/// The entries 0..total, in chunks of `chunk` (the last may be shorter).
+pub fn chunks(total: u64, chunk: u64) -> impl Iterator<Item = Vec<u64>> {
+    (0..total)
+        .step_by(chunk as usize)
+        .map(move |start| (start..(start + chunk).min(total)).collect())
+}
+
 pub fn bulk_crate(total: u64, chunk: u64, batch: usize, conc: usize) -> Duration {
     let (task, count) = Sum::new(0);
     let handle = engine(task, batch, conc, ());
     let start = Instant::now();
-    let mut next = 0;
-    while next < total {
-        let n = chunk.min(total - next);
-        handle
-            .buffer((next..next + n).collect(), Priority::Back)
-            .unwrap();
-        next += n;
+    for entries in chunks(total, chunk) {
+        handle.buffer(entries, Priority::Back).unwrap();
     }
     handle.shutdown_drain().unwrap();
     let elapsed = start.elapsed();
@@ -199,13 +201,8 @@ pub fn bulk_baseline(total: u64, chunk: u64, batch: usize, conc: usize) -> Durat
         Vec::new()
     });
     let start = Instant::now();
-    let mut next = 0;
-    while next < total {
-        let n = chunk.min(total - next);
-        base.commands
-            .send(Cmd::Many((next..next + n).collect()))
-            .unwrap();
-        next += n;
+    for entries in chunks(total, chunk) {
+        base.commands.send(Cmd::Many(entries)).unwrap();
     }
     base.finish();
     let elapsed = start.elapsed();
@@ -297,13 +294,8 @@ pub fn retry_crate(total: u64, batch: usize, conc: usize) -> Duration {
         (),
     );
     let start = Instant::now();
-    let mut next = 0;
-    while next < total {
-        let n = (batch as u64).min(total - next);
-        handle
-            .buffer((next..next + n).collect(), Priority::Back)
-            .unwrap();
-        next += n;
+    for entries in chunks(total, batch as u64) {
+        handle.buffer(entries, Priority::Back).unwrap();
     }
     handle.shutdown_drain().unwrap();
     let elapsed = start.elapsed();
@@ -323,13 +315,8 @@ pub fn retry_baseline(total: u64, batch: usize, conc: usize) -> Duration {
         }
     });
     let start = Instant::now();
-    let mut next = 0;
-    while next < total {
-        let n = (batch as u64).min(total - next);
-        base.commands
-            .send(Cmd::Many((next..next + n).collect()))
-            .unwrap();
-        next += n;
+    for entries in chunks(total, batch as u64) {
+        base.commands.send(Cmd::Many(entries)).unwrap();
     }
     base.finish();
     let elapsed = start.elapsed();
@@ -410,13 +397,8 @@ pub fn memory_crate(total: u64, chunk: u64) -> Option<f64> {
     handle.push_back(vec![0]).unwrap(); // hold the one worker
     handle.flush().unwrap();
     let before = rss()?;
-    let mut next = 0;
-    while next < total {
-        let n = chunk.min(total - next);
-        handle
-            .buffer((next..next + n).collect(), Priority::Back)
-            .unwrap();
-        next += n;
+    for entries in chunks(total, chunk) {
+        handle.buffer(entries, Priority::Back).unwrap();
     }
     handle.flush().unwrap();
     let queued = handle.debug_count().unwrap().waiting as u64;

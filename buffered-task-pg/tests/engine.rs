@@ -21,6 +21,13 @@ fn quiet_deliberate_panics() {
     }));
 }
 
+/// Payloads here are little-endian u64s.
+fn decode_u64(payload: &[u8]) -> Result<u64, String> {
+    Ok(u64::from_le_bytes(
+        payload.try_into().map_err(|_| "not 8 bytes".to_string())?,
+    ))
+}
+
 fn url() -> String {
     std::env::var("DATABASE_URL").expect(
         "these tests need a PostgreSQL server: set DATABASE_URL, e.g. \
@@ -38,7 +45,7 @@ struct Flaky {
 impl RowHandler for Flaky {
     type Item = u64;
     fn decode(&self, payload: &[u8]) -> Result<u64, String> {
-        let v = u64::from_le_bytes(payload.try_into().map_err(|_| "not 8 bytes".to_string())?);
+        let v = decode_u64(payload)?;
         if v == 13 {
             return Err("13 is unlucky".to_string());
         }
@@ -125,9 +132,7 @@ struct Report(crossbeam_channel::Sender<u64>);
 impl RowHandler for Report {
     type Item = u64;
     fn decode(&self, payload: &[u8]) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(
-            payload.try_into().map_err(|_| "not 8 bytes".to_string())?,
-        ))
+        decode_u64(payload)
     }
     fn run(&self, rows: &[(i64, u64)]) -> RowOutcome {
         for (_, v) in rows {
@@ -211,9 +216,7 @@ struct Spawner(crossbeam_channel::Sender<u64>);
 impl RowHandler for Spawner {
     type Item = u64;
     fn decode(&self, payload: &[u8]) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(
-            payload.try_into().map_err(|_| "not 8 bytes".to_string())?,
-        ))
+        decode_u64(payload)
     }
     fn run(&self, rows: &[(i64, u64)]) -> RowOutcome {
         for (_, v) in rows {
