@@ -1,101 +1,16 @@
 //! The builder: every option with its documented default, validated at start.
 
-use crate::coordinator::{Coordinator, Shared};
+use crate::clock::{Clock, ManualClock};
+use crate::engine;
 use crate::error::BuildError;
 use crate::handle::Handle;
-use crate::pool::{self, Completion, Job, StateSlot};
-use crate::retry::{DeadLetterHandler, DeadLetterReason, Retries, RetryPolicy, Same};
+use crate::monitor::MemoryMonitor;
+use crate::overflow::{OverflowHandler, OverflowPolicy, OverflowReason, Reporter, Weigher};
+use crate::retry::{DeadLetterHandler, DeadLetterReason, RetryPolicy, Rules, Same};
+use crate::settings::{Config, FlushInterval, MAX_CONCURRENCY};
+use crate::store::Parts;
 use crate::task::Task;
-use crossbeam_channel::{bounded, unbounded};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
-
-/// How often buffered entries are moved into the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlushInterval {
-    /// A ticker flushes every period (deadline-based: it does not drift), and a
-    /// full batch's worth of buffered entries is flushed at once.
-    Every(Duration),
-    /// No ticker: only [`Handle::flush`](crate::Handle::flush) moves buffered entries.
-    Never,
-}
-
-impl From<Duration> for FlushInterval {
-    fn from(period: Duration) -> Self {
-        FlushInterval::Every(period)
-    }
-}
-
-/// Why entries left the engine without being processed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum OverflowReason {
-    /// The queue was at its maximum length.
-    Full,
-    /// A shrink (by hand or by the memory monitor) shed them.
-    Shrink,
-    /// The last handle was dropped without a shutdown, so they could not be run.
-    Shutdown,
-}
-
-impl std::fmt::Display for OverflowReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            OverflowReason::Full => "queue full",
-            OverflowReason::Shrink => "shrink",
-            OverflowReason::Shutdown => "dropped without shutdown",
-        })
-    }
-}
-
-/// What happens when entries arrive for a bounded queue that is full.
-///
-/// Under `Reject` and `Block` the bound is enforced when entries are handed over
-/// (counting buffered, queued and handed-out entries), so nothing already accepted
-/// overflows: retried entries and buffered entries always reach the queue. A shrink
-/// still sheds (to the overflow handler), and lowers the bound callers wait for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum OverflowPolicy {
-    /// Take what fits, hand the rest to the overflow handler (counted and logged):
-    /// the original's behaviour, made visible. The default.
-    #[default]
-    DropNewest,
-    /// A hand-over that does not fit fails at once with
-    /// [`BufferError::Full`](crate::BufferError::Full), carrying its entries back.
-    /// `init` streaming waits for room instead (there is no caller to hand back to).
-    Reject,
-    /// A hand-over waits until there is room (`buffer_timeout` gives up after its
-    /// timeout with [`BufferError::Timeout`](crate::BufferError::Timeout)); `init`
-    /// streaming waits too, so a huge source never overflows. With
-    /// [`FlushInterval::Never`] buffered entries count until a `flush`, so a waiting
-    /// caller needs another thread to flush. A call with more entries than the
-    /// configured bound can never fit and fails with `Full`.
-    Block,
-}
-
-/// Receives entries that leave the engine unprocessed (see [`OverflowReason`]).
-/// Called on the coordinator thread, never under a lock; a panic in it is caught
-/// and logged.
-pub type OverflowHandler<T> = Box<dyn Fn(Vec<T>, OverflowReason) + Send + 'static>;
-
-/// Reports how many heap bytes one entry owns, for memory accounting.
-pub type Weigher<T> = Box<dyn Fn(&T) -> usize + Send + 'static>;
-
-/// The validated settings the engine runs with.
-#[derive(Debug, Clone)]
-pub(crate) struct Config {
-    pub(crate) name: String,
-    pub(crate) max_batch_size: usize,
-    pub(crate) max_concurrency: usize,
-    pub(crate) flush_interval: FlushInterval,
-    pub(crate) poll: bool,
-    pub(crate) idle_poll_delay: Duration,
-    pub(crate) max_queue_len: Option<usize>,
-    pub(crate) overflow_policy: OverflowPolicy,
-    pub(crate) run_deadline: Option<Duration>,
-}
 
 /// Builds and starts an engine for a [`Task`].
 ///
@@ -130,7 +45,7 @@ pub struct Builder<K: Task> {
     config: Config,
     overflow: Option<OverflowHandler<K::Entry>>,
     weigher: Option<Weigher<K::Entry>>,
-    monitor: Option<crate::monitor::MemoryMonitor>,
+    monitor: Option<MemoryMonitor>,
     retry: Option<(RetryPolicy, Same<K::Entry>)>,
     dead_letter: Option<DeadLetterHandler<K::Entry>>,
 }
@@ -151,6 +66,7 @@ impl<K: Task> Builder<K> {
                 max_queue_len: None,
                 overflow_policy: OverflowPolicy::DropNewest,
                 run_deadline: None,
+                clock: Clock::System,
             },
             overflow: None,
             weigher: None,
@@ -160,7 +76,9 @@ impl<K: Task> Builder<K> {
         }
     }
 
-    /// Most entries per `run` call. Default 100; 0 is rejected by `start`.
+    /// Most entries per `run` call. Default 100; 0 is rejected by `start`. Any
+    /// larger value works (`usize::MAX` means "everything waiting"): nothing is
+    /// allocated in proportion to it.
     pub fn max_batch_size(mut self, n: usize) -> Self {
         self.config.max_batch_size = n;
         self
@@ -227,12 +145,14 @@ impl<K: Task> Builder<K> {
     }
 
     /// Receives entries whose attempts are spent under the retry policy, with the
-    /// reason (the last panic message, or a requested retry). Default: none (they
-    /// are counted in [`Stats::dead_lettered`](crate::Stats::dead_lettered) and
-    /// logged at warn, then dropped).
+    /// reason (the last panic message, or a requested retry). Called on the
+    /// worker whose run spent them, never under a lock; it may call the engine's
+    /// handle. Default: none (they are counted in
+    /// [`Stats::dead_lettered`](crate::Stats::dead_lettered) and logged at warn,
+    /// then dropped).
     pub fn dead_letter_handler(
         mut self,
-        handler: impl Fn(Vec<K::Entry>, DeadLetterReason) + Send + 'static,
+        handler: impl Fn(Vec<K::Entry>, DeadLetterReason) + Send + Sync + 'static,
     ) -> Self {
         self.dead_letter = Some(Box::new(handler));
         self
@@ -257,11 +177,14 @@ impl<K: Task> Builder<K> {
     }
 
     /// Receives entries that leave the engine unprocessed: queue overflow, shrink,
-    /// and the last handle dropped without a shutdown. Default: none (they are
-    /// counted and logged at warn, then dropped).
+    /// and the engine's stop without them (see [`OverflowReason`]). Called on the
+    /// thread that holds them (a caller whose hand-over or flush overflowed, a
+    /// worker, the coordinator's tick, the thread that drops the last handle),
+    /// never under a lock; it may call the engine's handle. Default: none (they
+    /// are counted and logged at warn, then dropped).
     pub fn overflow_handler(
         mut self,
-        handler: impl Fn(Vec<K::Entry>, OverflowReason) + Send + 'static,
+        handler: impl Fn(Vec<K::Entry>, OverflowReason) + Send + Sync + 'static,
     ) -> Self {
         self.overflow = Some(Box::new(handler));
         self
@@ -269,15 +192,24 @@ impl<K: Task> Builder<K> {
 
     /// Reports the heap bytes one entry owns, added to `size_of::<Entry>()` when the
     /// memory monitor weighs this task. Default: none (entries own no heap memory).
-    pub fn weigher(mut self, weigher: impl Fn(&K::Entry) -> usize + Send + 'static) -> Self {
+    pub fn weigher(mut self, weigher: impl Fn(&K::Entry) -> usize + Send + Sync + 'static) -> Self {
         self.weigher = Some(Box::new(weigher));
         self
     }
 
     /// Registers the task with a memory monitor, which may shrink and expand its
     /// queue. Default: none.
-    pub fn memory_monitor(mut self, monitor: &crate::monitor::MemoryMonitor) -> Self {
+    pub fn memory_monitor(mut self, monitor: &MemoryMonitor) -> Self {
         self.monitor = Some(monitor.clone());
+        self
+    }
+
+    /// Reads every timer (flush tick, idle poll, backoff, run deadline, shutdown
+    /// and hand-over deadlines) from `clock`, which only moves when advanced:
+    /// for tests that see timers fire without real waiting. Default: the
+    /// system's monotonic clock.
+    pub fn clock(mut self, clock: &ManualClock) -> Self {
+        self.config.clock = Clock::Manual(clock.clone());
         self
     }
 
@@ -288,6 +220,9 @@ impl<K: Task> Builder<K> {
         }
         if c.max_concurrency == 0 {
             return Err(BuildError::ZeroConcurrency);
+        }
+        if c.max_concurrency > MAX_CONCURRENCY {
+            return Err(BuildError::TooManyWorkers(c.max_concurrency));
         }
         if c.flush_interval == FlushInterval::Every(Duration::ZERO) {
             return Err(BuildError::ZeroFlushInterval);
@@ -315,84 +250,26 @@ impl<K: Task> Builder<K> {
         let Builder {
             task,
             state,
-            config,
+            mut config,
             overflow,
             weigher,
             monitor,
             retry,
             dead_letter,
         } = self;
-        let task = Arc::new(task);
-        let name = config.name.clone();
-        let policy = match config.max_queue_len {
-            Some(_) => config.overflow_policy,
-            None => OverflowPolicy::DropNewest,
-        };
-        let shared = Arc::new(Shared::new(policy, config.max_queue_len, retry.is_some()));
-        let (cmd_tx, cmd_rx) = unbounded();
-        let state = Arc::new(StateSlot::new(state));
-        // At most HAND_OUT batches per worker handed out (see `pool`).
-        let (job_tx, job_rx) = bounded::<Job<K::Entry>>(pool::HAND_OUT * config.max_concurrency);
-        let (done_tx, done_rx) = unbounded::<Completion<K::Entry>>();
-        let (init_tx, init_rx) = bounded::<()>(1);
-
-        let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(config.max_concurrency + 1);
-        let started = (|| -> std::io::Result<()> {
-            for i in 0..config.max_concurrency {
-                let (task, state, shared) = (task.clone(), state.clone(), shared.clone());
-                let (jobs, done) = (job_rx.clone(), done_tx.clone());
-                threads.push(pool::spawn(format!("{name}-worker-{i}"), move || {
-                    pool::worker(i, task, state, shared, jobs, done)
-                })?);
-            }
-            let (task, state, commands) = (task.clone(), state.clone(), cmd_tx.clone());
-            let shared = shared.clone();
-            let chunk = config.max_batch_size;
-            threads.push(pool::spawn(format!("{name}-init"), move || {
-                pool::init_runner(task, state, init_rx, commands, chunk, shared)
-            })?);
-            Ok(())
-        })();
-        drop(done_tx);
-        shared.buffers.lock().direct = Some(job_tx.clone());
-        if let Err(err) = started {
-            shared.buffers.lock().direct = None;
-            drop((job_tx, job_rx, init_tx));
-            join_all(threads);
-            return Err(BuildError::Spawn(err));
+        if config.max_queue_len.is_none() {
+            config.overflow_policy = OverflowPolicy::DropNewest;
         }
-
-        let coordinator = Coordinator::<K>::new(
-            config.clone(),
-            shared.clone(),
-            cmd_rx,
-            job_tx,
-            job_rx,
-            done_rx,
-            init_tx,
-            threads,
-            overflow,
+        let parts = Parts {
+            reporter: Reporter::new(config.name.clone(), overflow, dead_letter),
+            rules: retry.map(|(policy, same)| Rules { policy, same }),
             weigher,
-            retry.map(|(policy, same)| Retries::new(policy, same)),
-            dead_letter,
-        );
-        let handle = pool::spawn(format!("{name}-coordinator"), move || coordinator.run())
-            .map_err(BuildError::Spawn)?;
-        // (If that spawn failed, the closure and so the coordinator were dropped,
-        // which closed its channels and joined the threads it owned.)
-        let handle = Handle::new(shared, cmd_tx, handle, &config);
+        };
+        let handle = Handle::new(engine::start(task, state, config, parts)?);
         if let Some(monitor) = monitor {
             monitor.register(&handle);
         }
         Ok(handle)
-    }
-}
-
-pub(crate) fn join_all(threads: Vec<JoinHandle<()>>) {
-    for t in threads {
-        if t.join().is_err() {
-            log::error!("an engine thread ended with a panic");
-        }
     }
 }
 

@@ -22,6 +22,9 @@ pub enum BuildError {
     ZeroRunDeadline,
     /// The name contains a NUL byte, which a thread name cannot hold.
     InvalidName(String),
+    /// `max_concurrency` was above [`MAX_CONCURRENCY`](crate::MAX_CONCURRENCY):
+    /// each slot is a thread, started at once.
+    TooManyWorkers(usize),
     /// The operating system refused to start one of the engine's threads.
     Spawn(std::io::Error),
     /// A memory monitor setting was out of range (see [`MonitorBuilder`](crate::MonitorBuilder)).
@@ -41,6 +44,11 @@ impl fmt::Display for BuildError {
             BuildError::InvalidName(name) => {
                 write!(f, "task name {name:?} contains a NUL byte")
             }
+            BuildError::TooManyWorkers(n) => write!(
+                f,
+                "max_concurrency {n} is above the maximum of {}",
+                crate::MAX_CONCURRENCY
+            ),
             BuildError::Spawn(err) => write!(f, "could not start a thread: {err}"),
             BuildError::Monitor(what) => write!(f, "invalid memory monitor setting: {what}"),
         }
@@ -65,7 +73,11 @@ pub enum BufferError<T> {
     Stopped(Vec<T>),
     /// The call could not hand the entries over before its timeout.
     Timeout(Vec<T>),
-    /// The queue is bounded, full, and the overflow policy rejects new entries.
+    /// The queue is bounded and full, and the call may not wait for room: the
+    /// policy is [`OverflowPolicy::Reject`](crate::OverflowPolicy::Reject), the
+    /// call hands over more entries than the bound can ever hold, or, under
+    /// [`OverflowPolicy::Block`](crate::OverflowPolicy::Block), it was made from
+    /// one of the engine's own worker threads, where waiting could deadlock.
     Full(Vec<T>),
 }
 
@@ -129,15 +141,22 @@ impl<T> std::error::Error for BufferError<T> {}
 pub enum ControlError {
     /// The engine has been shut down.
     Stopped,
-    /// The engine did not answer before the call's timeout.
+    /// The call did not complete before its timeout.
     Timeout,
+    /// The call was made from one of the engine's own threads (inside `run`,
+    /// `init` or a handler) and would have to wait for that very thread: it fails
+    /// at once instead of hanging.
+    WouldDeadlock,
 }
 
 impl fmt::Display for ControlError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ControlError::Stopped => f.write_str("the engine has stopped"),
-            ControlError::Timeout => f.write_str("the engine did not answer in time"),
+            ControlError::Timeout => f.write_str("the call timed out"),
+            ControlError::WouldDeadlock => f.write_str(
+                "called from one of the engine's own threads, which the call would wait for",
+            ),
         }
     }
 }

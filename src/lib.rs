@@ -194,25 +194,41 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod clock;
 mod config;
 mod coordinator;
+mod engine;
 mod error;
+mod fault;
 mod handle;
+mod intake;
 mod monitor;
+mod overflow;
 mod pool;
 mod queue;
 mod retry;
+mod settings;
+mod shutdown;
+mod stats;
+mod store;
 mod task;
+mod threads;
 mod unwind;
 
-pub use config::{
-    Builder, FlushInterval, OverflowHandler, OverflowPolicy, OverflowReason, Weigher,
-};
+#[cfg(test)]
+mod tests;
+
+pub use clock::ManualClock;
+pub use config::Builder;
 pub use error::{BufferError, BuildError, ControlError, ShrinkError};
-pub use handle::{DebugCount, Handle, ShutdownReport, Stats, WeakHandle};
+pub use handle::{Handle, WeakHandle};
 pub use monitor::{
     total_memory, CheckOutcome, MemoryMonitor, MemoryProbe, MonitorBuilder, ProcessRss, Shrinkable,
     FALLBACK_LIMIT,
 };
+pub use overflow::{OverflowHandler, OverflowPolicy, OverflowReason, Weigher};
 pub use retry::{DeadLetterHandler, DeadLetterReason, RetryPolicy};
+pub use settings::{FlushInterval, MAX_CONCURRENCY};
+pub use shutdown::ShutdownReport;
+pub use stats::{DebugCount, Stats};
 pub use task::{Outcome, Priority, Sink, Task};

@@ -6,12 +6,21 @@
 //! use. Over the limit, it asks the registered tasks to shrink, largest first,
 //! moving on while a task answers *minimum size*. Having shrunk, once usage is at or
 //! below the expand threshold it expands every task. Tasks are held by weak
-//! reference: a task that is dropped or shut down is forgotten.
+//! reference, an engine by its store, which does not keep the engine running: a
+//! task that is dropped or shut down is forgotten.
+//!
+//! The probe and the tasks are user code: each call is contained, a panic is
+//! logged and counted ([`MemoryMonitor::panics`]), and the monitor carries on.
 
+use crate::clock::{self, Clock, Listener, ManualClock};
 use crate::error::{BuildError, ShrinkError};
-use crate::handle::{Handle, WeakHandle};
-use crossbeam_channel::{bounded, select_biased, tick, unbounded, Receiver, Sender};
+use crate::handle::Handle;
+use crate::store::Store;
+use crate::threads;
+use crate::unwind::catch;
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -108,9 +117,34 @@ trait Registrant: Send + Sync {
     fn upgrade(&self) -> Option<Box<dyn Shrinkable>>;
 }
 
-impl<T: Send + 'static> Registrant for WeakHandle<T> {
+/// An engine, seen through its store: holding it does not keep the engine
+/// running, so the user's last drop stops and joins it even during a check.
+struct EngineView<T: Send + 'static>(Arc<Store<T>>);
+
+impl<T: Send + 'static> Shrinkable for EngineView<T> {
+    fn name(&self) -> String {
+        self.0.name().to_string()
+    }
+    fn memory_usage(&self) -> usize {
+        self.0.memory_usage().unwrap_or(0)
+    }
+    fn shrink(&self) -> Result<(), ShrinkError> {
+        self.0.shrink()
+    }
+    fn expand(&self) {
+        let _ = self.0.expand();
+    }
+    fn is_shrunk(&self) -> bool {
+        self.0.is_shrunk().unwrap_or(false)
+    }
+    fn is_stopped(&self) -> bool {
+        self.0.is_finished()
+    }
+}
+
+impl<T: Send + 'static> Registrant for Weak<Store<T>> {
     fn upgrade(&self) -> Option<Box<dyn Shrinkable>> {
-        WeakHandle::upgrade(self).map(|h| Box::new(h) as Box<dyn Shrinkable>)
+        Weak::upgrade(self).map(|s| Box::new(EngineView(s)) as Box<dyn Shrinkable>)
     }
 }
 
@@ -170,6 +204,7 @@ pub struct MonitorBuilder {
     check_interval: Duration,
     expand_percent: u8,
     probe: Option<Arc<dyn MemoryProbe>>,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for MonitorBuilder {
@@ -201,7 +236,8 @@ impl MonitorBuilder {
         self
     }
 
-    /// How often the monitor checks. Default 1 minute; zero is rejected.
+    /// How often the monitor checks. Default 1 minute; zero is rejected; a huge
+    /// interval (`Duration::MAX`) means only [`MemoryMonitor::check_now`] checks.
     pub fn check_interval(mut self, interval: Duration) -> Self {
         self.check_interval = interval;
         self
@@ -221,14 +257,14 @@ impl MonitorBuilder {
         self
     }
 
-    /// Validates the settings and starts the monitor's thread.
-    ///
-    /// # Errors
-    ///
-    /// [`BuildError::Monitor`] for a zero limit or interval, a percentage outside
-    /// 1–100, or no probe on a platform without a default; [`BuildError::Spawn`]
-    /// when the thread cannot start.
-    pub fn start(self) -> Result<MemoryMonitor, BuildError> {
+    /// Reads the check interval from `clock`, which only moves when advanced
+    /// (for tests). Default: the system's monotonic clock.
+    pub fn clock(mut self, clock: &ManualClock) -> Self {
+        self.clock = Clock::Manual(clock.clone());
+        self
+    }
+
+    fn validate(&self) -> Result<(), BuildError> {
         if self.limit_bytes == Some(0) {
             return Err(BuildError::Monitor("limit_bytes must be above zero"));
         }
@@ -243,6 +279,18 @@ impl MonitorBuilder {
         if self.check_interval.is_zero() {
             return Err(BuildError::Monitor("check_interval must be above zero"));
         }
+        Ok(())
+    }
+
+    /// Validates the settings and starts the monitor's thread.
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError::Monitor`] for a zero limit or interval, a percentage outside
+    /// 1–100, or no probe on a platform without a default; [`BuildError::Spawn`]
+    /// when the thread cannot start.
+    pub fn start(self) -> Result<MemoryMonitor, BuildError> {
+        self.validate()?;
         let probe: Arc<dyn MemoryProbe> = match self.probe {
             Some(p) => p,
             None if cfg!(target_os = "linux") => Arc::new(ProcessRss),
@@ -257,16 +305,21 @@ impl MonitorBuilder {
                 .map(|total| total / 100 * u64::from(self.limit_percent))
                 .unwrap_or(FALLBACK_LIMIT)
         });
+        let (requests, rx) = unbounded();
         let state = Arc::new(MonitorState {
             tasks: Mutex::new(Vec::new()),
             probe,
             limit,
             expand_at: limit / 100 * u64::from(self.expand_percent),
+            panics: AtomicU64::new(0),
+            clock: self.clock,
+            wake: requests.clone(),
         });
-        let (requests, rx) = unbounded();
-        let interval = self.check_interval;
-        let thread_state = state.clone();
-        let thread = crate::pool::spawn("memory-monitor".to_string(), move || {
+        let listener: Arc<dyn Listener> = state.clone();
+        state.clock.listen(Arc::downgrade(&listener));
+        drop(listener);
+        let (interval, thread_state) = (self.check_interval, state.clone());
+        let thread = threads::spawn("memory-monitor".to_string(), None, move || {
             monitor_loop(&thread_state, &rx, interval)
         })
         .map_err(BuildError::Spawn)?;
@@ -280,22 +333,61 @@ impl MonitorBuilder {
     }
 }
 
+/// A message to the monitor's thread.
+enum Msg {
+    /// Check now and answer.
+    Check(Sender<CheckOutcome>),
+    /// The manual clock moved: look at the time.
+    Wake,
+    /// The last `MemoryMonitor` is gone.
+    Stop,
+}
+
 struct MonitorState {
     tasks: Mutex<Vec<Box<dyn Registrant>>>,
     probe: Arc<dyn MemoryProbe>,
     limit: u64,
     expand_at: u64,
+    /// Panics in the probe, a task, or the monitor itself.
+    panics: AtomicU64,
+    clock: Clock,
+    wake: Sender<Msg>,
+}
+
+impl Listener for MonitorState {
+    fn advanced(&self) {
+        let _ = self.wake.send(Msg::Wake);
+    }
+}
+
+impl MonitorState {
+    /// Runs user code (the probe, a task) contained: a panic is logged, counted,
+    /// and comes back as `None`.
+    fn contained<R>(&self, what: &str, f: impl FnOnce() -> R) -> Option<R> {
+        match catch(f) {
+            Ok(r) => Some(r),
+            Err(msg) => {
+                self.panics.fetch_add(1, Ordering::Relaxed);
+                log::error!("memory monitor: {what} panicked: {msg}");
+                None
+            }
+        }
+    }
 }
 
 struct MonitorInner {
     state: Arc<MonitorState>,
-    requests: Option<Sender<Sender<CheckOutcome>>>,
+    requests: Option<Sender<Msg>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Drop for MonitorInner {
     fn drop(&mut self) {
-        self.requests = None;
+        // The state keeps a sender for clock wake-ups, so the channel stays
+        // open: say goodbye explicitly.
+        if let Some(requests) = self.requests.take() {
+            let _ = requests.send(Msg::Stop);
+        }
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 log::error!("memory monitor thread panicked");
@@ -349,6 +441,7 @@ impl MemoryMonitor {
             check_interval: Duration::from_secs(60),
             expand_percent: 40,
             probe: None,
+            clock: Clock::System,
         }
     }
 
@@ -357,14 +450,21 @@ impl MemoryMonitor {
         self.inner.state.limit
     }
 
+    /// How many times the probe, a registered task, or the monitor itself
+    /// panicked (each was logged; the monitor carried on).
+    pub fn panics(&self) -> u64 {
+        self.inner.state.panics.load(Ordering::Relaxed)
+    }
+
     /// Registers an engine (done for you by
-    /// [`Builder::memory_monitor`](crate::Builder::memory_monitor)).
+    /// [`Builder::memory_monitor`](crate::Builder::memory_monitor)). The monitor
+    /// holds its store, which does not keep the engine running.
     pub(crate) fn register<T: Send + 'static>(&self, handle: &Handle<T>) {
         self.inner
             .state
             .tasks
             .lock()
-            .push(Box::new(handle.downgrade()));
+            .push(Box::new(handle.store_weak()));
     }
 
     /// Registers any other [`Shrinkable`], held by weak reference.
@@ -385,7 +485,7 @@ impl MemoryMonitor {
     pub fn check_now(&self) -> CheckOutcome {
         let (tx, rx) = bounded(1);
         match &self.inner.requests {
-            Some(requests) if requests.send(tx).is_ok() => {
+            Some(requests) if requests.send(Msg::Check(tx)).is_ok() => {
                 rx.recv().unwrap_or(CheckOutcome::ProbeFailed)
             }
             _ => CheckOutcome::ProbeFailed,
@@ -393,20 +493,32 @@ impl MemoryMonitor {
     }
 }
 
-fn monitor_loop(state: &MonitorState, requests: &Receiver<Sender<CheckOutcome>>, every: Duration) {
-    let ticker = tick(every);
+/// The monitor's thread: a check every `every` on its clock, or when asked;
+/// ends when the last `MemoryMonitor` is dropped.
+fn monitor_loop(state: &MonitorState, requests: &Receiver<Msg>, every: Duration) {
     let mut shrunk = false;
+    let mut next = clock::after(state.clock.now(), every);
     loop {
-        select_biased! {
-            recv(requests) -> msg => match msg {
-                Ok(reply) => {
-                    let outcome = check(state, &mut shrunk);
-                    let _ = reply.send(outcome);
-                }
-                Err(_) => return,
-            },
-            recv(ticker) -> _ => {
-                check(state, &mut shrunk);
+        let msg = match state.clock.real(Some(next)) {
+            Some(at) => requests.recv_deadline(at),
+            None => requests.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        let reply = match msg {
+            Ok(Msg::Check(reply)) => Some(reply),
+            Ok(Msg::Wake) | Err(RecvTimeoutError::Timeout) => None,
+            Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let now = state.clock.now();
+        let due = now >= next;
+        if due {
+            next = clock::after(now, every);
+        }
+        if due || reply.is_some() {
+            let outcome = state
+                .contained("the monitor's check", || check(state, &mut shrunk))
+                .unwrap_or(CheckOutcome::ProbeFailed);
+            if let Some(reply) = reply {
+                let _ = reply.send(outcome);
             }
         }
     }
@@ -421,7 +533,13 @@ fn live_tasks(state: &MonitorState) -> Vec<Box<dyn Shrinkable>> {
     };
     let keep: Vec<bool> = upgraded
         .iter()
-        .map(|t| t.as_ref().is_some_and(|t| !t.is_stopped()))
+        .map(|t| {
+            t.as_ref().is_some_and(|t| {
+                !state
+                    .contained("a task's is_stopped", || t.is_stopped())
+                    .unwrap_or(false)
+            })
+        })
         .collect();
     {
         let mut tasks = state.tasks.lock();
@@ -440,55 +558,87 @@ fn live_tasks(state: &MonitorState) -> Vec<Box<dyn Shrinkable>> {
         .collect()
 }
 
+/// Bytes in binary units, for log lines.
+pub(crate) fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 fn check(state: &MonitorState, shrunk: &mut bool) -> CheckOutcome {
-    let Some(used) = state.probe.used_bytes() else {
+    crate::fault::hit("memory-monitor", "monitor");
+    let Some(Some(used)) = state.contained("the memory probe", || state.probe.used_bytes()) else {
         log::warn!("memory monitor: could not read memory usage; check skipped");
         return CheckOutcome::ProbeFailed;
     };
-    let limit = state.limit;
-    if used > limit {
-        log::warn!(
-            "memory monitor: {used} bytes in use, over the limit of {limit} ({:.0}%); shrinking the largest task",
-            used as f64 * 100.0 / limit as f64
-        );
-        let mut tasks: Vec<(usize, Box<dyn Shrinkable>)> = live_tasks(state)
-            .into_iter()
-            .map(|t| (t.memory_usage(), t))
-            .collect();
-        tasks.sort_by_key(|t| std::cmp::Reverse(t.0));
-        for (bytes, task) in tasks {
-            match task.shrink() {
-                Ok(()) => {
-                    *shrunk = true;
-                    log::warn!(
-                        "memory monitor: shrank {} (it held {bytes} bytes of queued work)",
-                        task.name()
-                    );
-                    return CheckOutcome::Shrunk(task.name());
-                }
-                Err(ShrinkError::MinimumSize) => {
-                    log::debug!("memory monitor: {} is at its minimum size", task.name());
-                }
-                Err(err) => log::debug!("memory monitor: {}: {err}", task.name()),
-            }
-        }
-        log::error!(
-            "memory monitor: {used} bytes in use, over the limit of {limit}, and no task could shrink"
-        );
-        CheckOutcome::NothingToShrink
+    if used > state.limit {
+        shrink_largest(state, used, shrunk)
     } else if *shrunk && used <= state.expand_at {
         let tasks = live_tasks(state);
         for task in &tasks {
-            task.expand();
+            state.contained("a task's expand", || task.expand());
         }
         *shrunk = false;
         log::info!(
-            "memory monitor: {used} bytes in use, at or below {}; expanded {} tasks",
-            state.expand_at,
+            "memory monitor: {} in use, at or below {}; expanded {} tasks",
+            human(used),
+            human(state.expand_at),
             tasks.len()
         );
         CheckOutcome::Expanded(tasks.len())
     } else {
         CheckOutcome::Normal
     }
+}
+
+/// Over the limit: shrink the task holding the most, or the next while one is
+/// at its minimum size.
+fn shrink_largest(state: &MonitorState, used: u64, shrunk: &mut bool) -> CheckOutcome {
+    let limit = state.limit;
+    log::warn!(
+        "memory monitor: {} in use, over the limit of {} ({:.0}%); shrinking the largest task",
+        human(used),
+        human(limit),
+        used as f64 * 100.0 / limit as f64
+    );
+    let mut tasks: Vec<(usize, Box<dyn Shrinkable>)> = live_tasks(state)
+        .into_iter()
+        .map(|t| (state.contained("a task's memory_usage", || t.memory_usage()).unwrap_or(0), t))
+        .collect();
+    tasks.sort_by_key(|t| std::cmp::Reverse(t.0));
+    for (bytes, task) in tasks {
+        let name = state
+            .contained("a task's name", || task.name())
+            .unwrap_or_else(|| "<task>".to_string());
+        match state.contained("a task's shrink", || task.shrink()) {
+            Some(Ok(())) => {
+                *shrunk = true;
+                log::warn!(
+                    "memory monitor: shrank {name} (it held {} of queued work)",
+                    human(bytes as u64)
+                );
+                return CheckOutcome::Shrunk(name);
+            }
+            Some(Err(ShrinkError::MinimumSize)) => {
+                log::debug!("memory monitor: {name} is at its minimum size");
+            }
+            Some(Err(err)) => log::debug!("memory monitor: {name}: {err}"),
+            None => {}
+        }
+    }
+    log::error!(
+        "memory monitor: {} in use, over the limit of {}, and no task could shrink",
+        human(used),
+        human(limit)
+    );
+    CheckOutcome::NothingToShrink
 }

@@ -8,9 +8,15 @@
 //! The queue may carry a maximum length; pushes stop there and hand back what did
 //! not fit (the caller decides what overflow means). A shrink sheds the back half
 //! and lowers the maximum until `expand` lifts it again.
+//!
+//! A *sealed* chunk (a retried batch) is taken as a batch of its own: it is never
+//! topped up with the entries behind it, nor used to top up the entries ahead.
 
 use std::collections::VecDeque;
 use std::time::Instant;
+
+/// Most entries allocated ahead for one pile chunk: `max_batch_size` may be huge.
+const CHUNK_RESERVE: usize = 1024;
 
 /// Chunks up to this many batches long are queued whole (see `Queue::cut`).
 const CUT_AT: usize = 4;
@@ -19,16 +25,20 @@ const CUT_AT: usize = 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct MinimumSize;
 
+/// When a chunk entered the queue, and whether it is sealed.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    since: Instant,
+    sealed: bool,
+}
+
 pub(crate) struct Queue<T> {
     chunks: VecDeque<Vec<T>>,
-    /// When each chunk entered the queue (parallel to `chunks`).
-    times: VecDeque<Instant>,
+    /// Parallel to `chunks`.
+    meta: VecDeque<Meta>,
     len: usize,
     /// Entries per batch.
     batch: usize,
-    /// Entries that count against the bound from outside the queue (batches handed
-    /// to workers and not started yet); set by the coordinator.
-    outside: usize,
     /// The bound chosen at build time; `None` is unbounded.
     configured_max: Option<usize>,
     /// The bound in force: the configured one, or a lower one after a shrink.
@@ -41,10 +51,9 @@ impl<T> Queue<T> {
         debug_assert!(batch > 0);
         Queue {
             chunks: VecDeque::new(),
-            times: VecDeque::new(),
+            meta: VecDeque::new(),
             len: 0,
             batch,
-            outside: 0,
             configured_max: max,
             max,
             shrunk: false,
@@ -59,20 +68,10 @@ impl<T> Queue<T> {
         self.len == 0
     }
 
-    /// Whether a bound is in force.
-    pub(crate) fn is_bounded(&self) -> bool {
-        self.max.is_some()
-    }
-
-    /// Sets how many entries outside the queue count against its bound.
-    pub(crate) fn set_outside(&mut self, entries: usize) {
-        self.outside = entries;
-    }
-
     /// Room left under the bound in force.
     pub(crate) fn room(&self) -> usize {
         match self.max {
-            Some(max) => max.saturating_sub(self.len + self.outside),
+            Some(max) => max.saturating_sub(self.len),
             None => usize::MAX,
         }
     }
@@ -84,62 +83,70 @@ impl<T> Queue<T> {
 
     /// Appends `entries` at the back, as far as the bound allows. Returns what did
     /// not fit (empty when everything went in), in the order it was given.
-    pub(crate) fn push_back(&mut self, mut entries: Vec<T>) -> Vec<T> {
+    pub(crate) fn push_back(&mut self, mut entries: Vec<T>, now: Instant) -> Vec<T> {
         let overflow = self.cut_to_room(&mut entries);
-        self.push_back_unbounded(entries);
+        self.push_back_unbounded(entries, now);
         overflow
     }
 
     /// Puts `entries` ahead of everything queued, keeping their order, as far as the
     /// bound allows. What does not fit is the tail of `entries`, returned.
-    pub(crate) fn push_front(&mut self, mut entries: Vec<T>) -> Vec<T> {
+    pub(crate) fn push_front(&mut self, mut entries: Vec<T>, now: Instant) -> Vec<T> {
         let overflow = self.cut_to_room(&mut entries);
-        self.len += entries.len();
-        let now = Instant::now();
-        for chunk in self.cut(entries).into_iter().rev() {
-            self.chunks.push_front(chunk);
-            self.times.push_front(now);
-        }
+        self.push_front_unbounded(entries, now);
         overflow
     }
 
     /// Puts a pile's chunks (in arrival order) ahead of everything queued, keeping
     /// their order, as far as the bound allows; returns what did not fit.
-    pub(crate) fn push_front_chunks(&mut self, mut chunks: Vec<Vec<T>>) -> Vec<T> {
-        let total: usize = chunks.iter().map(Vec::len).sum();
+    pub(crate) fn push_front_chunks(&mut self, mut chunks: Vec<Vec<T>>, now: Instant) -> Vec<T> {
+        let total = chunks.iter().fold(0usize, |n, c| n.saturating_add(c.len()));
         if chunks.len() == 1 || total > self.room() {
             let all = if chunks.len() == 1 {
                 chunks.pop().unwrap_or_default()
             } else {
                 chunks.into_iter().flatten().collect()
             };
-            return self.push_front(all);
+            return self.push_front(all, now);
         }
         for chunk in chunks.into_iter().rev() {
-            self.push_front(chunk);
+            self.push_front_unbounded(chunk, now);
         }
         Vec::new()
     }
 
-    /// Puts `entries` at the front whatever the bound (batches taken back from the
-    /// workers: they were queued before).
-    pub(crate) fn push_front_unbounded(&mut self, entries: Vec<T>) {
+    /// Puts `entries` at the front, in their order, whatever the bound (entries
+    /// admitted earlier, or put back).
+    pub(crate) fn push_front_unbounded(&mut self, entries: Vec<T>, now: Instant) {
         self.len += entries.len();
-        let now = Instant::now();
+        let meta = Meta {
+            since: now,
+            sealed: false,
+        };
         for chunk in self.cut(entries).into_iter().rev() {
             self.chunks.push_front(chunk);
-            self.times.push_front(now);
+            self.meta.push_front(meta);
         }
     }
 
-    /// Appends `entries` whatever the bound (used when the engine stops, so that
-    /// nothing racing the stop is lost).
-    pub(crate) fn push_back_unbounded(&mut self, entries: Vec<T>) {
+    /// Appends `entries` whatever the bound (entries admitted earlier, or a
+    /// batch's own entries retried).
+    pub(crate) fn push_back_unbounded(&mut self, entries: Vec<T>, now: Instant) {
+        self.append(entries, now, false);
+    }
+
+    /// Appends a retried batch whatever the bound, sealed: it runs as a batch of
+    /// its own.
+    pub(crate) fn push_back_sealed(&mut self, entries: Vec<T>, now: Instant) {
+        self.append(entries, now, true);
+    }
+
+    fn append(&mut self, entries: Vec<T>, now: Instant, sealed: bool) {
         self.len += entries.len();
-        let now = Instant::now();
+        let meta = Meta { since: now, sealed };
         for chunk in self.cut(entries) {
             self.chunks.push_back(chunk);
-            self.times.push_back(now);
+            self.meta.push_back(meta);
         }
     }
 
@@ -153,7 +160,7 @@ impl<T> Queue<T> {
             return Vec::new();
         }
         let mut tail = Vec::new();
-        if entries.len() > CUT_AT * self.batch {
+        if entries.len() > CUT_AT.saturating_mul(self.batch) {
             while entries.len() > self.batch {
                 let at = (entries.len() - 1) / self.batch * self.batch;
                 tail.push(entries.split_off(at));
@@ -179,8 +186,9 @@ impl<T> Queue<T> {
     /// Takes up to `n` entries (n ≥ 1) from the front, or `None` when empty.
     pub(crate) fn pop_batch(&mut self, n: usize) -> Option<Vec<T>> {
         let first = self.chunks.front_mut()?;
-        let batch = if first.len() == n {
-            self.times.pop_front();
+        let sealed = self.meta.front().is_some_and(|m| m.sealed);
+        let batch = if first.len() == n || (sealed && first.len() < n) {
+            self.meta.pop_front();
             self.chunks.pop_front().expect("front chunk exists")
         } else if first.len() > n {
             // Copy out the smaller side; the larger one stays where it is.
@@ -191,26 +199,32 @@ impl<T> Queue<T> {
                 first.drain(..n).collect()
             }
         } else {
-            self.times.pop_front();
-            let mut batch = self.chunks.pop_front().expect("front chunk exists");
-            batch.reserve(n - batch.len());
-            while batch.len() < n {
-                let Some(next) = self.chunks.front_mut() else {
-                    break;
-                };
-                let want = n - batch.len();
-                if next.len() <= want {
-                    batch.append(next);
-                    self.chunks.pop_front();
-                    self.times.pop_front();
-                } else {
-                    batch.extend(next.drain(..want));
-                }
-            }
-            batch
+            self.meta.pop_front();
+            let batch = self.chunks.pop_front().expect("front chunk exists");
+            self.top_up(batch, n)
         };
         self.len -= batch.len();
         Some(batch)
+    }
+
+    /// Fills `batch` up to `n` from the chunks that follow, up to a sealed one.
+    fn top_up(&mut self, mut batch: Vec<T>, n: usize) -> Vec<T> {
+        // Never more than is queued: `n` may be huge.
+        batch.reserve(n.min(self.len) - batch.len());
+        while batch.len() < n && self.meta.front().is_some_and(|m| !m.sealed) {
+            let Some(next) = self.chunks.front_mut() else {
+                break;
+            };
+            let want = n - batch.len();
+            if next.len() <= want {
+                batch.append(next);
+                self.chunks.pop_front();
+                self.meta.pop_front();
+            } else {
+                batch.extend(next.drain(..want));
+            }
+        }
+        batch
     }
 
     /// Drops entries from the back until half remain (integer division) and makes
@@ -235,7 +249,7 @@ impl<T> Queue<T> {
                 count -= last.len();
                 self.len -= last.len();
                 parts.push(self.chunks.pop_back().expect("back chunk exists"));
-                self.times.pop_back();
+                self.meta.pop_back();
             } else {
                 let at = last.len() - count;
                 parts.push(last.split_off(at));
@@ -264,7 +278,7 @@ impl<T> Queue<T> {
     /// Takes every entry out, in queue order.
     pub(crate) fn drain_all(&mut self) -> Vec<T> {
         let mut all = Vec::with_capacity(self.len);
-        self.times.clear();
+        self.meta.clear();
         for chunk in self.chunks.drain(..) {
             all.extend(chunk);
         }
@@ -276,22 +290,18 @@ impl<T> Queue<T> {
     pub(crate) fn release_memory(&mut self) {
         if self.chunks.is_empty() {
             self.chunks = VecDeque::new();
-            self.times = VecDeque::new();
+            self.meta = VecDeque::new();
         } else {
             self.chunks.shrink_to_fit();
-            self.times.shrink_to_fit();
+            self.meta.shrink_to_fit();
         }
     }
 
     /// When the chunk at the head (the next to run) entered the queue.
     pub(crate) fn head_since(&self) -> Option<Instant> {
-        self.times.front().copied()
+        self.meta.front().map(|m| m.since)
     }
 
-    /// Visits every queued entry (for memory weighing).
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
-        self.chunks.iter().flat_map(|c| c.iter())
-    }
 }
 
 /// Entries waiting in a buffer: chunks of at most one batch where they arrive
@@ -317,7 +327,7 @@ impl<T> Pile<T> {
         match self.chunks.last_mut() {
             Some(last) if last.len() < batch => last.push(entry),
             _ => {
-                let mut chunk = Vec::with_capacity(batch.min(1024));
+                let mut chunk = Vec::with_capacity(batch.min(CHUNK_RESERVE));
                 chunk.push(entry);
                 self.chunks.push(chunk);
             }
@@ -339,31 +349,6 @@ impl<T> Pile<T> {
         }
     }
 
-    /// Whether the pile holds no entries.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Exactly `n` entries from the front, if the first chunk holds that many.
-    pub(crate) fn take_batch(&mut self, n: usize) -> Option<Vec<T>> {
-        let first = self.chunks.first_mut()?;
-        let batch = if first.len() == n {
-            self.chunks.remove(0)
-        } else if first.len() > n {
-            first.drain(..n).collect()
-        } else {
-            return None;
-        };
-        self.len -= n;
-        Some(batch)
-    }
-
-    /// Puts a batch back at the front (a hand-over that found no room).
-    pub(crate) fn put_front(&mut self, batch: Vec<T>) {
-        self.len += batch.len();
-        self.chunks.insert(0, batch);
-    }
-
     /// The chunks, in arrival order, leaving the pile empty.
     pub(crate) fn take(&mut self) -> Vec<Vec<T>> {
         self.len = 0;
@@ -375,17 +360,21 @@ impl<T> Pile<T> {
 mod test {
     use super::*;
 
+    fn now() -> Instant {
+        Instant::now()
+    }
+
     fn q(max: Option<usize>, items: &[u32]) -> Queue<u32> {
         let mut q = Queue::new(max, 100);
-        assert!(q.push_back(items.to_vec()).is_empty());
+        assert!(q.push_back(items.to_vec(), now()).is_empty());
         q
     }
 
     #[test]
     fn batches_cross_chunks_in_order() {
         let mut q = q(None, &[1, 2, 3]);
-        q.push_back(vec![4, 5]);
-        q.push_front(vec![0]);
+        q.push_back(vec![4, 5], now());
+        q.push_front(vec![0], now());
         assert_eq!(q.pop_batch(2), Some(vec![0, 1]));
         assert_eq!(q.pop_batch(4), Some(vec![2, 3, 4, 5]));
         assert_eq!(q.pop_batch(4), None);
@@ -395,17 +384,17 @@ mod test {
     #[test]
     fn bound_hands_back_overflow() {
         let mut q = q(Some(3), &[1, 2]);
-        assert_eq!(q.push_back(vec![3, 4, 5]), vec![4, 5]);
-        assert_eq!(q.push_front(vec![9]), vec![9]);
+        assert_eq!(q.push_back(vec![3, 4, 5], now()), vec![4, 5]);
+        assert_eq!(q.push_front(vec![9], now()), vec![9]);
         assert_eq!(q.len(), 3);
     }
 
     #[test]
     fn long_pushes_are_cut_into_batches_in_order() {
         let mut q = Queue::new(None, 3);
-        q.push_back((0..8).collect()); // kept whole
-        q.push_back((20..34).collect()); // cut into batches
-        q.push_front(vec![10, 11, 12, 13]);
+        q.push_back((0..8).collect(), now()); // kept whole
+        q.push_back((20..34).collect(), now()); // cut into batches
+        q.push_front(vec![10, 11, 12, 13], now());
         assert_eq!(q.chunks.len(), 1 + 1 + 5);
         assert_eq!(q.pop_batch(3), Some(vec![10, 11, 12]));
         assert_eq!(q.pop_batch(3), Some(vec![13, 0, 1]));
@@ -414,6 +403,32 @@ mod test {
         let rest: Vec<i32> = std::iter::from_fn(|| q.pop_batch(3)).flatten().collect();
         assert_eq!(rest, (20..34).collect::<Vec<_>>());
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_sealed_chunk_is_a_batch_of_its_own() {
+        let mut q = Queue::new(None, 3);
+        q.push_back(vec![1], now());
+        q.push_back_sealed(vec![2, 3], now());
+        q.push_back(vec![4], now());
+        q.push_back(vec![5, 6], now());
+        assert_eq!(q.pop_batch(3), Some(vec![1]));
+        assert_eq!(q.pop_batch(3), Some(vec![2, 3]));
+        assert_eq!(q.pop_batch(3), Some(vec![4, 5, 6]));
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_huge_batch_size_allocates_nothing_in_proportion() {
+        let mut q = Queue::new(None, usize::MAX);
+        q.push_back((0..10).collect(), now());
+        q.push_back((10..20).collect(), now());
+        let batch = q.pop_batch(usize::MAX).unwrap();
+        assert_eq!(batch, (0..20).collect::<Vec<_>>());
+        assert!(batch.capacity() < 1000);
+        let mut p = Pile::new();
+        p.push_one(1u64, usize::MAX);
+        assert!(p.take()[0].capacity() <= CHUNK_RESERVE);
     }
 
     #[test]
@@ -433,7 +448,7 @@ mod test {
     #[test]
     fn shrink_halves_and_bounds() {
         let mut q = q(None, &[1, 2, 3]);
-        q.push_back(vec![4, 5]);
+        q.push_back(vec![4, 5], now());
         assert_eq!(q.shrink(), Ok(vec![3, 4, 5]));
         assert_eq!(q.len(), 2);
         assert_eq!(q.max_len(), Some(2));
@@ -452,6 +467,10 @@ mod model {
     //! maximum, whatever the sequence of operations.
     use super::*;
     use proptest::prelude::*;
+
+    fn now() -> Instant {
+        Instant::now()
+    }
 
     #[derive(Debug, Clone)]
     enum Op {
@@ -523,11 +542,11 @@ mod model {
             let mut m = Model { items: VecDeque::new(), configured: max, max, shrunk: false };
             for op in ops {
                 match op {
-                    Op::PushBack(v) => prop_assert_eq!(q.push_back(v.clone()), m.push_back(v)),
-                    Op::PushFront(v) => prop_assert_eq!(q.push_front(v.clone()), m.push_front(v)),
+                    Op::PushBack(v) => prop_assert_eq!(q.push_back(v.clone(), now()), m.push_back(v)),
+                    Op::PushFront(v) => prop_assert_eq!(q.push_front(v.clone(), now()), m.push_front(v)),
                     Op::PushFrontChunks(chunks) => {
                         let all: Vec<u16> = chunks.iter().flatten().copied().collect();
-                        prop_assert_eq!(q.push_front_chunks(chunks), m.push_front(all));
+                        prop_assert_eq!(q.push_front_chunks(chunks, now()), m.push_front(all));
                     }
                     Op::Pop => {
                         let want: Vec<u16> = {
@@ -566,7 +585,7 @@ mod model {
                 prop_assert_eq!(q.is_shrunk(), m.shrunk);
                 prop_assert_eq!(q.max_len(), m.max);
                 prop_assert!(q.chunks.iter().all(|c| !c.is_empty()));
-                prop_assert_eq!(q.chunks.len(), q.times.len());
+                prop_assert_eq!(q.chunks.len(), q.meta.len());
             }
         }
     }

@@ -2,15 +2,22 @@
 //! backoff with jitter, and a dead-letter handler.
 //!
 //! Without a policy (the default) a retry goes straight to the back of the queue,
-//! for ever, as in the original. With one, the coordinator keeps the retried
-//! entries out of the queue: each group waits in a timer heap until its backoff
-//! has passed (no thread sleeps), then is dispatched ahead of the queue, as its own
-//! batches, carrying its attempt counts. An entry whose attempts reach the maximum
-//! goes to the dead-letter handler instead, with the reason.
+//! for ever, as in the original. With one, retried entries stay out of the queue:
+//! each group waits in a timer heap until its backoff has passed (no thread
+//! sleeps), then is taken ahead of the queue, as its own batches, carrying its
+//! attempt counts. An entry whose attempts reach the maximum goes to the
+//! dead-letter handler instead, with the reason.
+//!
+//! [`settle`] decides, for a run that did not simply succeed, where each entry
+//! goes; the worker calls it outside every lock, then hands the result to the
+//! store.
 
+use crate::clock::{self, FAR};
 use std::cmp::Reverse;
+use std::collections::hash_map::RandomState;
 use std::collections::{BinaryHeap, VecDeque};
 use std::fmt;
+use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 /// How often, and how far apart, failed entries are tried again.
@@ -69,11 +76,11 @@ impl fmt::Display for DeadLetterReason {
     }
 }
 
-/// Receives entries whose attempts are spent. Called on the coordinator thread,
-/// never under a lock; a panic in it is caught and logged.
-pub type DeadLetterHandler<T> = Box<dyn Fn(Vec<T>, DeadLetterReason) + Send + 'static>;
+/// Receives entries whose attempts are spent. Called on the worker thread whose
+/// run spent them, never under a lock; a panic in it is caught and logged.
+pub type DeadLetterHandler<T> = Box<dyn Fn(Vec<T>, DeadLetterReason) + Send + Sync + 'static>;
 
-/// How the coordinator tells whether a retried entry was in the failed batch.
+/// How a retried entry is told to be one of the failed batch's own.
 pub(crate) type Same<T> = fn(&T, &T) -> bool;
 
 /// Entries with their attempt counts (parallel vectors).
@@ -82,10 +89,15 @@ pub(crate) struct Group<T> {
     pub(crate) attempts: Vec<u32>,
 }
 
-/// The coordinator's side of the policy: waiting groups and ready groups.
-pub(crate) struct Retries<T> {
+/// The policy with its matcher: fixed at start, read by every worker.
+pub(crate) struct Rules<T> {
     pub(crate) policy: RetryPolicy,
     pub(crate) same: Same<T>,
+}
+
+/// The policy's state: waiting groups and ready groups.
+pub(crate) struct Retries<T> {
+    policy: RetryPolicy,
     waiting: BinaryHeap<Reverse<(Instant, u64)>>,
     groups: std::collections::HashMap<u64, Group<T>>,
     ready: VecDeque<Group<T>>,
@@ -95,11 +107,14 @@ pub(crate) struct Retries<T> {
 }
 
 impl<T> Retries<T> {
-    pub(crate) fn new(policy: RetryPolicy, same: Same<T>) -> Self {
-        let seed = Instant::now().elapsed().as_nanos() as u64 ^ 0x9E37_79B9_7F4A_7C15;
+    pub(crate) fn new(policy: RetryPolicy) -> Self {
+        // Seeded per process (std's hasher keys are random), so processes that
+        // fail together do not retry in step.
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u64(0x9E37_79B9_7F4A_7C15);
+        let seed = hasher.finish();
         Retries {
             policy,
-            same,
             waiting: BinaryHeap::new(),
             groups: Default::default(),
             ready: VecDeque::new(),
@@ -114,6 +129,11 @@ impl<T> Retries<T> {
         self.len
     }
 
+    /// Groups whose backoff has passed, waiting to be taken.
+    pub(crate) fn ready_groups(&self) -> usize {
+        self.ready.len()
+    }
+
     /// When the next waiting group is due.
     pub(crate) fn next_due(&self) -> Option<Instant> {
         self.waiting.peek().map(|Reverse((when, _))| *when)
@@ -125,7 +145,8 @@ impl<T> Retries<T> {
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
         let fraction = 0.5 + (self.rng >> 11) as f64 / (1u64 << 53) as f64 / 2.0;
-        delay.mul_f64(fraction)
+        // Cut first: a fraction of `Duration::MAX` may not fit a `Duration`.
+        delay.min(FAR).mul_f64(fraction)
     }
 
     /// Files entries after a failed run: each with its new attempt count, waiting
@@ -144,7 +165,7 @@ impl<T> Retries<T> {
         let id = self.next_id;
         self.next_id += 1;
         self.groups.insert(id, group);
-        self.waiting.push(Reverse((now + wait, id)));
+        self.waiting.push(Reverse((clock::after(now, wait), id)));
     }
 
     /// Moves groups whose time has come to the ready list.
@@ -175,12 +196,6 @@ impl<T> Retries<T> {
         Some(batch)
     }
 
-    /// Puts a group back at the front of the ready list (a recalled batch).
-    pub(crate) fn push_ready_front(&mut self, group: Group<T>) {
-        self.len += group.entries.len();
-        self.ready.push_front(group);
-    }
-
     /// Every entry, ready first, then waiting in due order.
     pub(crate) fn drain_all(&mut self) -> Vec<T> {
         let mut all = Vec::with_capacity(self.len);
@@ -197,9 +212,16 @@ impl<T> Retries<T> {
         self.len = 0;
         all
     }
+}
 
+impl<T> Rules<T> {
     /// Splits a failed batch's retry list into entries that were in the batch
     /// (their count goes on) and new ones (which start afresh).
+    ///
+    /// Each entry is looked for from just past the last match, wrapping round
+    /// once: a list that keeps the batch's order (the whole batch, or a filter of
+    /// it) is matched in one pass, linear in the batch's size. A list in another
+    /// order, or new entries, cost up to one pass of the batch each.
     pub(crate) fn match_attempts(
         &self,
         batch: &[T],
@@ -207,25 +229,144 @@ impl<T> Retries<T> {
         again: Vec<T>,
     ) -> (Group<T>, Vec<T>) {
         let mut used = vec![false; batch.len()];
+        let mut cursor = 0;
         let mut known = Group {
             entries: Vec::new(),
             attempts: Vec::new(),
         };
         let mut fresh = Vec::new();
         for entry in again {
-            let found = (0..batch.len()).find(|&i| !used[i] && (self.same)(&batch[i], &entry));
+            let found = (cursor..batch.len())
+                .chain(0..cursor)
+                .find(|&i| !used[i] && (self.same)(&batch[i], &entry));
             match found {
                 Some(i) => {
                     used[i] = true;
-                    known
-                        .attempts
-                        .push(attempts.get(i).copied().unwrap_or(0) + 1);
+                    cursor = i + 1;
+                    let before = attempts.get(i).copied().unwrap_or(0);
+                    known.attempts.push(before.saturating_add(1));
                     known.entries.push(entry);
                 }
                 None => fresh.push(entry),
             }
         }
         (known, fresh)
+    }
+}
+
+/// Why a run did not simply succeed.
+pub(crate) enum Failed<T> {
+    /// `Retry`: the whole batch again.
+    All,
+    /// `RetryEntries`: these entries again (the batch's own, or new ones).
+    These(Vec<T>),
+    /// The run panicked with this message: the whole batch again.
+    Panicked(String),
+}
+
+/// Where the entries of a run that did not simply succeed go.
+pub(crate) struct Settled<T> {
+    /// Entries the run let go: done.
+    pub(crate) processed: u64,
+    /// The batch's own entries, back to the queue whatever its bound (no policy).
+    pub(crate) requeue: Vec<T>,
+    /// The batch's own entries waiting their backoff (under a policy).
+    pub(crate) later: Group<T>,
+    /// New entries: admitted like any hand-over (the bound applies).
+    pub(crate) fresh: Vec<T>,
+    /// Entries whose attempts are spent, and why.
+    pub(crate) dead: Vec<T>,
+    pub(crate) reason: DeadLetterReason,
+    /// The panic message, if the run panicked.
+    pub(crate) panic: Option<String>,
+    /// The batch itself, to be dropped by the worker (outside every lock).
+    pub(crate) spent: Vec<T>,
+}
+
+impl<T> Settled<T> {
+    /// Entries that run again (counted as retried).
+    pub(crate) fn retried(&self) -> usize {
+        self.requeue.len() + self.later.entries.len() + self.fresh.len()
+    }
+}
+
+/// Decides where the entries of a failed run go. `policy` is the retry policy
+/// and its matcher, if one is set.
+///
+/// Without a policy the engine cannot tell a batch's own entries from new ones
+/// (entries need not be comparable), so it counts: the first as many entries of
+/// the list as the batch held count as its own; any more are new. With a policy
+/// they are matched by `==` (see [`Retries::match_attempts`]).
+pub(crate) fn settle<T>(
+    batch: Vec<T>,
+    attempts: Option<Vec<u32>>,
+    failed: Failed<T>,
+    policy: Option<&Rules<T>>,
+) -> Settled<T> {
+    let (again, panic) = match failed {
+        Failed::All => (None, None),
+        Failed::These(list) => (Some(list), None),
+        Failed::Panicked(msg) => (None, Some(msg)),
+    };
+    let reason = match &panic {
+        Some(msg) => DeadLetterReason::Panicked(msg.clone()),
+        None => DeadLetterReason::RetryRequested,
+    };
+    let mut out = Settled {
+        processed: 0,
+        requeue: Vec::new(),
+        later: Group::default(),
+        fresh: Vec::new(),
+        dead: Vec::new(),
+        reason,
+        panic,
+        spent: Vec::new(),
+    };
+    let Some(retries) = policy else {
+        match again {
+            None => out.requeue = batch,
+            Some(mut list) => {
+                let own = list.len().min(batch.len());
+                out.fresh = list.split_off(own);
+                out.requeue = list;
+                out.processed = (batch.len() - own) as u64;
+                out.spent = batch;
+            }
+        }
+        return out;
+    };
+    let attempts = attempts.unwrap_or_else(|| vec![0; batch.len()]);
+    let known = match again {
+        None => Group {
+            attempts: attempts.iter().map(|a| a.saturating_add(1)).collect(),
+            entries: batch,
+        },
+        Some(list) => {
+            let (known, fresh) = retries.match_attempts(&batch, &attempts, list);
+            out.processed = (batch.len() - known.entries.len()) as u64;
+            out.fresh = fresh;
+            out.spent = batch;
+            known
+        }
+    };
+    let max = retries.policy.max_attempts;
+    for (entry, n) in known.entries.into_iter().zip(known.attempts) {
+        if n >= max {
+            out.dead.push(entry);
+        } else {
+            out.later.entries.push(entry);
+            out.later.attempts.push(n);
+        }
+    }
+    out
+}
+
+impl<T> Default for Group<T> {
+    fn default() -> Self {
+        Group {
+            entries: Vec::new(),
+            attempts: Vec::new(),
+        }
     }
 }
 
@@ -246,7 +387,7 @@ mod test {
 
     #[test]
     fn jitter_stays_between_half_and_all() {
-        let mut r: Retries<u8> = Retries::new(RetryPolicy::new(3), |a, b| a == b);
+        let mut r: Retries<u8> = Retries::new(RetryPolicy::new(3));
         for _ in 0..1000 {
             let d = r.jitter(Duration::from_millis(100));
             assert!(
@@ -258,7 +399,7 @@ mod test {
 
     #[test]
     fn retried_entries_keep_their_count_and_new_ones_start_afresh() {
-        let r: Retries<u8> = Retries::new(RetryPolicy::new(3), |a, b| a == b);
+        let r: Rules<u8> = Rules { policy: RetryPolicy::new(3), same: |a, b| a == b };
         let (known, fresh) = r.match_attempts(&[1, 2, 2, 3], &[0, 1, 2, 0], vec![2, 9, 2, 3]);
         assert_eq!(known.entries, vec![2, 2, 3]);
         assert_eq!(known.attempts, vec![2, 3, 1]);
@@ -266,11 +407,69 @@ mod test {
     }
 
     #[test]
+    fn matching_a_long_list_in_order_is_linear() {
+        use std::cell::Cell;
+        thread_local!(static CALLS: Cell<u64> = const { Cell::new(0) });
+        let r: Rules<u32> = Rules {
+            policy: RetryPolicy::new(3),
+            same: |a, b| {
+                CALLS.with(|c| c.set(c.get() + 1));
+                a == b
+            },
+        };
+        let n = 40_000u32;
+        let batch: Vec<u32> = (0..n).collect();
+        let attempts = vec![1; n as usize];
+        let (known, fresh) = r.match_attempts(&batch, &attempts, batch.clone());
+        assert_eq!((known.entries.len(), fresh.len()), (n as usize, 0));
+        assert!(known.attempts.iter().all(|&a| a == 2));
+        assert_eq!(CALLS.with(Cell::get), u64::from(n)); // one comparison each
+        CALLS.with(|c| c.set(0));
+        let odd: Vec<u32> = batch.iter().copied().filter(|e| e % 2 == 1).collect();
+        let (known, _) = r.match_attempts(&batch, &attempts, odd);
+        assert_eq!(known.entries.len(), n as usize / 2);
+        assert!(CALLS.with(Cell::get) <= u64::from(n)); // one pass
+    }
+
+    #[test]
+    fn without_a_policy_a_run_hands_back_at_most_its_batch_unbounded() {
+        let s = settle(vec![1, 2, 3], None, Failed::These(vec![7, 8, 9, 10, 11]), None);
+        assert_eq!((s.requeue, s.fresh, s.processed), (vec![7, 8, 9], vec![10, 11], 0));
+        let s = settle(vec![1, 2, 3], None, Failed::These(vec![2]), None);
+        assert_eq!((s.requeue, s.fresh, s.processed), (vec![2], vec![], 2));
+        let s = settle(vec![1, 2], None, Failed::Panicked("x".into()), None);
+        assert_eq!((s.requeue, s.panic), (vec![1, 2], Some("x".to_string())));
+    }
+
+    #[test]
+    fn under_a_policy_spent_entries_die_with_the_reason() {
+        let r: Rules<u8> = Rules { policy: RetryPolicy::new(2), same: |a, b| a == b };
+        let s = settle(vec![1, 2, 3], Some(vec![1, 0, 0]), Failed::These(vec![1, 2, 9]), Some(&r));
+        assert_eq!(s.dead, vec![1]);
+        assert_eq!((s.later.entries, s.later.attempts), (vec![2], vec![1]));
+        assert_eq!((s.fresh, s.processed), (vec![9], 1));
+        assert_eq!(s.reason, DeadLetterReason::RetryRequested);
+        let s = settle(vec![5], Some(vec![1]), Failed::Panicked("boom".into()), Some(&r));
+        assert_eq!(s.dead, vec![5]);
+        assert_eq!(s.reason, DeadLetterReason::Panicked("boom".into()));
+    }
+
+    #[test]
+    fn huge_backoffs_saturate() {
+        let mut r: Retries<u8> = Retries::new(RetryPolicy::new(3).backoff(Duration::MAX, Duration::MAX));
+        for _ in 0..100 {
+            let d = r.jitter(Duration::MAX);
+            assert!(d <= FAR);
+        }
+        let now = Instant::now();
+        r.delay(Group { entries: vec![1], attempts: vec![40] }, now);
+        assert!(r.next_due().unwrap() > now);
+    }
+
+    #[test]
     fn groups_wait_their_turn() {
-        let mut r: Retries<u8> = Retries::new(
-            RetryPolicy::new(3).backoff(Duration::from_secs(1), Duration::from_secs(1)),
-            |a, b| a == b,
-        );
+        let mut r: Retries<u8> =
+            Retries::new(RetryPolicy::new(3).backoff(Duration::from_secs(1), Duration::from_secs(1)));
         let now = Instant::now();
         r.delay(
             Group {

@@ -1,8 +1,5 @@
 //! The callback trait, the run outcome, priorities and the `init` sink.
 
-use crate::coordinator::{Command, Shared};
-use crossbeam_channel::Sender;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The work a [`Handle`](crate::Handle) runs: how to find initial work, and how to
@@ -63,6 +60,18 @@ pub enum Priority {
     Front,
 }
 
+/// Where a [`Sink`] delivers its chunks: the engine's store.
+pub(crate) trait Feed<T>: Send + Sync {
+    /// Takes a chunk streamed by `init` (under an enforced bound, after waiting
+    /// for room, unless the engine is stopping). Never drops entries.
+    fn feed(&self, chunk: Vec<T>);
+    /// Whether the engine is shutting down.
+    fn stopping(&self) -> bool;
+}
+
+/// Most entries a sink allocates room for ahead: `max_batch_size` may be huge.
+const SINK_RESERVE: usize = 1024;
+
 /// Collects the entries an [`Task::init`] streams and hands them to the engine in
 /// chunks of `max_batch_size`.
 ///
@@ -72,22 +81,16 @@ pub struct Sink<T> {
     chunk: Vec<T>,
     chunk_size: usize,
     produced: u64,
-    commands: Sender<Command<T>>,
-    shared: Arc<Shared<T>>,
+    feed: Arc<dyn Feed<T>>,
 }
 
 impl<T> Sink<T> {
-    pub(crate) fn new(
-        chunk_size: usize,
-        commands: Sender<Command<T>>,
-        shared: Arc<Shared<T>>,
-    ) -> Self {
+    pub(crate) fn new(chunk_size: usize, feed: Arc<dyn Feed<T>>) -> Self {
         Sink {
-            chunk: Vec::with_capacity(chunk_size),
+            chunk: Vec::new(),
             chunk_size,
             produced: 0,
-            commands,
-            shared,
+            feed,
         }
     }
 
@@ -95,6 +98,9 @@ impl<T> Sink<T> {
     /// still taken (and drained or handed back by the shutdown), but `init` should
     /// stop streaming and return.
     pub fn push(&mut self, entry: T) -> bool {
+        if self.chunk.capacity() == 0 {
+            self.chunk.reserve(self.chunk_size.min(SINK_RESERVE));
+        }
         self.chunk.push(entry);
         self.produced += 1;
         if self.chunk.len() >= self.chunk_size {
@@ -114,7 +120,7 @@ impl<T> Sink<T> {
 
     /// Whether the engine is shutting down, so `init` should return soon.
     pub fn is_stopping(&self) -> bool {
-        self.shared.stopping.load(Ordering::Relaxed)
+        self.feed.stopping()
     }
 
     /// How many entries this `init` run has pushed so far.
@@ -123,39 +129,26 @@ impl<T> Sink<T> {
     }
 
     fn send_chunk(&mut self) {
-        let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(self.chunk_size));
-        self.send(chunk);
-    }
-
-    /// Sends a chunk to the engine; under a bound enforced at hand-over (the
-    /// `Reject` and `Block` policies) it first waits for room, unless stopping.
-    fn send(&self, chunk: Vec<T>) {
-        let guard = self.shared.wait_for_room(chunk.len());
-        // The coordinator outlives the init thread (it joins it), so this cannot fail;
-        // if it ever did, the entries would be dropped with the message, so log it.
-        if let Err(err) = self.commands.send(Command::InitChunk(chunk)) {
-            log::error!(
-                "init chunk of {} entries could not reach the engine",
-                count(&err.0)
-            );
-        }
-        drop(guard);
+        let chunk = std::mem::take(&mut self.chunk);
+        self.feed.feed(chunk);
     }
 
     /// Sends the remainder; returns how many entries this run produced.
     pub(crate) fn finish(mut self) -> u64 {
         if !self.chunk.is_empty() {
-            let chunk = std::mem::take(&mut self.chunk);
-            self.send(chunk);
+            self.send_chunk();
         }
         self.produced
     }
 }
 
-fn count<T>(cmd: &Command<T>) -> usize {
-    match cmd {
-        Command::InitChunk(v) => v.len(),
-        _ => 0,
+impl<T> Drop for Sink<T> {
+    /// A sink dropped without `finish` (its thread is unwinding) still delivers
+    /// what it holds.
+    fn drop(&mut self) {
+        if !self.chunk.is_empty() {
+            self.send_chunk();
+        }
     }
 }
 

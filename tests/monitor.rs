@@ -327,9 +327,10 @@ fn the_default_probe_reads_this_process_resident_memory() {
     use buffered_task::ProcessRss;
     let before = ProcessRss.used_bytes().expect("RSS is readable on Linux");
     assert!(before > 0);
-    // Touch 64 MiB: resident memory grows by about that much.
-    let block = vec![1u8; 64 << 20];
+    // Touch 64 MiB: resident memory grows by about that much. (`black_box`: a
+    // release build would otherwise drop the unused block before it is made.)
+    let block = std::hint::black_box(vec![1u8; 64 << 20]);
     let after = ProcessRss.used_bytes().unwrap();
     assert!(after >= before + (32 << 20), "{before} -> {after}");
-    drop(block);
+    drop(std::hint::black_box(block));
 }

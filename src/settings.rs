@@ -1,0 +1,55 @@
+//! The validated settings an engine runs with (built by
+//! [`Builder`](crate::Builder), read by every part of the engine).
+
+use crate::clock::Clock;
+use crate::overflow::OverflowPolicy;
+use std::time::Duration;
+
+/// Most worker threads an engine may have: each slot is a thread started with
+/// the engine, so a larger `max_concurrency` is a
+/// [`BuildError::TooManyWorkers`](crate::BuildError::TooManyWorkers).
+pub const MAX_CONCURRENCY: usize = 4096;
+
+/// How often buffered entries are moved into the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushInterval {
+    /// A ticker flushes every period (deadline-based: it does not drift), and a
+    /// full batch's worth of buffered entries is flushed at once.
+    Every(Duration),
+    /// No ticker: only [`Handle::flush`](crate::Handle::flush) moves buffered entries.
+    Never,
+}
+
+impl From<Duration> for FlushInterval {
+    fn from(period: Duration) -> Self {
+        FlushInterval::Every(period)
+    }
+}
+
+/// The validated settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) name: String,
+    pub(crate) max_batch_size: usize,
+    pub(crate) max_concurrency: usize,
+    pub(crate) flush_interval: FlushInterval,
+    pub(crate) poll: bool,
+    pub(crate) idle_poll_delay: Duration,
+    pub(crate) max_queue_len: Option<usize>,
+    /// The policy in force: `DropNewest` when the queue is unbounded.
+    pub(crate) overflow_policy: OverflowPolicy,
+    pub(crate) run_deadline: Option<Duration>,
+    pub(crate) clock: Clock,
+}
+
+impl Config {
+    /// Whether a full batch in the buffers is flushed at once (only with a ticker).
+    pub(crate) fn auto_flush(&self) -> bool {
+        matches!(self.flush_interval, FlushInterval::Every(_))
+    }
+
+    /// Whether hand-overs are held to the bound (the `Reject` and `Block` policies).
+    pub(crate) fn enforced(&self) -> bool {
+        self.max_queue_len.is_some() && self.overflow_policy != OverflowPolicy::DropNewest
+    }
+}

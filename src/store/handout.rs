@@ -1,0 +1,249 @@
+//! The worker side of the store: take a batch (accounting the last one), settle
+//! a run that did not simply succeed, and give back a batch whose worker failed.
+//! The protocol is described in the parent module.
+
+use super::{Phase, Run, Slot, State, Store};
+use crate::overflow::OverflowReason;
+use crate::retry::Settled;
+use crate::unwind::drop_quietly;
+use std::time::Instant;
+
+/// One batch for a worker.
+pub(crate) struct Job<T> {
+    pub(crate) entries: Vec<T>,
+    /// The entries' attempt counts, for a batch of retries under a policy.
+    pub(crate) attempts: Option<Vec<u32>>,
+}
+
+impl<T> State<T> {
+    fn start_run(&mut self, w: usize, entries: usize, started: Instant) {
+        self.slots[w] = Slot::Run(Run {
+            started,
+            entries,
+            reported: false,
+        });
+        self.running += 1;
+    }
+
+    /// Ends worker `w`'s run, if it has one, and puts its slot in `next`.
+    pub(super) fn end_run(&mut self, w: usize, next: Slot) {
+        if let Some(Slot::Run(_)) = self.slots.get(w) {
+            self.running -= 1;
+        }
+        if let Some(slot) = self.slots.get_mut(w) {
+            *slot = next;
+        }
+    }
+}
+
+/// How a worker's last batch ended.
+pub(crate) enum Done<T> {
+    /// There was none: the worker just started.
+    Nothing,
+    /// It succeeded with this many entries.
+    Ok(u64),
+    /// It failed; [`retry::settle`](crate::retry::settle) sorted its entries.
+    Failed(Settled<T>),
+}
+
+/// What a settled failure leaves to report outside the lock.
+struct Leftovers<T> {
+    overflow: Vec<T>,
+    reason: Option<OverflowReason>,
+    dead: Vec<T>,
+    dead_reason: Option<crate::retry::DeadLetterReason>,
+    spent: Vec<T>,
+}
+
+impl<T: Send + 'static> Store<T> {
+    /// Accounts worker `w`'s last batch and takes its next one, waiting for work
+    /// if there is none. `None`: the engine has finished and the worker exits.
+    ///
+    /// A failed batch's entries go back in the same step that takes the next
+    /// batch, so a retried batch is not merged with one that fails just after it.
+    pub(crate) fn take(&self, w: usize, done: Done<T>) -> Option<Job<T>> {
+        // Weighed before the lock: the weigher is user code.
+        let heap = match &done {
+            Done::Failed(s) => self.weigh_back(s),
+            _ => 0,
+        };
+        let mut st = self.lock();
+        st.end_run(w, Slot::Free);
+        let leftovers = match done {
+            Done::Nothing => None,
+            Done::Ok(n) => {
+                st.counters.processed += n;
+                None
+            }
+            Done::Failed(s) => Some(self.apply(&mut st, s, heap)),
+        };
+        self.wake_watchers(&st);
+        let job = self.start_next(&mut st, w);
+        if let Some(leftovers) = leftovers {
+            if job.is_none() {
+                st.slots[w] = Slot::Reporting; // in user code until the next take
+            }
+            drop(st);
+            self.report_leftovers(leftovers);
+            if job.is_some() {
+                return job;
+            }
+            st = self.lock();
+            st.slots[w] = Slot::Free;
+        }
+        if job.is_some() {
+            return job;
+        }
+        loop {
+            if st.phase == Phase::Finished {
+                return None;
+            }
+            st.idle += 1;
+            self.work.wait(&mut st);
+            st.idle -= 1;
+            if let Some(job) = self.start_next(&mut st, w) {
+                return Some(job);
+            }
+        }
+    }
+
+    /// Takes a batch for worker `w` if one may start now.
+    fn start_next(&self, st: &mut State<T>, w: usize) -> Option<Job<T>> {
+        if st.phase >= Phase::Halted {
+            return None;
+        }
+        let job = self.next_batch(st)?;
+        let started = match self.config.run_deadline {
+            Some(_) => self.clock().now(),
+            None => self.born,
+        };
+        st.start_run(w, job.entries.len(), started);
+        self.wake_room(st);
+        Some(job)
+    }
+
+    /// Retries that are due first, then the head of the queue.
+    fn next_batch(&self, st: &mut State<T>) -> Option<Job<T>> {
+        let batch = self.config.max_batch_size;
+        if let Some(retries) = &mut st.retries {
+            if retries.len() > 0 {
+                retries.wake(self.clock().now());
+                if let Some(group) = retries.pop_ready(batch) {
+                    return Some(Job {
+                        entries: group.entries,
+                        attempts: Some(group.attempts),
+                    });
+                }
+            }
+        }
+        st.queue.pop_batch(batch).map(|entries| Job {
+            entries,
+            attempts: None,
+        })
+    }
+
+    /// Heap bytes of the entries a failed run sends back in.
+    fn weigh_back(&self, s: &Settled<T>) -> i64 {
+        self.weigh(&s.requeue) + self.weigh(&s.later.entries) + self.weigh(&s.fresh)
+    }
+
+    /// Applies what [`retry::settle`](crate::retry::settle) decided for a failed
+    /// run (whose entries weigh `heap`); returns what to report.
+    fn apply(&self, st: &mut State<T>, s: Settled<T>, heap: i64) -> Leftovers<T> {
+        if let Some(msg) = &s.panic {
+            log::error!(
+                "{}: run panicked on a batch, retrying it: {msg}",
+                self.config.name
+            );
+        }
+        self.add_heap(heap);
+        let c = &mut st.counters;
+        c.processed += s.processed;
+        c.retried += s.retried() as u64;
+        c.panicked += u64::from(s.panic.is_some());
+        c.dead_lettered += s.dead.len() as u64;
+        let (overflow, reason) = if st.phase == Phase::Finished {
+            (late(st, s.requeue, s.later.entries, s.fresh), OverflowReason::Shutdown)
+        } else {
+            let now = self.clock().now();
+            // A batch's own entries, whatever the bound, as a batch of their own.
+            st.queue.push_back_sealed(s.requeue, now);
+            if let Some(retries) = &mut st.retries {
+                if !s.later.entries.is_empty() {
+                    retries.delay(s.later, now);
+                    self.nudge(); // a new timer
+                }
+            }
+            (self.admit_fresh(st, s.fresh, now), OverflowReason::Full)
+        };
+        self.wake_workers(st);
+        Leftovers {
+            overflow,
+            reason: Some(reason),
+            dead: s.dead,
+            dead_reason: Some(s.reason),
+            spent: s.spent,
+        }
+    }
+
+    /// Reports a failed run's overflow and dead letters, and drops its batch,
+    /// outside the lock.
+    fn report_leftovers(&self, l: Leftovers<T>) {
+        if let Some(reason) = l.reason {
+            self.report(l.overflow, reason);
+        }
+        if let (false, Some(reason)) = (l.dead.is_empty(), l.dead_reason) {
+            self.unweigh(&l.dead);
+            self.reporter.dead_letter(l.dead, reason);
+        }
+        drop_quietly("a batch", l.spent);
+    }
+
+    /// New entries a run returned: as many as there is room for; the rest
+    /// overflow (counted). A worker neither waits nor has a caller to hand back to.
+    fn admit_fresh(&self, st: &mut State<T>, mut fresh: Vec<T>, now: Instant) -> Vec<T> {
+        let overflow = if self.config.enforced() {
+            let bound = st.queue.max_len().unwrap_or(usize::MAX);
+            let room = bound.saturating_sub(st.waiting());
+            let over = if fresh.len() > room {
+                fresh.split_off(room)
+            } else {
+                Vec::new()
+            };
+            st.queue.push_back_unbounded(fresh, now);
+            over
+        } else {
+            st.queue.push_back(fresh, now)
+        };
+        st.counters.overflow_full += overflow.len() as u64;
+        overflow
+    }
+
+    /// A worker is unwinding from a panic outside `run` with a batch in hand:
+    /// the batch goes back to the front of the queue (or, once the engine has
+    /// finished, to the overflow handler).
+    pub(crate) fn orphan(&self, w: usize, entries: Vec<T>) {
+        let mut st = self.lock();
+        st.end_run(w, Slot::Free);
+        let late = if st.phase == Phase::Finished {
+            st.counters.overflow_shutdown += entries.len() as u64;
+            entries
+        } else {
+            let now = self.clock().now();
+            st.queue.push_front_unbounded(entries, now);
+            Vec::new()
+        };
+        self.wake_watchers(&st);
+        drop(st);
+        self.report(late, OverflowReason::Shutdown);
+    }
+}
+
+/// What a run hands back after the engine has finished: nowhere to go but the
+/// overflow handler (counted as `Shutdown`).
+fn late<T>(st: &mut State<T>, mut a: Vec<T>, b: Vec<T>, c: Vec<T>) -> Vec<T> {
+    a.extend(b);
+    a.extend(c);
+    st.counters.overflow_shutdown += a.len() as u64;
+    a
+}

@@ -1,0 +1,167 @@
+//! The store's side of stopping: close, wait to settle, finish (take every
+//! entry out), and fail (an engine thread panicked outside user code).
+
+use super::{Phase, Slot, Store};
+use crate::error::ControlError;
+use crate::overflow::OverflowReason;
+use crate::threads::Role;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+/// How a shutdown treats work that has not started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Close {
+    /// Run everything left.
+    Drain,
+    /// Start nothing more; wait for what runs.
+    Return,
+}
+
+/// What `finish` took out.
+pub(crate) struct Finish<T> {
+    /// Entries not processed, in queue order: front buffer, queue, retries, back
+    /// buffer.
+    pub(crate) unprocessed: Vec<T>,
+    /// Entries in runs still going.
+    pub(crate) running: usize,
+    /// Threads inside user code at that moment.
+    busy: Vec<Role>,
+}
+
+impl<T> Finish<T> {
+    /// Whether thread `role` was inside user code when the engine finished.
+    pub(crate) fn busy(&self, role: Role) -> bool {
+        self.busy.contains(&role)
+    }
+}
+
+impl<T: Send + 'static> Store<T> {
+    /// Begins a shutdown: hand-overs fail from now on, the buffers join the
+    /// queue, `init` is told to stop. Fails if a shutdown already began.
+    pub(crate) fn close(&self, how: Close) -> Result<(), ControlError> {
+        let mut st = self.lock();
+        if st.shut || st.phase == Phase::Finished {
+            return Err(ControlError::Stopped);
+        }
+        st.shut = true;
+        if st.phase == Phase::Open {
+            st.phase = match how {
+                Close::Drain => Phase::Draining,
+                Close::Return => Phase::Halted,
+            };
+        }
+        self.stopping.store(true, Ordering::Relaxed);
+        let overflow = self.flush_locked(&mut st);
+        self.room.notify_all();
+        drop(st);
+        self.nudge();
+        self.report(overflow, OverflowReason::Full);
+        Ok(())
+    }
+
+    /// Waits until nothing runs (and, to drain, nothing waits), or until
+    /// `deadline`, when it halts the engine. Returns whether the deadline passed
+    /// first. A failed engine does not drain: it only waits for what runs.
+    pub(crate) fn wait_settled(&self, how: Close, deadline: Option<Instant>) -> bool {
+        let mut st = self.lock();
+        st.watchers += 1;
+        let passed = loop {
+            let quiet = st.running == 0 && !st.init.running;
+            let empty = st.queue.is_empty() && st.retrying() == 0 && st.intake.is_empty();
+            let done = match how {
+                Close::Drain => quiet && (empty || st.failed.is_some()),
+                Close::Return => quiet,
+            };
+            if done {
+                break false;
+            }
+            if self.clock().wait(&self.settled, &mut st, deadline) {
+                st.phase = st.phase.max(Phase::Halted);
+                break true;
+            }
+        };
+        st.watchers -= 1;
+        passed
+    }
+
+    /// Ends the engine's life: takes every waiting entry out, tells every thread
+    /// to exit, and says who is still inside user code.
+    pub(crate) fn finish(&self) -> Finish<T> {
+        let mut st = self.lock();
+        st.phase = Phase::Finished;
+        self.stopping.store(true, Ordering::Relaxed);
+        let (front, back) = st.intake.take();
+        let mut unprocessed: Vec<T> = front.into_iter().flatten().collect();
+        unprocessed.extend(st.queue.drain_all());
+        if let Some(retries) = &mut st.retries {
+            unprocessed.extend(retries.drain_all());
+        }
+        unprocessed.extend(back.into_iter().flatten());
+        st.queue.release_memory();
+        let mut running = 0;
+        let mut busy = Vec::new();
+        for (w, slot) in st.slots.iter().enumerate() {
+            match slot {
+                Slot::Free => {}
+                Slot::Run(run) => {
+                    running += run.entries;
+                    busy.push(Role::Worker(w));
+                }
+                Slot::Reporting => busy.push(Role::Worker(w)),
+            }
+        }
+        if st.init.running {
+            busy.push(Role::Init);
+        }
+        if st.coordinator_busy {
+            busy.push(Role::Coordinator);
+        }
+        self.heap.store(0, Ordering::Relaxed);
+        self.work.notify_all();
+        self.room.notify_all();
+        self.settled.notify_all();
+        drop(st);
+        self.nudge();
+        Finish {
+            unprocessed,
+            running,
+            busy,
+        }
+    }
+
+    /// Entries the engine stops without (the last handle dropped): counted and
+    /// handed to the overflow handler as `Shutdown`.
+    pub(crate) fn abandon(&self, entries: Vec<T>) {
+        self.lock().counters.overflow_shutdown += entries.len() as u64;
+        self.reporter.overflow(entries, OverflowReason::Shutdown);
+    }
+
+    /// An engine thread panicked outside user code: the engine stops taking
+    /// work. Its entries stay in the store for the shutdown (or the last drop)
+    /// to hand back; calls that hand entries over fail from now on.
+    pub(crate) fn fail(&self, role: Role, msg: &str) {
+        log::error!(
+            "{}: internal failure on the {role:?} thread, the engine stops: {msg}",
+            self.config.name
+        );
+        let mut st = self.lock();
+        match role {
+            Role::Worker(w) => st.end_run(w, Slot::Free),
+            Role::Init => st.init.running = false,
+            Role::Coordinator => st.coordinator_busy = false,
+        }
+        st.failed.get_or_insert_with(|| msg.to_string());
+        st.phase = st.phase.max(Phase::Halted);
+        self.stopping.store(true, Ordering::Relaxed);
+        self.work.notify_all();
+        self.room.notify_all();
+        self.settled.notify_all();
+        drop(st);
+        self.nudge();
+    }
+
+    /// Whether the engine has finished (every thread should exit).
+    pub(crate) fn is_finished(&self) -> bool {
+        self.lock().phase == Phase::Finished
+    }
+}

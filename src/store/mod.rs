@@ -1,0 +1,623 @@
+//! The store: every entry the engine holds while it waits, every counter, and
+//! the engine's phase, under one lock. It is the one owner of that state; every
+//! thread talks to it through the methods here, each a short critical section
+//! that never calls user code.
+//!
+//! # The hand-out protocol
+//!
+//! ```text
+//!  callers ──buffer──▶ intake (back, front) ──flush──▶ queue ◀──push── callers, init
+//!                         │ full batch (ticker on):      │
+//!                         └── flushed by the caller ─────┤
+//!  coordinator ──tick──▶ flush                           │ take (one lock per batch)
+//!             ──timers─▶ retries due, watchdog, poll     ▼
+//!                                               workers (max_concurrency)
+//!  workers ──settle──▶ queue / retries / overflow / dead letters
+//! ```
+//!
+//! - **Batches are pulled, not pushed.** A worker takes its next batch from the
+//!   store under the lock (retries that are due first, then the queue), in the
+//!   same critical section that accounts the batch it finished. There is no job
+//!   channel: nothing is ever handed out ahead, so nothing needs recalling, and
+//!   front entries, shrinks and shutdowns act on everything that has not started.
+//! - **Wake-ups.** A worker with nothing to take counts itself `idle` and waits on
+//!   `work`. Whoever adds entries wakes `min(idle, batches now available)`
+//!   workers; a woken worker that finds nothing waits again. No batch can be
+//!   missed: a worker looks at the store before it waits, under the lock.
+//! - **Flushes.** `flush()`, the coordinator's tick and (with a ticker) a
+//!   hand-over that fills a batch move the buffers into the queue, on the calling
+//!   thread. What a bounded queue cannot take is counted under the lock and
+//!   reported after it.
+//! - **Room.** Under `Reject`/`Block`, a hand-over is admitted when buffered +
+//!   queued + retrying entries leave room under the bound; `Block` waits on
+//!   `room`, notified when a worker takes a batch, on `expand` and on stop.
+//! - **Settling.** A failed run's entries are sorted by [`retry::settle`] outside
+//!   the lock; the store then requeues the batch's own (bound or not), admits new
+//!   ones under the bound, and counts; the worker reports overflow and dead
+//!   letters after the lock is released, then takes its next batch.
+//! - **The coordinator** owns no entries: it flushes on ticks, wakes due retries,
+//!   watches run deadlines and decides when `init` runs, all through this store.
+//!   Anyone who changes what it must look at nudges it (a `bounded(1)` channel:
+//!   a nudge already pending is enough).
+//!
+//! # Phases
+//!
+//! `Open` → (`shutdown_drain`) `Draining` → `Finished`, or `Open` → (a shutdown
+//! that hands back, a deadline, an internal failure) `Halted` → `Finished`. Once
+//! not `Open`, hand-overs fail and hand their entries back. `Halted`: no batch
+//! starts. `Finished`: the shutdown took every entry out; threads exit; entries
+//! that arrive later (a run that outlived a shutdown deadline, a late `init`)
+//! go to the overflow handler as `Shutdown`.
+//!
+//! # Invariants (under the lock, after every method)
+//!
+//! - Every entry the engine holds is in exactly one place: the intake, the
+//!   queue, the retries, a worker's batch (its slot is `Run`), or on its way to
+//!   a handler (counted already). The counters move in the same step.
+//! - `running` equals the number of `Run` slots, and never exceeds
+//!   `max_concurrency` (one slot per worker thread).
+//!
+//! Two values are also readable without the lock: `stopping` (set with the
+//! phase, read by `Sink::is_stopping` on every push) and `heap` (heap bytes the
+//! weigher reports for waiting entries, added by the thread that hands entries
+//! in and subtracted by the one that takes them out; approximate while entries
+//! move, clamped at zero).
+
+mod handout;
+mod life;
+mod timers;
+
+pub(crate) use handout::{Done, Job};
+pub(crate) use life::Close;
+pub(crate) use timers::InitDecision;
+
+use crate::clock::{Clock, Listener};
+use crate::error::{ControlError, ShrinkError};
+use crate::intake::{admit, Admit, Entries, Intake};
+use crate::overflow::{OverflowReason, Reporter, Weigher};
+use crate::queue::Queue;
+use crate::retry::{Retries, Rules};
+use crate::settings::Config;
+use crate::stats::{Counters, DebugCount, Stats};
+use crate::task::{Feed, Priority};
+use crate::threads::{self, Role};
+use crate::unwind::catch;
+use crossbeam_channel::Sender;
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Why a hand-over was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    Stopped,
+    Full,
+    Timeout,
+}
+
+/// Where the engine is in its life (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Phase {
+    Open,
+    Draining,
+    Halted,
+    Finished,
+}
+
+/// What a worker's slot is doing.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    /// Waiting for, or taking, a batch.
+    Free,
+    /// Running a batch.
+    Run(Run),
+    /// Reporting a settled batch's leftovers to the handlers (user code).
+    Reporting,
+}
+
+/// A run in progress.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    started: Instant,
+    entries: usize,
+    /// The watchdog has reported it.
+    reported: bool,
+}
+
+/// When `init` runs.
+#[derive(Debug, Default)]
+struct InitState {
+    running: bool,
+    /// Someone asked for a run (the first one, or `poll_now`).
+    requested: bool,
+    /// `poll_now` came while it ran: run again when it returns.
+    again: bool,
+    last_produced: u64,
+    /// A shrink shed work since it last started.
+    shed: bool,
+}
+
+/// Everything under the lock.
+struct State<T> {
+    intake: Intake<T>,
+    queue: Queue<T>,
+    retries: Option<Retries<T>>,
+    slots: Vec<Slot>,
+    running: usize,
+    counters: Counters,
+    phase: Phase,
+    /// A shutdown call (or the last handle's drop) owns the stop.
+    shut: bool,
+    failed: Option<String>,
+    init: InitState,
+    /// The coordinator is inside a handler.
+    coordinator_busy: bool,
+    /// Workers waiting on `work`.
+    idle: usize,
+    /// Hand-overs (and `init` chunks) waiting on `room`.
+    room_waiters: usize,
+    /// Threads waiting on `settled`.
+    watchers: usize,
+}
+
+impl<T> State<T> {
+    /// Entries that hold room under an enforced bound.
+    fn waiting(&self) -> usize {
+        self.intake.len() + self.queue.len() + self.retrying()
+    }
+
+    fn retrying(&self) -> usize {
+        self.retries.as_ref().map_or(0, Retries::len)
+    }
+
+    /// Nothing queued or retrying, nothing running, `init` not running.
+    fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.retrying() == 0 && self.running == 0 && !self.init.running
+    }
+}
+
+/// The store; see the module doc.
+pub(crate) struct Store<T> {
+    state: Mutex<State<T>>,
+    /// Workers wait here for batches.
+    work: Condvar,
+    /// `Block` hand-overs and `init` chunks wait here for room.
+    room: Condvar,
+    /// Shutdowns wait here for the engine to settle.
+    settled: Condvar,
+    stopping: AtomicBool,
+    heap: AtomicI64,
+    nudge: Sender<()>,
+    pub(crate) config: Config,
+    pub(crate) id: u64,
+    /// When the store was made: the start recorded for runs when no watchdog
+    /// needs the real one.
+    born: Instant,
+    pub(crate) reporter: Reporter<T>,
+    rules: Option<Rules<T>>,
+    weigher: Option<Weigher<T>>,
+}
+
+/// What the store is built from besides the settings.
+pub(crate) struct Parts<T> {
+    pub(crate) reporter: Reporter<T>,
+    pub(crate) rules: Option<Rules<T>>,
+    pub(crate) weigher: Option<Weigher<T>>,
+}
+
+impl<T: Send + 'static> Store<T> {
+    /// A store for an engine; `nudge` wakes its coordinator.
+    pub(crate) fn new(config: Config, id: u64, parts: Parts<T>, nudge: Sender<()>) -> Self {
+        let state = State {
+            intake: Intake::new(),
+            queue: Queue::new(config.max_queue_len, config.max_batch_size),
+            retries: parts.rules.as_ref().map(|r| Retries::new(r.policy)),
+            slots: vec![Slot::Free; config.max_concurrency],
+            running: 0,
+            counters: Counters::default(),
+            phase: Phase::Open,
+            shut: false,
+            failed: None,
+            init: InitState {
+                requested: true, // the first run, at start
+                ..InitState::default()
+            },
+            coordinator_busy: false,
+            idle: 0,
+            room_waiters: 0,
+            watchers: 0,
+        };
+        Store {
+            born: config.clock.now(),
+            state: Mutex::new(state),
+            work: Condvar::new(),
+            room: Condvar::new(),
+            settled: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            heap: AtomicI64::new(0),
+            nudge,
+            config,
+            id,
+            reporter: parts.reporter,
+            rules: parts.rules,
+            weigher: parts.weigher,
+        }
+    }
+
+    pub(crate) fn clock(&self) -> &Clock {
+        &self.config.clock
+    }
+
+    pub(crate) fn rules(&self) -> Option<&Rules<T>> {
+        self.rules.as_ref()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        self.state.lock()
+    }
+
+    /// Wakes the coordinator (a nudge already pending is enough).
+    fn nudge(&self) {
+        let _ = self.nudge.try_send(());
+    }
+
+    /// Wakes as many idle workers as there are batches to take.
+    fn wake_workers(&self, st: &State<T>) {
+        if st.idle == 0 {
+            return;
+        }
+        let ready = st.retries.as_ref().map_or(0, Retries::ready_groups);
+        let batches = st
+            .queue
+            .len()
+            .div_ceil(self.config.max_batch_size)
+            .saturating_add(ready);
+        for _ in 0..batches.min(st.idle) {
+            if !self.work.notify_one() {
+                break;
+            }
+        }
+    }
+
+    /// After entries left the waiting set, or the bound rose: wake waiters.
+    fn wake_room(&self, st: &State<T>) {
+        if st.room_waiters > 0 {
+            self.room.notify_all();
+        }
+    }
+
+    /// After something a shutdown or the poll may wait for changed.
+    fn wake_watchers(&self, st: &State<T>) {
+        if st.watchers > 0 {
+            self.settled.notify_all();
+        }
+        if self.config.poll && st.is_idle() {
+            self.nudge();
+        }
+    }
+
+    // ---- heap accounting (the weigher) -------------------------------------
+
+    fn weigh(&self, entries: &[T]) -> i64 {
+        let Some(weigher) = &self.weigher else {
+            return 0;
+        };
+        match catch(|| entries.iter().map(weigher).fold(0usize, usize::saturating_add)) {
+            Ok(bytes) => i64::try_from(bytes).unwrap_or(i64::MAX),
+            Err(msg) => {
+                log::error!("{}: weigher panicked: {msg}", self.config.name);
+                0
+            }
+        }
+    }
+
+    /// Entries came in (`+`) or went out (`-`).
+    fn add_heap(&self, bytes: i64) {
+        if bytes != 0 {
+            self.heap.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Entries left the waiting set: their weight goes.
+    pub(crate) fn unweigh(&self, entries: &[T]) {
+        if self.weigher.is_some() {
+            self.add_heap(-self.weigh(entries));
+        }
+    }
+
+    /// Counted overflow, reported outside the lock.
+    fn report(&self, entries: Vec<T>, reason: OverflowReason) {
+        if !entries.is_empty() {
+            self.unweigh(&entries);
+            self.reporter.overflow(entries, reason);
+        }
+    }
+
+    // ---- hand-overs --------------------------------------------------------
+
+    /// Under an enforced bound, waits (`Block`) until `n` entries fit, or fails.
+    fn admit(
+        &self,
+        st: &mut MutexGuard<'_, State<T>>,
+        n: usize,
+        deadline: Option<Instant>,
+    ) -> Result<(), Refusal> {
+        let mut timed_out = false;
+        loop {
+            if st.phase != Phase::Open {
+                return Err(Refusal::Stopped);
+            }
+            let c = &self.config;
+            match admit(c.overflow_policy, c.max_queue_len, st.queue.max_len(), st.waiting(), n) {
+                Admit::Now => return Ok(()),
+                Admit::Full => return Err(Refusal::Full),
+                Admit::Wait if timed_out => return Err(Refusal::Timeout),
+                Admit::Wait => {
+                    // A worker or the coordinator must not wait for the workers.
+                    if matches!(threads::role_in(self.id), Some(Role::Worker(_) | Role::Coordinator)) {
+                        return Err(Refusal::Full);
+                    }
+                    st.room_waiters += 1;
+                    timed_out = self.clock().wait(&self.room, st, deadline);
+                    st.room_waiters -= 1;
+                }
+            }
+        }
+    }
+
+    /// Moves the buffers into the queue and wakes workers; returns what a
+    /// bounded queue could not take (already counted).
+    fn flush_locked(&self, st: &mut State<T>) -> Vec<T> {
+        if st.intake.is_empty() {
+            return Vec::new();
+        }
+        let now = self.clock().now();
+        let (front, back) = st.intake.take();
+        let mut overflow = Vec::new();
+        if self.config.enforced() {
+            for chunk in front.into_iter().rev() {
+                st.queue.push_front_unbounded(chunk, now);
+            }
+            for chunk in back {
+                st.queue.push_back_unbounded(chunk, now);
+            }
+        } else {
+            if !front.is_empty() {
+                overflow = st.queue.push_front_chunks(front, now);
+            }
+            for chunk in back {
+                overflow.extend(st.queue.push_back(chunk, now));
+            }
+        }
+        st.counters.overflow_full += overflow.len() as u64;
+        self.wake_workers(st);
+        overflow
+    }
+
+    /// `buffer` and friends: into the back or front buffer.
+    pub(crate) fn hand_over(
+        &self,
+        entries: Entries<T>,
+        priority: Priority,
+        deadline: Option<Instant>,
+    ) -> Result<(), (Refusal, Entries<T>)> {
+        let heap = match &entries {
+            Entries::One(e) => self.weigh(std::slice::from_ref(e)),
+            Entries::Many(v) => self.weigh(v),
+        };
+        let mut st = self.lock();
+        if let Err(refusal) = self.admit(&mut st, entries.len(), deadline) {
+            return Err((refusal, entries));
+        }
+        let batch = self.config.max_batch_size;
+        st.intake.put(entries, priority, batch, || self.clock().now());
+        self.add_heap(heap);
+        let overflow = if self.config.auto_flush() && st.intake.len() >= batch {
+            self.flush_locked(&mut st)
+        } else {
+            Vec::new()
+        };
+        drop(st);
+        self.report(overflow, OverflowReason::Full);
+        Ok(())
+    }
+
+    /// `push_back` / `push_front`: straight into the queue.
+    pub(crate) fn push(&self, entries: Vec<T>, priority: Priority) -> Result<(), (Refusal, Vec<T>)> {
+        let heap = self.weigh(&entries);
+        let mut st = self.lock();
+        if let Err(refusal) = self.admit(&mut st, entries.len(), None) {
+            return Err((refusal, entries));
+        }
+        self.add_heap(heap);
+        let now = self.clock().now();
+        let overflow = if self.config.enforced() {
+            // Admitted above: it all goes in.
+            match priority {
+                Priority::Back => st.queue.push_back_unbounded(entries, now),
+                Priority::Front => st.queue.push_front_unbounded(entries, now),
+            }
+            Vec::new()
+        } else {
+            match priority {
+                Priority::Back => st.queue.push_back(entries, now),
+                Priority::Front => st.queue.push_front(entries, now),
+            }
+        };
+        st.counters.overflow_full += overflow.len() as u64;
+        self.wake_workers(&st);
+        drop(st);
+        self.report(overflow, OverflowReason::Full);
+        Ok(())
+    }
+
+    // ---- control calls -------------------------------------------------------
+
+    /// Locks for a control call: fails once the engine has finished, or within
+    /// `wait` if the lock cannot be had.
+    fn control(&self, wait: Option<Duration>) -> Result<MutexGuard<'_, State<T>>, ControlError> {
+        let st = match wait {
+            None => self.lock(),
+            Some(d) => self
+                .state
+                .try_lock_for(d.min(crate::clock::FAR))
+                .ok_or(ControlError::Timeout)?,
+        };
+        if st.phase == Phase::Finished {
+            return Err(ControlError::Stopped);
+        }
+        Ok(st)
+    }
+
+    /// Moves the buffers into the queue and fills the free slots.
+    pub(crate) fn flush(&self, wait: Option<Duration>) -> Result<(), ControlError> {
+        let mut st = self.control(wait)?;
+        let overflow = self.flush_locked(&mut st);
+        if self.config.poll && st.is_idle() {
+            self.nudge();
+        }
+        drop(st);
+        self.report(overflow, OverflowReason::Full);
+        Ok(())
+    }
+
+    pub(crate) fn debug_count(&self) -> Result<DebugCount, ControlError> {
+        let st = self.control(None)?;
+        Ok(DebugCount {
+            waiting: st.waiting(),
+            running: st.running,
+        })
+    }
+
+    /// Every counter, at one instant. Works after the engine stopped too.
+    pub(crate) fn stats(&self) -> Stats {
+        let st = self.lock();
+        let now = self.clock().now();
+        let oldest = [st.intake.since(), st.queue.head_since()]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|t| now.saturating_duration_since(t));
+        let c = &st.counters;
+        Stats {
+            buffered: st.intake.len(),
+            queued: st.queue.len() + st.retrying(),
+            running: st.running,
+            processed: c.processed,
+            retried: c.retried,
+            panicked: c.panicked,
+            overflowed_full: c.overflow_full,
+            overflowed_shrink: c.overflow_shrink,
+            overflowed_shutdown: c.overflow_shutdown,
+            dead_lettered: c.dead_lettered,
+            oldest_wait: oldest,
+            stuck_runs: c.stuck,
+        }
+    }
+
+    /// Sheds the back half of the queue (to the overflow handler) and bounds it.
+    pub(crate) fn shrink(&self) -> Result<(), ShrinkError> {
+        let mut st = self.control(None)?;
+        let shed = st.queue.shrink().map_err(|_| ShrinkError::MinimumSize)?;
+        st.counters.overflow_shrink += shed.len() as u64;
+        st.init.shed = true;
+        drop(st);
+        self.report(shed, OverflowReason::Shrink);
+        Ok(())
+    }
+
+    pub(crate) fn expand(&self) -> Result<(), ControlError> {
+        let mut st = self.control(None)?;
+        st.queue.expand();
+        self.wake_room(&st);
+        Ok(())
+    }
+
+    pub(crate) fn is_shrunk(&self) -> Result<bool, ControlError> {
+        Ok(self.control(None)?.queue.is_shrunk())
+    }
+
+    /// Bytes the waiting entries occupy: entries × size plus the weigher's bytes.
+    pub(crate) fn memory_usage(&self) -> Result<usize, ControlError> {
+        let waiting = self.control(None)?.waiting();
+        let heap = usize::try_from(self.heap.load(Ordering::Relaxed).max(0)).unwrap_or(usize::MAX);
+        Ok(waiting
+            .saturating_mul(std::mem::size_of::<T>())
+            .saturating_add(heap))
+    }
+
+    /// Whether hand-overs are refused (a shutdown began, or the engine failed).
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.lock().phase != Phase::Open
+    }
+
+    /// Asks for an `init` run now (or once more, if one is running).
+    pub(crate) fn poll_now(&self) -> Result<(), ControlError> {
+        let mut st = self.lock();
+        if st.phase != Phase::Open {
+            return Err(ControlError::Stopped);
+        }
+        st.init.requested = true;
+        drop(st);
+        self.nudge();
+        Ok(())
+    }
+
+    /// A name for log lines and the monitor.
+    pub(crate) fn name(&self) -> &str {
+        &self.config.name
+    }
+}
+
+impl<T: Send + 'static> Feed<T> for Store<T> {
+    /// An `init` chunk: into the back of the queue. Under an enforced bound it
+    /// waits for room first (unless the engine is stopping); it is never refused.
+    fn feed(&self, chunk: Vec<T>) {
+        let heap = self.weigh(&chunk);
+        let mut st = self.lock();
+        if st.phase == Phase::Finished {
+            st.counters.overflow_shutdown += chunk.len() as u64;
+            drop(st);
+            self.reporter.overflow(chunk, OverflowReason::Shutdown);
+            return;
+        }
+        if self.config.enforced() {
+            let c = &self.config;
+            while st.phase == Phase::Open
+                && admit(c.overflow_policy, c.max_queue_len, st.queue.max_len(), st.waiting(), chunk.len())
+                    == Admit::Wait
+            {
+                st.room_waiters += 1;
+                self.room.wait(&mut st);
+                st.room_waiters -= 1;
+            }
+        }
+        self.add_heap(heap);
+        let now = self.clock().now();
+        let overflow = if self.config.enforced() {
+            st.queue.push_back_unbounded(chunk, now);
+            Vec::new()
+        } else {
+            st.queue.push_back(chunk, now)
+        };
+        st.counters.overflow_full += overflow.len() as u64;
+        self.wake_workers(&st);
+        drop(st);
+        self.report(overflow, OverflowReason::Full);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+}
+
+impl<T: Send + 'static> Listener for Store<T> {
+    /// A manual clock moved: waiters look at the time again.
+    fn advanced(&self) {
+        let st = self.lock();
+        self.room.notify_all();
+        self.settled.notify_all();
+        drop(st);
+        self.nudge();
+    }
+}

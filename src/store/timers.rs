@@ -1,0 +1,119 @@
+//! The coordinator's side of the store: the flush tick, due retries, the run
+//! watchdog, and when `init` runs.
+
+use super::{Phase, Slot, Store};
+use crate::overflow::OverflowReason;
+use crate::clock::sooner;
+use std::time::{Duration, Instant};
+
+/// What the coordinator should do about `init`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InitDecision {
+    /// Start it now (it is marked running).
+    Start,
+    /// The engine is idle and the last `init` found nothing: run it again once
+    /// the idle poll delay has passed.
+    Arm,
+    /// Not idle (or stopping): no poll is due.
+    Disarm,
+}
+
+impl<T: Send + 'static> Store<T> {
+    /// The flush tick: the buffers join the queue.
+    pub(crate) fn tick(&self) {
+        let mut st = self.lock();
+        if st.phase == Phase::Finished {
+            return;
+        }
+        let overflow = self.flush_locked(&mut st);
+        if overflow.is_empty() {
+            return;
+        }
+        st.coordinator_busy = true; // the handler is user code
+        drop(st);
+        self.report(overflow, OverflowReason::Full);
+        self.lock().coordinator_busy = false;
+    }
+
+    /// Moves retries whose backoff has passed to the ready list and wakes
+    /// workers for them; returns when the next is due.
+    pub(crate) fn wake_retries(&self, now: Instant) -> Option<Instant> {
+        let mut st = self.lock();
+        let retries = st.retries.as_mut()?;
+        retries.wake(now);
+        let due = retries.next_due();
+        self.wake_workers(&st);
+        due
+    }
+
+    /// Marks runs older than `deadline` as stuck (once each) and returns them
+    /// (entries, age), with the time the next run may pass the deadline.
+    pub(crate) fn watch(
+        &self,
+        now: Instant,
+        deadline: Duration,
+    ) -> (Vec<(usize, Duration)>, Option<Instant>) {
+        let mut st = self.lock();
+        let mut stuck = Vec::new();
+        let mut soonest = None;
+        for slot in st.slots.iter_mut() {
+            let Slot::Run(run) = slot else { continue };
+            if run.reported {
+                continue;
+            }
+            let due = crate::clock::after(run.started, deadline);
+            if due <= now {
+                run.reported = true;
+                stuck.push((run.entries, now.saturating_duration_since(run.started)));
+            } else {
+                soonest = sooner(soonest, Some(due));
+            }
+        }
+        st.counters.stuck += stuck.len() as u64;
+        (stuck, soonest)
+    }
+
+    /// Decides about `init`: start it if someone asked, or if the engine is idle
+    /// with polling on and there is reason to look (the last run found entries,
+    /// a shrink shed some, or the idle poll delay has passed: `poll_due`).
+    pub(crate) fn init_decision(&self, poll_due: bool) -> InitDecision {
+        let mut st = self.lock();
+        if st.phase != Phase::Open {
+            return InitDecision::Disarm;
+        }
+        if st.init.running {
+            if std::mem::take(&mut st.init.requested) {
+                st.init.again = true; // it may have looked before the new work
+            }
+            return InitDecision::Disarm;
+        }
+        let idle = self.config.poll && st.is_idle();
+        let reason = st.init.last_produced > 0 || st.init.shed || poll_due;
+        if st.init.requested || (idle && reason) {
+            st.init.running = true;
+            st.init.requested = false;
+            st.init.shed = false;
+            return InitDecision::Start;
+        }
+        if idle {
+            InitDecision::Arm
+        } else {
+            InitDecision::Disarm
+        }
+    }
+
+    /// The init thread's run returned (or panicked) after `produced` entries.
+    pub(crate) fn init_done(&self, produced: u64) {
+        let mut st = self.lock();
+        st.init.running = false;
+        st.init.last_produced = produced;
+        if std::mem::take(&mut st.init.again) {
+            st.init.requested = true;
+        }
+        if st.watchers > 0 {
+            self.settled.notify_all();
+        }
+        drop(st);
+        self.nudge();
+    }
+}

@@ -1,0 +1,93 @@
+//! The engine's threads: named spawning, the marker that tells a thread which
+//! engine it belongs to (so a call that would wait for its own thread can fail
+//! at once instead), and joining.
+//!
+//! Every `JoinHandle` is kept in a [`Crew`] and joined by the shutdown or the
+//! drop of the last handle. One exception, documented on
+//! [`Handle::shutdown_timeout`](crate::Handle::shutdown_timeout): a thread still
+//! inside user code (a `run` or an `init` that has not returned) when a shutdown
+//! deadline passes is let go rather than waited for.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::{self, JoinHandle};
+
+/// What a thread does for its engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Coordinator,
+    Worker(usize),
+    Init,
+}
+
+thread_local! {
+    static MARK: Cell<Option<(u64, Role)>> = const { Cell::new(None) };
+}
+
+static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);
+
+/// A new engine id, distinct from every other in this process.
+pub(crate) fn new_engine_id() -> u64 {
+    NEXT_ENGINE.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The role of the calling thread in engine `engine`, if it is one of its own.
+pub(crate) fn role_in(engine: u64) -> Option<Role> {
+    MARK.with(Cell::get)
+        .filter(|(id, _)| *id == engine)
+        .map(|(_, role)| role)
+}
+
+/// Starts a named thread; with a mark, the thread knows it belongs to that
+/// engine in that role.
+pub(crate) fn spawn(
+    name: String,
+    mark: Option<(u64, Role)>,
+    body: impl FnOnce() + Send + 'static,
+) -> std::io::Result<JoinHandle<()>> {
+    thread::Builder::new().name(name).spawn(move || {
+        MARK.with(|m| m.set(mark));
+        body()
+    })
+}
+
+/// The threads of one engine, each with its role.
+#[derive(Default)]
+pub(crate) struct Crew {
+    members: Vec<(Role, JoinHandle<()>)>,
+}
+
+impl Crew {
+    pub(crate) fn add(&mut self, role: Role, thread: JoinHandle<()>) {
+        self.members.push((role, thread));
+    }
+
+    /// Joins every thread.
+    pub(crate) fn join(self) {
+        self.join_unless(|_| false);
+    }
+
+    /// Joins every thread except those `busy` says are inside user code, which
+    /// are let go (their handles dropped). Returns how many were let go.
+    pub(crate) fn join_unless(self, busy: impl Fn(Role) -> bool) -> usize {
+        let mut let_go = 0;
+        for (role, thread) in self.members {
+            if busy(role) {
+                let_go += 1;
+                drop(thread);
+            } else if thread.join().is_err() {
+                // Each thread catches its own panics; this cannot happen.
+                log::error!("an engine thread ({role:?}) ended with a panic");
+            }
+        }
+        let_go
+    }
+}
+
+impl std::fmt::Debug for Crew {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Crew")
+            .field("threads", &self.members.len())
+            .finish()
+    }
+}
