@@ -84,7 +84,9 @@ impl<T: Send + 'static> Coordinator<T> {
     pub(crate) fn run(mut self) {
         while !self.store.is_finished() {
             fault::hit(self.store.name(), "coordinator");
-            let wake = self.round(self.store.clock().now());
+            let now = self.store.clock().now();
+            let wake = self.round(now);
+            self.store.round_done(now);
             self.sleep(wake);
         }
     }
@@ -103,6 +105,7 @@ impl<T: Send + 'static> Coordinator<T> {
             None => None,
         };
         self.decide_init(now);
+        self.store.release_if_idle();
         let tick_due = self.ticker.as_ref().map(|t| t.next);
         [tick_due, retry_due, watch_due, self.poll_at]
             .into_iter()
@@ -129,10 +132,14 @@ impl<T: Send + 'static> Coordinator<T> {
                     log::error!("{}: the init thread is gone", self.store.name());
                 }
             }
-            InitDecision::Arm => {
-                if self.poll_at.is_none() {
-                    self.poll_at = Some(clock::after(now, self.store.config.idle_poll_delay));
+            InitDecision::Arm(since) => {
+                let at = clock::after(since, self.store.config.idle_poll_delay);
+                if at <= now {
+                    // Due already: start it at once, in this round.
+                    self.poll_at = Some(at);
+                    return self.decide_init(now);
                 }
+                self.poll_at = Some(at);
             }
             InitDecision::Disarm => self.poll_at = None,
         }
@@ -143,7 +150,10 @@ impl<T: Send + 'static> Coordinator<T> {
         let clock: &Clock = self.store.clock();
         let result = match clock.real(wake) {
             Some(at) => self.nudges.recv_deadline(at),
-            None => self.nudges.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            None => self
+                .nudges
+                .recv()
+                .map_err(|_| RecvTimeoutError::Disconnected),
         };
         if let Err(RecvTimeoutError::Disconnected) = result {
             // Every sender is gone: only once the store itself is dropped.

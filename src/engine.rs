@@ -52,7 +52,12 @@ pub(crate) fn start<K: Task>(
     };
     // From here on, an early return drops `engine`, which stops and joins
     // whatever was started.
-    spawn_all(&engine, Arc::new(task), Arc::new(StateSlot::new(state)), nudges)?;
+    spawn_all(
+        &engine,
+        Arc::new(task),
+        Arc::new(StateSlot::new(state)),
+        nudges,
+    )?;
     Ok(engine)
 }
 
@@ -90,10 +95,16 @@ fn spawn_all<K: Task>(
         format!("{name}-init"),
         Box::new(move || pool::init_runner(task, state, init_rx, s)),
     )?;
+    let first = init_tx.clone();
     let coordinator = Coordinator::new(store.clone(), nudges, init_tx);
     spawn(
         Role::Coordinator,
         format!("{name}-coordinator"),
         Box::new(move || coordinator.run()),
-    )
+    )?;
+    // Every thread runs: the first `init` starts now.
+    store.first_init();
+    first
+        .send(())
+        .map_err(|_| BuildError::Spawn(std::io::Error::other("the init thread is gone")))
 }

@@ -19,11 +19,11 @@ use crate::store::Store;
 use crate::threads;
 use crate::unwind::catch;
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Says how much memory is in use now.
 pub trait MemoryProbe: Send + Sync + 'static {
@@ -314,13 +314,18 @@ impl MonitorBuilder {
             panics: AtomicU64::new(0),
             clock: self.clock,
             wake: requests.clone(),
+            id: threads::new_engine_id(),
+            seen: Mutex::new(None),
+            rounds: Condvar::new(),
         });
         let listener: Arc<dyn Listener> = state.clone();
         state.clock.listen(Arc::downgrade(&listener));
         drop(listener);
         let (interval, thread_state) = (self.check_interval, state.clone());
-        let thread = threads::spawn("memory-monitor".to_string(), None, move || {
-            monitor_loop(&thread_state, &rx, interval)
+        let first = clock::after(state.clock.now(), interval);
+        let mark = Some((state.id, threads::Role::Monitor));
+        let thread = threads::spawn("memory-monitor".to_string(), mark, move || {
+            monitor_loop(&thread_state, &rx, interval, first)
         })
         .map_err(BuildError::Spawn)?;
         Ok(MemoryMonitor {
@@ -352,11 +357,29 @@ struct MonitorState {
     panics: AtomicU64,
     clock: Clock,
     wake: Sender<Msg>,
+    /// The monitor thread's id, for its role mark.
+    id: u64,
+    /// The clock time of the thread's last look, and a wake-up for `advance`.
+    seen: Mutex<Option<Instant>>,
+    rounds: Condvar,
 }
 
 impl Listener for MonitorState {
+    /// A manual clock moved: the caller waits until the monitor has looked at
+    /// the new time (so a check now due has run when `advance` returns).
     fn advanced(&self) {
-        let _ = self.wake.send(Msg::Wake);
+        let target = self.clock.now();
+        let mut seen = self.seen.lock();
+        if self.wake.send(Msg::Wake).is_err() || threads::role_in(self.id).is_some() {
+            return;
+        }
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while !seen.is_some_and(|s| s >= target) {
+            if self.rounds.wait_until(&mut seen, give_up).timed_out() {
+                log::warn!("memory monitor: did not look at the new time");
+                break;
+            }
+        }
     }
 }
 
@@ -495,9 +518,9 @@ impl MemoryMonitor {
 
 /// The monitor's thread: a check every `every` on its clock, or when asked;
 /// ends when the last `MemoryMonitor` is dropped.
-fn monitor_loop(state: &MonitorState, requests: &Receiver<Msg>, every: Duration) {
+fn monitor_loop(state: &MonitorState, requests: &Receiver<Msg>, every: Duration, first: Instant) {
     let mut shrunk = false;
-    let mut next = clock::after(state.clock.now(), every);
+    let mut next = first;
     loop {
         let msg = match state.clock.real(Some(next)) {
             Some(at) => requests.recv_deadline(at),
@@ -521,6 +544,8 @@ fn monitor_loop(state: &MonitorState, requests: &Receiver<Msg>, every: Duration)
                 let _ = reply.send(outcome);
             }
         }
+        *state.seen.lock() = Some(now);
+        state.rounds.notify_all();
     }
 }
 
@@ -612,7 +637,14 @@ fn shrink_largest(state: &MonitorState, used: u64, shrunk: &mut bool) -> CheckOu
     );
     let mut tasks: Vec<(usize, Box<dyn Shrinkable>)> = live_tasks(state)
         .into_iter()
-        .map(|t| (state.contained("a task's memory_usage", || t.memory_usage()).unwrap_or(0), t))
+        .map(|t| {
+            (
+                state
+                    .contained("a task's memory_usage", || t.memory_usage())
+                    .unwrap_or(0),
+                t,
+            )
+        })
         .collect();
     tasks.sort_by_key(|t| std::cmp::Reverse(t.0));
     for (bytes, task) in tasks {

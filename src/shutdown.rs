@@ -49,16 +49,17 @@ pub(crate) fn stop<T: Send + 'static>(
         // It would wait for the very thread it runs on.
         return Err(ControlError::WouldDeadlock);
     }
+    // The deadline counts from the call.
+    let deadline = match mode {
+        Mode::DrainFor(d) => Some(store.clock().deadline(d)),
+        _ => None,
+    };
     let before = store.stats().processed;
     let close = match mode {
         Mode::Drain | Mode::DrainFor(_) => Close::Drain,
         Mode::Return => Close::Return,
     };
     store.close(close)?;
-    let deadline = match mode {
-        Mode::DrainFor(d) => Some(store.clock().deadline(d)),
-        _ => None,
-    };
     store.wait_settled(close, deadline);
     let finish = store.finish();
     if let Some(crew) = crew.lock().take() {

@@ -58,6 +58,11 @@ pub struct Stats {
     /// Runs that passed the run deadline (see
     /// [`Builder::run_deadline`](crate::Builder::run_deadline)), counted once each.
     pub stuck_runs: u64,
+    /// `init` runs that have returned (the first, and each poll).
+    pub init_runs: u64,
+    /// Hand-overs (and `init` chunks) waiting for room under
+    /// [`OverflowPolicy::Block`](crate::OverflowPolicy::Block) now.
+    pub blocked_callers: usize,
 }
 
 /// The counters, kept inside the store's state.

@@ -18,6 +18,8 @@ pub(crate) enum Role {
     Coordinator,
     Worker(usize),
     Init,
+    /// A memory monitor's thread (its id is the monitor's own).
+    Monitor,
 }
 
 thread_local! {

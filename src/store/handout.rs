@@ -77,7 +77,7 @@ impl<T: Send + 'static> Store<T> {
             }
             Done::Failed(s) => Some(self.apply(&mut st, s, heap)),
         };
-        self.wake_watchers(&st);
+        self.wake_watchers(&mut st);
         let job = self.start_next(&mut st, w);
         if let Some(leftovers) = leftovers {
             if job.is_none() {
@@ -163,7 +163,10 @@ impl<T: Send + 'static> Store<T> {
         c.panicked += u64::from(s.panic.is_some());
         c.dead_lettered += s.dead.len() as u64;
         let (overflow, reason) = if st.phase == Phase::Finished {
-            (late(st, s.requeue, s.later.entries, s.fresh), OverflowReason::Shutdown)
+            (
+                late(st, s.requeue, s.later.entries, s.fresh),
+                OverflowReason::Shutdown,
+            )
         } else {
             let now = self.clock().now();
             // A batch's own entries, whatever the bound, as a batch of their own.
@@ -233,7 +236,7 @@ impl<T: Send + 'static> Store<T> {
             st.queue.push_front_unbounded(entries, now);
             Vec::new()
         };
-        self.wake_watchers(&st);
+        self.wake_watchers(&mut st);
         drop(st);
         self.report(late, OverflowReason::Shutdown);
     }

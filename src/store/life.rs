@@ -120,6 +120,7 @@ impl<T: Send + 'static> Store<T> {
         self.work.notify_all();
         self.room.notify_all();
         self.settled.notify_all();
+        self.rounds.notify_all();
         drop(st);
         self.nudge();
         Finish {
@@ -149,6 +150,7 @@ impl<T: Send + 'static> Store<T> {
             Role::Worker(w) => st.end_run(w, Slot::Free),
             Role::Init => st.init.running = false,
             Role::Coordinator => st.coordinator_busy = false,
+            Role::Monitor => {}
         }
         st.failed.get_or_insert_with(|| msg.to_string());
         st.phase = st.phase.max(Phase::Halted);
@@ -156,6 +158,7 @@ impl<T: Send + 'static> Store<T> {
         self.work.notify_all();
         self.room.notify_all();
         self.settled.notify_all();
+        self.rounds.notify_all();
         drop(st);
         self.nudge();
     }

@@ -135,6 +135,8 @@ struct InitState {
     last_produced: u64,
     /// A shrink shed work since it last started.
     shed: bool,
+    /// Runs that have returned.
+    runs: u64,
 }
 
 /// Everything under the lock.
@@ -158,6 +160,10 @@ struct State<T> {
     room_waiters: usize,
     /// Threads waiting on `settled`.
     watchers: usize,
+    /// The clock time of the coordinator's last finished round.
+    seen: Option<Instant>,
+    /// Since when the engine has been idle (the idle poll counts from here).
+    idle_since: Option<Instant>,
 }
 
 impl<T> State<T> {
@@ -185,6 +191,8 @@ pub(crate) struct Store<T> {
     room: Condvar,
     /// Shutdowns wait here for the engine to settle.
     settled: Condvar,
+    /// A manual clock's `advance` waits here for the coordinator's round.
+    rounds: Condvar,
     stopping: AtomicBool,
     heap: AtomicI64,
     nudge: Sender<()>,
@@ -218,14 +226,13 @@ impl<T: Send + 'static> Store<T> {
             phase: Phase::Open,
             shut: false,
             failed: None,
-            init: InitState {
-                requested: true, // the first run, at start
-                ..InitState::default()
-            },
+            init: InitState::default(),
             coordinator_busy: false,
             idle: 0,
             room_waiters: 0,
             watchers: 0,
+            seen: None,
+            idle_since: None,
         };
         Store {
             born: config.clock.now(),
@@ -233,6 +240,7 @@ impl<T: Send + 'static> Store<T> {
             work: Condvar::new(),
             room: Condvar::new(),
             settled: Condvar::new(),
+            rounds: Condvar::new(),
             stopping: AtomicBool::new(false),
             heap: AtomicI64::new(0),
             nudge,
@@ -286,13 +294,22 @@ impl<T: Send + 'static> Store<T> {
         }
     }
 
-    /// After something a shutdown or the poll may wait for changed.
-    fn wake_watchers(&self, st: &State<T>) {
+    /// After something a shutdown or the poll may wait for changed: wakes
+    /// them, and notes when the engine went idle (the idle poll counts from
+    /// then).
+    fn wake_watchers(&self, st: &mut State<T>) {
         if st.watchers > 0 {
             self.settled.notify_all();
         }
-        if self.config.poll && st.is_idle() {
-            self.nudge();
+        if st.is_idle() {
+            if st.idle_since.is_none() {
+                st.idle_since = Some(self.clock().now());
+            }
+            if self.config.poll {
+                self.nudge();
+            }
+        } else {
+            st.idle_since = None;
         }
     }
 
@@ -302,7 +319,12 @@ impl<T: Send + 'static> Store<T> {
         let Some(weigher) = &self.weigher else {
             return 0;
         };
-        match catch(|| entries.iter().map(weigher).fold(0usize, usize::saturating_add)) {
+        match catch(|| {
+            entries
+                .iter()
+                .map(weigher)
+                .fold(0usize, usize::saturating_add)
+        }) {
             Ok(bytes) => i64::try_from(bytes).unwrap_or(i64::MAX),
             Err(msg) => {
                 log::error!("{}: weigher panicked: {msg}", self.config.name);
@@ -348,13 +370,22 @@ impl<T: Send + 'static> Store<T> {
                 return Err(Refusal::Stopped);
             }
             let c = &self.config;
-            match admit(c.overflow_policy, c.max_queue_len, st.queue.max_len(), st.waiting(), n) {
+            match admit(
+                c.overflow_policy,
+                c.max_queue_len,
+                st.queue.max_len(),
+                st.waiting(),
+                n,
+            ) {
                 Admit::Now => return Ok(()),
                 Admit::Full => return Err(Refusal::Full),
                 Admit::Wait if timed_out => return Err(Refusal::Timeout),
                 Admit::Wait => {
                     // A worker or the coordinator must not wait for the workers.
-                    if matches!(threads::role_in(self.id), Some(Role::Worker(_) | Role::Coordinator)) {
+                    if matches!(
+                        threads::role_in(self.id),
+                        Some(Role::Worker(_) | Role::Coordinator)
+                    ) {
                         return Err(Refusal::Full);
                     }
                     st.room_waiters += 1;
@@ -410,7 +441,8 @@ impl<T: Send + 'static> Store<T> {
             return Err((refusal, entries));
         }
         let batch = self.config.max_batch_size;
-        st.intake.put(entries, priority, batch, || self.clock().now());
+        st.intake
+            .put(entries, priority, batch, || self.clock().now());
         self.add_heap(heap);
         let overflow = if self.config.auto_flush() && st.intake.len() >= batch {
             self.flush_locked(&mut st)
@@ -423,7 +455,11 @@ impl<T: Send + 'static> Store<T> {
     }
 
     /// `push_back` / `push_front`: straight into the queue.
-    pub(crate) fn push(&self, entries: Vec<T>, priority: Priority) -> Result<(), (Refusal, Vec<T>)> {
+    pub(crate) fn push(
+        &self,
+        entries: Vec<T>,
+        priority: Priority,
+    ) -> Result<(), (Refusal, Vec<T>)> {
         let heap = self.weigh(&entries);
         let mut st = self.lock();
         if let Err(refusal) = self.admit(&mut st, entries.len(), None) {
@@ -473,9 +509,7 @@ impl<T: Send + 'static> Store<T> {
     pub(crate) fn flush(&self, wait: Option<Duration>) -> Result<(), ControlError> {
         let mut st = self.control(wait)?;
         let overflow = self.flush_locked(&mut st);
-        if self.config.poll && st.is_idle() {
-            self.nudge();
-        }
+        self.wake_watchers(&mut st);
         drop(st);
         self.report(overflow, OverflowReason::Full);
         Ok(())
@@ -512,6 +546,8 @@ impl<T: Send + 'static> Store<T> {
             dead_lettered: c.dead_lettered,
             oldest_wait: oldest,
             stuck_runs: c.stuck,
+            init_runs: st.init.runs,
+            blocked_callers: st.room_waiters,
         }
     }
 
@@ -584,8 +620,13 @@ impl<T: Send + 'static> Feed<T> for Store<T> {
         if self.config.enforced() {
             let c = &self.config;
             while st.phase == Phase::Open
-                && admit(c.overflow_policy, c.max_queue_len, st.queue.max_len(), st.waiting(), chunk.len())
-                    == Admit::Wait
+                && admit(
+                    c.overflow_policy,
+                    c.max_queue_len,
+                    st.queue.max_len(),
+                    st.waiting(),
+                    chunk.len(),
+                ) == Admit::Wait
             {
                 st.room_waiters += 1;
                 self.room.wait(&mut st);
@@ -612,12 +653,34 @@ impl<T: Send + 'static> Feed<T> for Store<T> {
 }
 
 impl<T: Send + 'static> Listener for Store<T> {
-    /// A manual clock moved: waiters look at the time again.
+    /// A manual clock moved: waiters look at the time again, and the caller
+    /// waits until the coordinator has finished a round at the new time (so
+    /// every timer now due has fired when `advance` returns).
     fn advanced(&self) {
-        let st = self.lock();
+        let target = self.clock().now();
+        let mut st = self.lock();
         self.room.notify_all();
         self.settled.notify_all();
-        drop(st);
         self.nudge();
+        if threads::role_in(self.id) == Some(Role::Coordinator) {
+            return; // moved from a handler on the coordinator itself
+        }
+        let give_up = Instant::now() + ROUND_WAIT;
+        while !st.seen.is_some_and(|seen| seen >= target)
+            && st.phase != Phase::Finished
+            && st.failed.is_none()
+        {
+            if self.rounds.wait_until(&mut st, give_up).timed_out() {
+                log::warn!(
+                    "{}: the coordinator did not look at the new time",
+                    self.config.name
+                );
+                break;
+            }
+        }
     }
 }
+
+/// How long a manual clock's `advance` waits for a coordinator that may be
+/// stuck in a handler (real time; a safety net, never reached in a healthy run).
+const ROUND_WAIT: Duration = Duration::from_secs(10);

@@ -2,8 +2,8 @@
 //! watchdog, and when `init` runs.
 
 use super::{Phase, Slot, Store};
-use crate::overflow::OverflowReason;
 use crate::clock::sooner;
+use crate::overflow::OverflowReason;
 use std::time::{Duration, Instant};
 
 /// What the coordinator should do about `init`.
@@ -12,8 +12,8 @@ pub(crate) enum InitDecision {
     /// Start it now (it is marked running).
     Start,
     /// The engine is idle and the last `init` found nothing: run it again once
-    /// the idle poll delay has passed.
-    Arm,
+    /// the idle poll delay has passed since this instant (when it went idle).
+    Arm(Instant),
     /// Not idle (or stopping): no poll is due.
     Disarm,
 }
@@ -93,12 +93,35 @@ impl<T: Send + 'static> Store<T> {
             st.init.running = true;
             st.init.requested = false;
             st.init.shed = false;
+            st.idle_since = None;
             return InitDecision::Start;
         }
-        if idle {
-            InitDecision::Arm
-        } else {
-            InitDecision::Disarm
+        match (idle, st.idle_since) {
+            (true, Some(since)) => InitDecision::Arm(since),
+            _ => InitDecision::Disarm,
+        }
+    }
+
+    /// The first `init` run, at start: marked running before any shutdown can
+    /// begin, so a shutdown waits for it (and a drain runs what it streams).
+    pub(crate) fn first_init(&self) {
+        let mut st = self.lock();
+        st.init.running = true;
+        st.idle_since = None;
+    }
+
+    /// The coordinator finished a round at clock time `now`.
+    pub(crate) fn round_done(&self, now: Instant) {
+        let mut st = self.lock();
+        st.seen = Some(now);
+        self.rounds.notify_all();
+    }
+
+    /// Gives the queue's spare memory back when the engine is idle.
+    pub(crate) fn release_if_idle(&self) {
+        let mut st = self.lock();
+        if st.is_idle() && st.intake.is_empty() {
+            st.queue.release_memory();
         }
     }
 
@@ -106,13 +129,12 @@ impl<T: Send + 'static> Store<T> {
     pub(crate) fn init_done(&self, produced: u64) {
         let mut st = self.lock();
         st.init.running = false;
+        st.init.runs += 1;
         st.init.last_produced = produced;
         if std::mem::take(&mut st.init.again) {
             st.init.requested = true;
         }
-        if st.watchers > 0 {
-            self.settled.notify_all();
-        }
+        self.wake_watchers(&mut st);
         drop(st);
         self.nudge();
     }
