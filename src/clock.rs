@@ -190,7 +190,10 @@ mod test {
     #[test]
     fn deadlines_saturate() {
         let now = Instant::now();
-        assert_eq!(after(now, Duration::from_secs(1)), now + Duration::from_secs(1));
+        assert_eq!(
+            after(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
         assert!(after(now, Duration::MAX) > now + Duration::from_secs(3600 * 24 * 365 * 50));
         let clock = Clock::System;
         assert!(clock.deadline(Duration::MAX) > now);

@@ -4,8 +4,7 @@
 //! `cargo test`'s unit-test build.
 
 #[cfg(test)]
-static ARMED: parking_lot::Mutex<Vec<(String, &'static str)>> =
-    parking_lot::Mutex::new(Vec::new());
+static ARMED: parking_lot::Mutex<Vec<(String, &'static str)>> = parking_lot::Mutex::new(Vec::new());
 
 /// Arms `point` for engines named `engine` (the next time it is passed).
 #[cfg(test)]

@@ -152,7 +152,9 @@ mod test {
         let mut intake = Intake::new();
         let t0 = Instant::now();
         intake.put(Entries::One(1), Priority::Back, 2, || t0);
-        intake.put(Entries::Many(vec![2, 3]), Priority::Front, 2, || panic!("read"));
+        intake.put(Entries::Many(vec![2, 3]), Priority::Front, 2, || {
+            panic!("read")
+        });
         assert_eq!((intake.len(), intake.since()), (3, Some(t0)));
         let (front, back) = intake.take();
         assert_eq!((front, back), (vec![vec![2, 3]], vec![vec![1]]));

@@ -91,7 +91,9 @@ pub(crate) fn worker<K: Task>(
         let outcome = catch(|| task.run(&job.entries, &current));
         drop_quietly("the state", current);
         done = match holding.job.take() {
-            Some(Job { entries, attempts }) => finish_run(store, &state, entries, attempts, outcome),
+            Some(Job { entries, attempts }) => {
+                finish_run(store, &state, entries, attempts, outcome)
+            }
             None => Done::Nothing,
         };
     }

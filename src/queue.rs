@@ -301,7 +301,6 @@ impl<T> Queue<T> {
     pub(crate) fn head_since(&self) -> Option<Instant> {
         self.meta.front().map(|m| m.since)
     }
-
 }
 
 /// Entries waiting in a buffer: chunks of at most one batch where they arrive

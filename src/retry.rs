@@ -399,7 +399,10 @@ mod test {
 
     #[test]
     fn retried_entries_keep_their_count_and_new_ones_start_afresh() {
-        let r: Rules<u8> = Rules { policy: RetryPolicy::new(3), same: |a, b| a == b };
+        let r: Rules<u8> = Rules {
+            policy: RetryPolicy::new(3),
+            same: |a, b| a == b,
+        };
         let (known, fresh) = r.match_attempts(&[1, 2, 2, 3], &[0, 1, 2, 0], vec![2, 9, 2, 3]);
         assert_eq!(known.entries, vec![2, 2, 3]);
         assert_eq!(known.attempts, vec![2, 3, 1]);
@@ -433,8 +436,16 @@ mod test {
 
     #[test]
     fn without_a_policy_a_run_hands_back_at_most_its_batch_unbounded() {
-        let s = settle(vec![1, 2, 3], None, Failed::These(vec![7, 8, 9, 10, 11]), None);
-        assert_eq!((s.requeue, s.fresh, s.processed), (vec![7, 8, 9], vec![10, 11], 0));
+        let s = settle(
+            vec![1, 2, 3],
+            None,
+            Failed::These(vec![7, 8, 9, 10, 11]),
+            None,
+        );
+        assert_eq!(
+            (s.requeue, s.fresh, s.processed),
+            (vec![7, 8, 9], vec![10, 11], 0)
+        );
         let s = settle(vec![1, 2, 3], None, Failed::These(vec![2]), None);
         assert_eq!((s.requeue, s.fresh, s.processed), (vec![2], vec![], 2));
         let s = settle(vec![1, 2], None, Failed::Panicked("x".into()), None);
@@ -443,33 +454,54 @@ mod test {
 
     #[test]
     fn under_a_policy_spent_entries_die_with_the_reason() {
-        let r: Rules<u8> = Rules { policy: RetryPolicy::new(2), same: |a, b| a == b };
-        let s = settle(vec![1, 2, 3], Some(vec![1, 0, 0]), Failed::These(vec![1, 2, 9]), Some(&r));
+        let r: Rules<u8> = Rules {
+            policy: RetryPolicy::new(2),
+            same: |a, b| a == b,
+        };
+        let s = settle(
+            vec![1, 2, 3],
+            Some(vec![1, 0, 0]),
+            Failed::These(vec![1, 2, 9]),
+            Some(&r),
+        );
         assert_eq!(s.dead, vec![1]);
         assert_eq!((s.later.entries, s.later.attempts), (vec![2], vec![1]));
         assert_eq!((s.fresh, s.processed), (vec![9], 1));
         assert_eq!(s.reason, DeadLetterReason::RetryRequested);
-        let s = settle(vec![5], Some(vec![1]), Failed::Panicked("boom".into()), Some(&r));
+        let s = settle(
+            vec![5],
+            Some(vec![1]),
+            Failed::Panicked("boom".into()),
+            Some(&r),
+        );
         assert_eq!(s.dead, vec![5]);
         assert_eq!(s.reason, DeadLetterReason::Panicked("boom".into()));
     }
 
     #[test]
     fn huge_backoffs_saturate() {
-        let mut r: Retries<u8> = Retries::new(RetryPolicy::new(3).backoff(Duration::MAX, Duration::MAX));
+        let mut r: Retries<u8> =
+            Retries::new(RetryPolicy::new(3).backoff(Duration::MAX, Duration::MAX));
         for _ in 0..100 {
             let d = r.jitter(Duration::MAX);
             assert!(d <= FAR);
         }
         let now = Instant::now();
-        r.delay(Group { entries: vec![1], attempts: vec![40] }, now);
+        r.delay(
+            Group {
+                entries: vec![1],
+                attempts: vec![40],
+            },
+            now,
+        );
         assert!(r.next_due().unwrap() > now);
     }
 
     #[test]
     fn groups_wait_their_turn() {
-        let mut r: Retries<u8> =
-            Retries::new(RetryPolicy::new(3).backoff(Duration::from_secs(1), Duration::from_secs(1)));
+        let mut r: Retries<u8> = Retries::new(
+            RetryPolicy::new(3).backoff(Duration::from_secs(1), Duration::from_secs(1)),
+        );
         let now = Instant::now();
         r.delay(
             Group {

@@ -116,13 +116,22 @@ fn poll_reruns_an_empty_init_after_the_idle_delay() {
         let _ = init_tx.send(());
     });
     let task = task.with_books(&books);
+    let clock = buffered_task::ManualClock::new();
     let handle = Builder::new(task, ())
         .flush_interval(FlushInterval::Never)
         .poll(true)
         .idle_poll_delay(Duration::from_millis(5))
+        .clock(&clock)
         .start()
         .unwrap();
-    recv_n(&inits, 3); // the first run, then two polls after the delay
+    for run in 1..=3 {
+        recv(&inits); // the first run, then a poll after each delay
+        wait_until(|| handle.stats().init_runs == run);
+        clock.advance(Duration::from_millis(4));
+        assert_empty(&inits);
+        clock.advance(Duration::from_millis(1));
+    }
+    recv(&inits);
     books.finish(handle.shutdown_drain().unwrap());
 }
 

@@ -334,3 +334,134 @@ fn the_default_probe_reads_this_process_resident_memory() {
     assert!(after >= before + (32 << 20), "{before} -> {after}");
     drop(std::hint::black_box(block));
 }
+
+/// A probe that panics on its first read.
+struct Flaky(AtomicU64);
+impl MemoryProbe for Flaky {
+    fn used_bytes(&self) -> Option<u64> {
+        if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+            panic!("deliberate: probe");
+        }
+        Some(1)
+    }
+}
+
+#[test]
+fn a_panicking_probe_is_logged_counted_and_survived() {
+    quiet_panics();
+    let monitor = MemoryMonitor::builder()
+        .limit_bytes(LIMIT)
+        .check_interval(Duration::from_secs(3600))
+        .probe(Flaky(AtomicU64::new(0)))
+        .start()
+        .unwrap();
+    assert_eq!(monitor.check_now(), CheckOutcome::ProbeFailed);
+    assert_eq!(monitor.panics(), 1);
+    assert_eq!(monitor.check_now(), CheckOutcome::Normal);
+    assert_eq!(monitor.panics(), 1);
+}
+
+/// A task of the user's own whose every call panics.
+struct Broken;
+impl buffered_task::Shrinkable for Broken {
+    fn name(&self) -> String {
+        "broken".into()
+    }
+    fn memory_usage(&self) -> usize {
+        usize::MAX // the largest: asked first
+    }
+    fn shrink(&self) -> Result<(), buffered_task::ShrinkError> {
+        panic!("deliberate: shrink")
+    }
+    fn expand(&self) {
+        panic!("deliberate: expand")
+    }
+    fn is_shrunk(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn a_panicking_task_is_passed_over_and_the_next_one_shrinks() {
+    quiet_panics();
+    let dial = Dial::default();
+    let monitor = monitor(&dial);
+    let broken = Arc::new(Broken);
+    monitor.register_shrinkable(&broken);
+    let rig = task(&monitor, "healthy", 10, 0);
+    dial.set(LIMIT + 1);
+    assert_eq!(monitor.check_now(), CheckOutcome::Shrunk("healthy".into()));
+    assert_eq!(monitor.panics(), 1);
+    dial.set(1);
+    assert_eq!(monitor.check_now(), CheckOutcome::Expanded(2)); // both asked
+    assert_eq!(monitor.panics(), 2);
+    let (entries, reason) = recv(&rig.shed);
+    assert_eq!((entries.len(), reason), (5, OverflowReason::Shrink));
+    rig.gate.open();
+    rig.books.finish(rig.handle.shutdown_drain().unwrap());
+}
+
+/// Holds a check inside its `is_stopped` until released.
+struct Stall {
+    inside: crossbeam_channel::Sender<()>,
+    release: Receiver<()>,
+}
+impl buffered_task::Shrinkable for Stall {
+    fn name(&self) -> String {
+        "stall".into()
+    }
+    fn memory_usage(&self) -> usize {
+        0
+    }
+    fn shrink(&self) -> Result<(), buffered_task::ShrinkError> {
+        Err(buffered_task::ShrinkError::MinimumSize)
+    }
+    fn expand(&self) {}
+    fn is_shrunk(&self) -> bool {
+        false
+    }
+    fn is_stopped(&self) -> bool {
+        let _ = self.inside.send(());
+        let _ = self.release.recv();
+        false
+    }
+}
+
+#[test]
+fn a_check_in_progress_does_not_keep_an_engine_alive() {
+    let dial = Dial::default();
+    let monitor = monitor(&dial);
+    let (inside_tx, inside) = unbounded();
+    let (release_tx, release) = unbounded();
+    let stall = Arc::new(Stall {
+        inside: inside_tx,
+        release,
+    });
+    monitor.register_shrinkable(&stall); // looked at first
+    let (gone_tx, gone) = unbounded::<()>();
+    struct Guard(crossbeam_channel::Sender<()>);
+    let guard = Guard(gone_tx);
+    let handle = Builder::new(
+        Script::new(move |_: &[u64], _: &()| {
+            let _ = guard.0.is_empty();
+            Outcome::Ok
+        }),
+        (),
+    )
+    .memory_monitor(&monitor)
+    .start()
+    .unwrap();
+    dial.set(LIMIT + 1); // over the limit: the check looks at every task
+    let checker = {
+        let monitor = monitor.clone();
+        std::thread::spawn(move || monitor.check_now())
+    };
+    recv(&inside); // the check has taken hold of both tasks
+    drop(handle); // the user's last handle: stops and joins the engine now
+    assert!(gone.recv_timeout(HANG).is_err(), "the task was dropped");
+    release_tx.send(()).unwrap();
+    // The engine had stopped: nothing could shrink.
+    assert_eq!(checker.join().unwrap(), CheckOutcome::NothingToShrink);
+    drop(release_tx); // the stall lets every later look through
+    assert_eq!(monitor.task_count(), 1); // the engine is forgotten
+}

@@ -115,9 +115,10 @@ fn block_waits_for_room_and_loses_nothing() {
         })
     };
     assert_eq!(recv_n(&acked, 2), vec![1, 2]);
-    // The queue is at its bound: the third hand-over waits (it may not return
-    // while the worker is held, however long we look).
-    assert!(acked.recv_timeout(Duration::from_millis(100)).is_err());
+    // The queue is at its bound: the third hand-over waits for room.
+    wait_until(|| rig.handle.stats().blocked_callers == 1);
+    assert!(acked.try_recv().is_err());
+    assert_eq!(rig.handle.debug_count().unwrap().waiting, 2);
     // A timed hand-over gives up and hands its entries back.
     rig.ledger.given(&[100]);
     match rig
@@ -127,6 +128,7 @@ fn block_waits_for_room_and_loses_nothing() {
         Err(BufferError::Timeout(v)) => rig.ledger.handed_back(&v),
         r => panic!("{r:?}"),
     }
+    assert!(acked.try_recv().is_err());
     rig.gate.open();
     producer.join().unwrap();
     assert_eq!(acked.try_iter().count(), 8);

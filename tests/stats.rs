@@ -1,7 +1,7 @@
 //! The stats snapshot and the shutdown with a deadline.
 
 mod common;
-use buffered_task::{Builder, FlushInterval, Outcome, Priority, Stats};
+use buffered_task::{Builder, FlushInterval, ManualClock, Outcome, Priority, Stats};
 use common::*;
 use crossbeam_channel::unbounded;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -81,7 +81,7 @@ fn shutdown_timeout_with_time_to_spare_drains_everything() {
 }
 
 #[test]
-fn shutdown_timeout_past_its_deadline_hands_back_the_rest() {
+fn shutdown_timeout_past_its_deadline_hands_back_the_rest_at_once() {
     let (
         task,
         Held {
@@ -101,22 +101,49 @@ fn shutdown_timeout_past_its_deadline_hands_back_the_rest() {
     books.push_back(&handle, vec![0, 1]).unwrap();
     recv(&started);
     books.push_back(&handle, (2..10).collect()).unwrap();
+    // Returns while [0, 1] is still held: the deadline has passed at once.
+    let report = handle.shutdown_timeout(Duration::ZERO).unwrap();
+    assert_eq!(report.unprocessed, (2..10).collect::<Vec<u32>>());
+    assert_eq!((report.drained, report.still_running), (0, 2));
+    books.handed_back(&report.unprocessed);
+    gate.open();
+    assert_eq!(recv(&ran), vec![0, 1]);
+    wait_until(|| handle.stats().processed == 2); // counted when it returns
+    books.check();
+}
+
+#[test]
+fn stats_after_a_shutdown_are_final() {
+    let (task, held) = held::<u32>();
+    let handle = Builder::new(task, ())
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .start()
+        .unwrap();
+    held.books.push_back(&handle, vec![1]).unwrap();
+    recv(&held.started);
+    held.books.push_back(&handle, vec![2, 3]).unwrap();
+    held.books.buffer(&handle, vec![4], Priority::Back).unwrap();
+    assert!(handle.stats().oldest_wait.is_some());
     let stopper = {
-        let handle = handle.clone();
-        let books = books.clone();
-        std::thread::spawn(move || books.finish(handle.shutdown_timeout(Duration::ZERO).unwrap()))
+        let (handle, books) = (handle.clone(), held.books.clone());
+        std::thread::spawn(move || books.finish(handle.shutdown_return().unwrap()))
     };
     wait_until(|| handle.is_stopped());
-    handle.debug_count().unwrap(); // answered after the shutdown command
-    gate.open();
-    let report = stopper.join().unwrap();
-    assert_eq!(report.drained, 2);
-    assert_eq!(report.unprocessed, (2..10).collect::<Vec<u32>>());
-    assert_eq!(ran.try_iter().collect::<Vec<_>>(), vec![vec![0, 1]]);
+    held.gate.open();
+    assert_eq!(stopper.join().unwrap().unprocessed, vec![2, 3, 4]);
+    let stats = handle.stats();
+    assert_eq!((stats.buffered, stats.queued, stats.running), (0, 0, 0));
+    assert_eq!(stats.oldest_wait, None);
+    assert_eq!(stats.processed, 1);
+    assert_eq!(handle.stats(), stats, "and they stay so");
 }
 
 #[test]
 fn a_run_past_its_deadline_is_reported_once_and_counted() {
+    let clock = ManualClock::new();
     let gate = Gate::new();
     let held = gate.clone();
     let (started_tx, started) = unbounded();
@@ -132,12 +159,15 @@ fn a_run_past_its_deadline_is_reported_once_and_counted() {
         .run_deadline(Duration::from_millis(2))
         .flush_interval(FlushInterval::Never)
         .poll(false)
+        .clock(&clock)
         .start()
         .unwrap();
     books.push_back(&handle, vec![1, 2, 3]).unwrap();
     recv(&started);
-    wait_until(|| handle.stats().stuck_runs == 1);
+    clock.advance(Duration::from_millis(2));
+    assert_eq!(handle.stats().stuck_runs, 1);
     // Still stuck, still counted once, and the other slot keeps working.
+    clock.advance(Duration::from_secs(1));
     let count = handle.debug_count().unwrap();
     assert_eq!(count.running, 1);
     assert_eq!(handle.stats().stuck_runs, 1);
@@ -183,11 +213,9 @@ fn oldest_wait_follows_the_entries_that_wait() {
     assert!(handle.stats().oldest_wait.unwrap() >= first);
     handle.flush().unwrap();
     recv(&started); // 1 runs; nothing waits
-    handle.debug_count().unwrap(); // the coordinator has published since
     assert_eq!(handle.stats().oldest_wait, None);
     books.push_back(&handle, vec![2, 3]).unwrap();
-    handle.debug_count().unwrap();
-    // 2 is handed out (not queued), 3 is at the head of the queue.
+    // 2 and 3 wait in the queue behind the held run.
     assert!(handle.stats().oldest_wait.is_some());
     gate.open();
     books.finish(handle.shutdown_drain().unwrap());

@@ -54,6 +54,7 @@ fn wait_stopped<T: Send + 'static>(h: &crate::Handle<T>) {
 
 #[test]
 fn a_coordinator_failure_stops_the_engine_and_hands_entries_back() {
+    super::capture_logs();
     let clock = ManualClock::new();
     let (task, ran) = record(0);
     let name = "fail-coordinator";
@@ -76,6 +77,35 @@ fn a_coordinator_failure_stops_the_engine_and_hands_entries_back() {
     let report = handle.shutdown_return().unwrap();
     let ran: Vec<u32> = ran.try_iter().flatten().collect();
     assert_eq!(sorted([report.unprocessed, ran].concat()), vec![1, 2, 3]);
+    assert!(super::logged(
+        log::Level::Error,
+        &[name, "Coordinator", "injected fault at coordinator"]
+    ));
+}
+
+#[test]
+fn a_drop_after_a_worker_failure_returns_and_loses_nothing() {
+    let (task, ran) = record(0);
+    let name = "fail-worker-drop";
+    let (of_tx, overflow) = unbounded();
+    let handle = Builder::new(task, ())
+        .name(name)
+        .max_batch_size(3)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .overflow_handler(move |v, _| of_tx.send(v).unwrap())
+        .start()
+        .unwrap();
+    fault::arm(name, "worker");
+    handle.push_back((0..10).collect()).unwrap();
+    wait_stopped(&handle);
+    drop(handle);
+    let out: Vec<u32> = ran
+        .try_iter()
+        .chain(overflow.try_iter())
+        .flatten()
+        .collect();
+    assert_eq!(sorted(out), (0..10).collect::<Vec<_>>());
 }
 
 #[test]
@@ -95,7 +125,10 @@ fn a_worker_failure_gives_its_batch_back() {
     wait_stopped(&handle);
     let report = handle.shutdown_return().unwrap();
     let ran: Vec<u32> = ran.try_iter().flatten().collect();
-    assert_eq!(sorted([report.unprocessed, ran].concat()), vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        sorted([report.unprocessed, ran].concat()),
+        vec![1, 2, 3, 4, 5]
+    );
     assert_eq!(handle.stats().queued, 0);
 }
 

@@ -299,6 +299,16 @@ impl<T: Clone + Ord + std::fmt::Debug + Send + 'static> Books<T> {
         self.given(&v);
         self.refused(h.buffer(v, p))
     }
+    pub fn buffer_timeout(
+        &self,
+        h: &Handle<T>,
+        v: Vec<T>,
+        p: Priority,
+        timeout: std::time::Duration,
+    ) -> Result<(), BufferError<T>> {
+        self.given(&v);
+        self.refused(h.buffer_timeout(v, p, timeout))
+    }
     pub fn buffer_one(&self, h: &Handle<T>, e: T, p: Priority) -> Result<(), BufferError<T>> {
         self.given(std::slice::from_ref(&e));
         self.refused(h.buffer_one(e, p))
