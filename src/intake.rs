@@ -1,9 +1,10 @@
 //! Where hand-overs land: the back and front buffers, and the admission rule for
 //! an enforced bound (the `Reject` and `Block` policies).
 //!
-//! The buffers live inside the store's state, so the store's lock is the only
-//! lock a caller takes; this module holds the pure parts: where entries go in a
-//! buffer, and whether a hand-over may go in now, must fail, or may wait.
+//! The store keeps the buffers under their own lock, the only one a hand-over
+//! takes (unless it fills a batch, or a bound is enforced); this module holds
+//! the pure parts: where entries go in a buffer, whether hand-overs are still
+//! taken, and whether a hand-over may go in now, must fail, or may wait.
 
 use crate::overflow::OverflowPolicy;
 use crate::queue::Pile;
@@ -38,6 +39,8 @@ pub(crate) struct Intake<T> {
     front: Pile<T>,
     /// When the oldest buffered entry arrived (`None`: both are empty).
     since: Option<Instant>,
+    /// Hand-overs are refused (a shutdown began, or the engine failed).
+    pub(crate) closed: bool,
 }
 
 impl<T> Intake<T> {
@@ -46,6 +49,7 @@ impl<T> Intake<T> {
             back: Pile::new(),
             front: Pile::new(),
             since: None,
+            closed: false,
         }
     }
 
@@ -64,6 +68,7 @@ impl<T> Intake<T> {
 
     /// Adds a call's entries to a buffer; `now` is read only when the buffers
     /// were empty.
+    #[inline]
     pub(crate) fn put(
         &mut self,
         entries: Entries<T>,
@@ -82,6 +87,12 @@ impl<T> Intake<T> {
             Entries::One(entry) => pile.push_one(entry, batch),
             Entries::Many(v) => pile.push_vec(v, batch),
         }
+    }
+
+    /// Drains both buffers: (front chunks, back chunks), each in arrival order.
+    pub(crate) fn drain(&mut self) -> (std::vec::Drain<'_, Vec<T>>, std::vec::Drain<'_, Vec<T>>) {
+        self.since = None;
+        (self.front.drain(), self.back.drain())
     }
 
     /// Takes both buffers: (front chunks, back chunks), each in arrival order.

@@ -145,7 +145,11 @@ pub(crate) fn init_runner<K: Task>(
 ) {
     let feed: Arc<dyn Feed<K::Entry>> = store.clone();
     for () in requests.iter() {
-        let mut sink = Sink::new(store.config.max_batch_size, feed.clone());
+        let mut sink = Sink::new(
+            store.config.max_batch_size,
+            feed.clone(),
+            store.stopping_flag(),
+        );
         let current = state.current();
         let result = catch(|| task.init(&mut sink, &current));
         drop_quietly("the state", current);

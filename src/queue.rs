@@ -118,11 +118,19 @@ impl<T> Queue<T> {
     /// Puts `entries` at the front, in their order, whatever the bound (entries
     /// admitted earlier, or put back).
     pub(crate) fn push_front_unbounded(&mut self, entries: Vec<T>, now: Instant) {
+        if entries.is_empty() {
+            return;
+        }
         self.len += entries.len();
         let meta = Meta {
             since: now,
             sealed: false,
         };
+        if self.fits_whole(&entries) {
+            self.chunks.push_front(trim(entries));
+            self.meta.push_front(meta);
+            return;
+        }
         for chunk in self.cut(entries).into_iter().rev() {
             self.chunks.push_front(chunk);
             self.meta.push_front(meta);
@@ -142,12 +150,25 @@ impl<T> Queue<T> {
     }
 
     fn append(&mut self, entries: Vec<T>, now: Instant, sealed: bool) {
+        if entries.is_empty() {
+            return;
+        }
         self.len += entries.len();
         let meta = Meta { since: now, sealed };
+        if self.fits_whole(&entries) {
+            self.chunks.push_back(trim(entries));
+            self.meta.push_back(meta);
+            return;
+        }
         for chunk in self.cut(entries) {
             self.chunks.push_back(chunk);
             self.meta.push_back(meta);
         }
+    }
+
+    /// Whether `entries` is queued as one chunk (see `cut`).
+    fn fits_whole(&self, entries: &[T]) -> bool {
+        entries.len() <= CUT_AT.saturating_mul(self.batch)
     }
 
     /// Splits a long `entries` into chunks of one batch, in order. A chunk of up to
@@ -160,16 +181,13 @@ impl<T> Queue<T> {
             return Vec::new();
         }
         let mut tail = Vec::new();
-        if entries.len() > CUT_AT.saturating_mul(self.batch) {
+        if !self.fits_whole(&entries) {
             while entries.len() > self.batch {
                 let at = (entries.len() - 1) / self.batch * self.batch;
                 tail.push(entries.split_off(at));
             }
         }
-        if entries.capacity() > 2 * entries.len() {
-            entries.shrink_to_fit();
-        }
-        tail.push(entries);
+        tail.push(trim(entries));
         tail.reverse();
         tail
     }
@@ -303,6 +321,14 @@ impl<T> Queue<T> {
     }
 }
 
+/// Gives back spare capacity of more than the length.
+fn trim<T>(mut entries: Vec<T>) -> Vec<T> {
+    if entries.capacity() > 2 * entries.len() {
+        entries.shrink_to_fit();
+    }
+    entries
+}
+
 /// Entries waiting in a buffer: chunks of at most one batch where they arrive
 /// one at a time, whole `Vec`s (moved, not copied) where they arrive many at once.
 pub(crate) struct Pile<T> {
@@ -352,6 +378,13 @@ impl<T> Pile<T> {
     pub(crate) fn take(&mut self) -> Vec<Vec<T>> {
         self.len = 0;
         std::mem::take(&mut self.chunks)
+    }
+
+    /// The chunks, in arrival order, leaving the pile empty (and keeping its
+    /// own allocation for the next ones).
+    pub(crate) fn drain(&mut self) -> std::vec::Drain<'_, Vec<T>> {
+        self.len = 0;
+        self.chunks.drain(..)
     }
 }
 

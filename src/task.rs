@@ -1,5 +1,6 @@
 //! The callback trait, the run outcome, priorities and the `init` sink.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The work a [`Handle`](crate::Handle) runs: how to find initial work, and how to
@@ -65,8 +66,6 @@ pub(crate) trait Feed<T>: Send + Sync {
     /// Takes a chunk streamed by `init` (under an enforced bound, after waiting
     /// for room, unless the engine is stopping). Never drops entries.
     fn feed(&self, chunk: Vec<T>);
-    /// Whether the engine is shutting down.
-    fn stopping(&self) -> bool;
 }
 
 /// Most entries a sink allocates room for ahead: `max_batch_size` may be huge.
@@ -82,15 +81,22 @@ pub struct Sink<T> {
     chunk_size: usize,
     produced: u64,
     feed: Arc<dyn Feed<T>>,
+    /// Set once the engine is shutting down (read on every push: no call).
+    stopping: Arc<AtomicBool>,
 }
 
 impl<T> Sink<T> {
-    pub(crate) fn new(chunk_size: usize, feed: Arc<dyn Feed<T>>) -> Self {
+    pub(crate) fn new(
+        chunk_size: usize,
+        feed: Arc<dyn Feed<T>>,
+        stopping: Arc<AtomicBool>,
+    ) -> Self {
         Sink {
             chunk: Vec::new(),
             chunk_size,
             produced: 0,
             feed,
+            stopping,
         }
     }
 
@@ -120,7 +126,7 @@ impl<T> Sink<T> {
 
     /// Whether the engine is shutting down, so `init` should return soon.
     pub fn is_stopping(&self) -> bool {
-        self.feed.stopping()
+        self.stopping.load(Ordering::Relaxed)
     }
 
     /// How many entries this `init` run has pushed so far.

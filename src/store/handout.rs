@@ -6,7 +6,13 @@ use super::{Phase, Run, Slot, State, Store};
 use crate::overflow::OverflowReason;
 use crate::retry::Settled;
 use crate::unwind::drop_quietly;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
+
+/// A worker out of work looks again this many times before it sleeps: first
+/// spinning `1, 2, 4, … 2^(SPIN_DOUBLINGS-1)` times, then yielding its core.
+const SPIN_STEPS: u32 = 10;
+const SPIN_DOUBLINGS: u32 = 6;
 
 /// One batch for a worker.
 pub(crate) struct Job<T> {
@@ -62,12 +68,29 @@ impl<T: Send + 'static> Store<T> {
     /// A failed batch's entries go back in the same step that takes the next
     /// batch, so a retried batch is not merged with one that fails just after it.
     pub(crate) fn take(&self, w: usize, done: Done<T>) -> Option<Job<T>> {
+        let job = self.take_locked(w, done);
+        if job.is_some() && self.config.enforced() {
+            self.room.open(); // the batch left the waiting set
+        }
+        job
+    }
+
+    fn take_locked(&self, w: usize, done: Done<T>) -> Option<Job<T>> {
         // Weighed before the lock: the weigher is user code.
         let heap = match &done {
             Done::Failed(s) => self.weigh_back(s),
             _ => 0,
         };
+        // New entries under an enforced bound count the buffered ones too: the
+        // callers' lock first, as everywhere.
+        let intake = match &done {
+            Done::Failed(s) if !s.fresh.is_empty() && self.config.enforced() => {
+                Some(self.intake.lock())
+            }
+            _ => None,
+        };
         let mut st = self.lock();
+        let buffered = intake.as_ref().map_or(0, |i| i.len());
         st.end_run(w, Slot::Free);
         let leftovers = match done {
             Done::Nothing => None,
@@ -75,8 +98,9 @@ impl<T: Send + 'static> Store<T> {
                 st.counters.processed += n;
                 None
             }
-            Done::Failed(s) => Some(self.apply(&mut st, s, heap)),
+            Done::Failed(s) => Some(self.apply(&mut st, s, heap, buffered)),
         };
+        drop(intake);
         self.wake_watchers(&mut st);
         let job = self.start_next(&mut st, w);
         if let Some(leftovers) = leftovers {
@@ -94,15 +118,38 @@ impl<T: Send + 'static> Store<T> {
         if job.is_some() {
             return job;
         }
+        // Nothing now: look again for a moment without the lock (more work
+        // usually follows at once under load, and a sleep and a wake-up cost two
+        // system calls), then sleep until woken.
+        let seen = self.work_added.load(Ordering::Acquire);
+        drop(st);
+        self.spin_for_work(seen);
+        let mut st = self.lock();
         loop {
+            if let Some(job) = self.start_next(&mut st, w) {
+                return Some(job);
+            }
             if st.phase == Phase::Finished {
                 return None;
             }
             st.idle += 1;
-            self.work.wait(&mut st);
+            self.work.wait(st.raw());
             st.idle -= 1;
-            if let Some(job) = self.start_next(&mut st, w) {
-                return Some(job);
+        }
+    }
+
+    /// Spins, then yields, a few microseconds at most, until work is added.
+    fn spin_for_work(&self, seen: u64) {
+        for step in 0..SPIN_STEPS {
+            if self.work_added.load(Ordering::Acquire) != seen {
+                return;
+            }
+            if step < SPIN_DOUBLINGS {
+                for _ in 0..1u32 << step {
+                    std::hint::spin_loop();
+                }
+            } else {
+                std::thread::yield_now();
             }
         }
     }
@@ -118,7 +165,6 @@ impl<T: Send + 'static> Store<T> {
             None => self.born,
         };
         st.start_run(w, job.entries.len(), started);
-        self.wake_room(st);
         Some(job)
     }
 
@@ -149,7 +195,7 @@ impl<T: Send + 'static> Store<T> {
 
     /// Applies what [`retry::settle`](crate::retry::settle) decided for a failed
     /// run (whose entries weigh `heap`); returns what to report.
-    fn apply(&self, st: &mut State<T>, s: Settled<T>, heap: i64) -> Leftovers<T> {
+    fn apply(&self, st: &mut State<T>, s: Settled<T>, heap: i64, buffered: usize) -> Leftovers<T> {
         if let Some(msg) = &s.panic {
             log::error!(
                 "{}: run panicked on a batch, retrying it: {msg}",
@@ -177,7 +223,10 @@ impl<T: Send + 'static> Store<T> {
                     self.nudge(); // a new timer
                 }
             }
-            (self.admit_fresh(st, s.fresh, now), OverflowReason::Full)
+            (
+                self.admit_fresh(st, s.fresh, now, buffered),
+                OverflowReason::Full,
+            )
         };
         self.wake_workers(st);
         Leftovers {
@@ -204,10 +253,16 @@ impl<T: Send + 'static> Store<T> {
 
     /// New entries a run returned: as many as there is room for; the rest
     /// overflow (counted). A worker neither waits nor has a caller to hand back to.
-    fn admit_fresh(&self, st: &mut State<T>, mut fresh: Vec<T>, now: Instant) -> Vec<T> {
+    fn admit_fresh(
+        &self,
+        st: &mut State<T>,
+        mut fresh: Vec<T>,
+        now: Instant,
+        buffered: usize,
+    ) -> Vec<T> {
         let overflow = if self.config.enforced() {
             let bound = st.queue.max_len().unwrap_or(usize::MAX);
-            let room = bound.saturating_sub(st.waiting());
+            let room = bound.saturating_sub(buffered + st.held());
             let over = if fresh.len() > room {
                 fresh.split_off(room)
             } else {

@@ -39,7 +39,7 @@ impl<T: Send + 'static> Store<T> {
     /// Begins a shutdown: hand-overs fail from now on, the buffers join the
     /// queue, `init` is told to stop. Fails if a shutdown already began.
     pub(crate) fn close(&self, how: Close) -> Result<(), ControlError> {
-        let mut st = self.lock();
+        let (mut intake, mut st) = self.lock_both();
         if st.shut || st.phase == Phase::Finished {
             return Err(ControlError::Stopped);
         }
@@ -50,10 +50,12 @@ impl<T: Send + 'static> Store<T> {
                 Close::Return => Phase::Halted,
             };
         }
+        intake.closed = true;
         self.stopping.store(true, Ordering::Relaxed);
-        let overflow = self.flush_locked(&mut st);
-        self.room.notify_all();
+        let overflow = self.queue_intake(&mut intake, &mut st);
         drop(st);
+        drop(intake);
+        self.room.bump(); // waiting hand-overs fail now
         self.nudge();
         self.report(overflow, OverflowReason::Full);
         Ok(())
@@ -67,7 +69,8 @@ impl<T: Send + 'static> Store<T> {
         st.watchers += 1;
         let passed = loop {
             let quiet = st.running == 0 && !st.init.running;
-            let empty = st.queue.is_empty() && st.retrying() == 0 && st.intake.is_empty();
+            // (The buffers were emptied by `close` and take nothing more.)
+            let empty = st.held() == 0;
             let done = match how {
                 Close::Drain => quiet && (empty || st.failed.is_some()),
                 Close::Return => quiet,
@@ -75,7 +78,7 @@ impl<T: Send + 'static> Store<T> {
             if done {
                 break false;
             }
-            if self.clock().wait(&self.settled, &mut st, deadline) {
+            if self.clock().wait(&self.settled, st.raw(), deadline) {
                 st.phase = st.phase.max(Phase::Halted);
                 break true;
             }
@@ -87,10 +90,12 @@ impl<T: Send + 'static> Store<T> {
     /// Ends the engine's life: takes every waiting entry out, tells every thread
     /// to exit, and says who is still inside user code.
     pub(crate) fn finish(&self) -> Finish<T> {
-        let mut st = self.lock();
+        let (mut intake, mut st) = self.lock_both();
         st.phase = Phase::Finished;
+        intake.closed = true;
         self.stopping.store(true, Ordering::Relaxed);
-        let (front, back) = st.intake.take();
+        let (front, back) = intake.take();
+        drop(intake);
         let mut unprocessed: Vec<T> = front.into_iter().flatten().collect();
         unprocessed.extend(st.queue.drain_all());
         if let Some(retries) = &mut st.retries {
@@ -118,10 +123,10 @@ impl<T: Send + 'static> Store<T> {
         }
         self.heap.store(0, Ordering::Relaxed);
         self.work.notify_all();
-        self.room.notify_all();
         self.settled.notify_all();
         self.rounds.notify_all();
         drop(st);
+        self.room.bump();
         self.nudge();
         Finish {
             unprocessed,
@@ -145,7 +150,9 @@ impl<T: Send + 'static> Store<T> {
             "{}: internal failure on the {role:?} thread, the engine stops: {msg}",
             self.config.name
         );
-        let mut st = self.lock();
+        let (mut intake, mut st) = self.lock_both();
+        intake.closed = true;
+        drop(intake);
         match role {
             Role::Worker(w) => st.end_run(w, Slot::Free),
             Role::Init => st.init.running = false,
@@ -156,10 +163,10 @@ impl<T: Send + 'static> Store<T> {
         st.phase = st.phase.max(Phase::Halted);
         self.stopping.store(true, Ordering::Relaxed);
         self.work.notify_all();
-        self.room.notify_all();
         self.settled.notify_all();
         self.rounds.notify_all();
         drop(st);
+        self.room.bump();
         self.nudge();
     }
 

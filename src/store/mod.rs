@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!  callers ──buffer──▶ intake (back, front) ──flush──▶ queue ◀──push── callers, init
-//!                         │ full batch (ticker on):      │
+//!          (the callers' lock)│ full batch (ticker on):  │ (the state lock)
 //!                         └── flushed by the caller ─────┤
 //!  coordinator ──tick──▶ flush                           │ take (one lock per batch)
 //!             ──timers─▶ retries due, watchdog, poll     ▼
@@ -24,13 +24,19 @@
 //!   `work`. Whoever adds entries wakes `min(idle, batches now available)`
 //!   workers; a woken worker that finds nothing waits again. No batch can be
 //!   missed: a worker looks at the store before it waits, under the lock.
+//! - **Two locks.** The buffers have their own lock, the only one a hand-over
+//!   takes; everything else is under the state lock, which workers take. When
+//!   both are needed (a flush, a count, a stop) the buffers' lock is taken
+//!   first. Workers never take the buffers' lock.
 //! - **Flushes.** `flush()`, the coordinator's tick and (with a ticker) a
 //!   hand-over that fills a batch move the buffers into the queue, on the calling
-//!   thread. What a bounded queue cannot take is counted under the lock and
-//!   reported after it.
+//!   thread, holding both locks. What a bounded queue cannot take is counted
+//!   under the lock and reported after it. Workers owed a wake-up are woken
+//!   after the locks are released (see `guard`).
 //! - **Room.** Under `Reject`/`Block`, a hand-over is admitted when buffered +
-//!   queued + retrying entries leave room under the bound; `Block` waits on
-//!   `room`, notified when a worker takes a batch, on `expand` and on stop.
+//!   queued + retrying entries leave room under the bound; `Block` waits at the
+//!   room gate (see `room`), opened when a worker takes a batch, on `expand` and
+//!   on stop.
 //! - **Settling.** A failed run's entries are sorted by [`retry::settle`] outside
 //!   the lock; the store then requeues the batch's own (bound or not), admits new
 //!   ones under the bound, and counts; the worker reports overflow and dead
@@ -53,7 +59,9 @@
 //!
 //! - Every entry the engine holds is in exactly one place: the intake, the
 //!   queue, the retries, a worker's batch (its slot is `Run`), or on its way to
-//!   a handler (counted already). The counters move in the same step.
+//!   a handler (counted already). The counters move in the same step. An entry
+//!   moves from the intake to the queue with both locks held, so a count that
+//!   holds both sees it once.
 //! - `running` equals the number of `Run` slots, and never exceeds
 //!   `max_concurrency` (one slot per worker thread).
 //!
@@ -63,8 +71,10 @@
 //! in and subtracted by the one that takes them out; approximate while entries
 //! move, clamped at zero).
 
+mod guard;
 mod handout;
 mod life;
+mod room;
 mod timers;
 
 pub(crate) use handout::{Done, Job};
@@ -83,8 +93,11 @@ use crate::task::{Feed, Priority};
 use crate::threads::{self, Role};
 use crate::unwind::catch;
 use crossbeam_channel::Sender;
+use guard::Guard;
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use room::Room;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Why a hand-over was refused.
@@ -128,7 +141,7 @@ struct Run {
 #[derive(Debug, Default)]
 struct InitState {
     running: bool,
-    /// Someone asked for a run (the first one, or `poll_now`).
+    /// Someone asked for a run (`poll_now`).
     requested: bool,
     /// `poll_now` came while it ran: run again when it returns.
     again: bool,
@@ -139,9 +152,8 @@ struct InitState {
     runs: u64,
 }
 
-/// Everything under the lock.
+/// Everything under the state lock.
 struct State<T> {
-    intake: Intake<T>,
     queue: Queue<T>,
     retries: Option<Retries<T>>,
     slots: Vec<Slot>,
@@ -156,10 +168,10 @@ struct State<T> {
     coordinator_busy: bool,
     /// Workers waiting on `work`.
     idle: usize,
-    /// Hand-overs (and `init` chunks) waiting on `room`.
-    room_waiters: usize,
     /// Threads waiting on `settled`.
     watchers: usize,
+    /// Workers to wake once the lock is released (see `guard`).
+    to_wake: usize,
     /// The clock time of the coordinator's last finished round.
     seen: Option<Instant>,
     /// Since when the engine has been idle (the idle poll counts from here).
@@ -167,9 +179,9 @@ struct State<T> {
 }
 
 impl<T> State<T> {
-    /// Entries that hold room under an enforced bound.
-    fn waiting(&self) -> usize {
-        self.intake.len() + self.queue.len() + self.retrying()
+    /// Queued and retrying entries (the buffered ones are counted apart).
+    fn held(&self) -> usize {
+        self.queue.len() + self.retrying()
     }
 
     fn retrying(&self) -> usize {
@@ -184,17 +196,23 @@ impl<T> State<T> {
 
 /// The store; see the module doc.
 pub(crate) struct Store<T> {
-    state: Mutex<State<T>>,
+    /// The callers' lock: taken before `state` when both are needed.
+    intake: Padded<Mutex<Intake<T>>>,
+    state: Padded<Mutex<State<T>>>,
     /// Workers wait here for batches.
     work: Condvar,
-    /// `Block` hand-overs and `init` chunks wait here for room.
-    room: Condvar,
     /// Shutdowns wait here for the engine to settle.
     settled: Condvar,
     /// A manual clock's `advance` waits here for the coordinator's round.
     rounds: Condvar,
-    stopping: AtomicBool,
+    /// `Block` hand-overs and `init` chunks wait here for room.
+    room: Room,
+    stopping: Arc<AtomicBool>,
     heap: AtomicI64,
+    /// Moves on whenever work is added (under the state lock); an idle worker
+    /// spins on it a moment before it sleeps (see `handout`). Only a hint: the
+    /// worker then looks under the lock.
+    work_added: AtomicU64,
     nudge: Sender<()>,
     pub(crate) config: Config,
     pub(crate) id: u64,
@@ -204,6 +222,18 @@ pub(crate) struct Store<T> {
     pub(crate) reporter: Reporter<T>,
     rules: Option<Rules<T>>,
     weigher: Option<Weigher<T>>,
+}
+
+/// A lock on cache lines of its own: the callers' lock and the workers' lock
+/// must not share one (each unlock would then wait for the other side's core).
+#[repr(align(128))]
+struct Padded<L>(L);
+
+impl<L> std::ops::Deref for Padded<L> {
+    type Target = L;
+    fn deref(&self) -> &L {
+        &self.0
+    }
 }
 
 /// What the store is built from besides the settings.
@@ -217,7 +247,6 @@ impl<T: Send + 'static> Store<T> {
     /// A store for an engine; `nudge` wakes its coordinator.
     pub(crate) fn new(config: Config, id: u64, parts: Parts<T>, nudge: Sender<()>) -> Self {
         let state = State {
-            intake: Intake::new(),
             queue: Queue::new(config.max_queue_len, config.max_batch_size),
             retries: parts.rules.as_ref().map(|r| Retries::new(r.policy)),
             slots: vec![Slot::Free; config.max_concurrency],
@@ -229,20 +258,22 @@ impl<T: Send + 'static> Store<T> {
             init: InitState::default(),
             coordinator_busy: false,
             idle: 0,
-            room_waiters: 0,
             watchers: 0,
+            to_wake: 0,
             seen: None,
             idle_since: None,
         };
         Store {
             born: config.clock.now(),
-            state: Mutex::new(state),
+            intake: Padded(Mutex::new(Intake::new())),
+            state: Padded(Mutex::new(state)),
             work: Condvar::new(),
-            room: Condvar::new(),
             settled: Condvar::new(),
             rounds: Condvar::new(),
-            stopping: AtomicBool::new(false),
+            room: Room::default(),
+            stopping: Arc::new(AtomicBool::new(false)),
             heap: AtomicI64::new(0),
+            work_added: AtomicU64::new(0),
             nudge,
             config,
             id,
@@ -256,12 +287,24 @@ impl<T: Send + 'static> Store<T> {
         &self.config.clock
     }
 
+    /// The flag a `Sink` reads to tell `init` to stop.
+    pub(crate) fn stopping_flag(&self) -> Arc<AtomicBool> {
+        self.stopping.clone()
+    }
+
     pub(crate) fn rules(&self) -> Option<&Rules<T>> {
         self.rules.as_ref()
     }
 
-    fn lock(&self) -> MutexGuard<'_, State<T>> {
-        self.state.lock()
+    /// The state lock.
+    fn lock(&self) -> Guard<'_, T> {
+        Guard::new(self, self.state.lock())
+    }
+
+    /// Both locks, in order.
+    fn lock_both(&self) -> (MutexGuard<'_, Intake<T>>, Guard<'_, T>) {
+        let intake = self.intake.lock();
+        (intake, self.lock())
     }
 
     /// Wakes the coordinator (a nudge already pending is enough).
@@ -269,8 +312,10 @@ impl<T: Send + 'static> Store<T> {
         let _ = self.nudge.try_send(());
     }
 
-    /// Wakes as many idle workers as there are batches to take.
-    fn wake_workers(&self, st: &State<T>) {
+    /// Owes a wake-up to as many idle workers as there are batches to take
+    /// (paid when the lock is released).
+    fn wake_workers(&self, st: &mut State<T>) {
+        self.work_added.fetch_add(1, Ordering::Release);
         if st.idle == 0 {
             return;
         }
@@ -280,17 +325,15 @@ impl<T: Send + 'static> Store<T> {
             .len()
             .div_ceil(self.config.max_batch_size)
             .saturating_add(ready);
-        for _ in 0..batches.min(st.idle) {
+        st.to_wake = st.to_wake.max(batches.min(st.idle));
+    }
+
+    /// Wakes `n` idle workers (after the locks are released).
+    fn notify(&self, n: usize) {
+        for _ in 0..n {
             if !self.work.notify_one() {
                 break;
             }
-        }
-    }
-
-    /// After entries left the waiting set, or the bound rose: wake waiters.
-    fn wake_room(&self, st: &State<T>) {
-        if st.room_waiters > 0 {
-            self.room.notify_all();
         }
     }
 
@@ -347,7 +390,7 @@ impl<T: Send + 'static> Store<T> {
         }
     }
 
-    /// Counted overflow, reported outside the lock.
+    /// Counted overflow, reported outside the locks.
     fn report(&self, entries: Vec<T>, reason: OverflowReason) {
         if !entries.is_empty() {
             self.unweigh(&entries);
@@ -357,26 +400,27 @@ impl<T: Send + 'static> Store<T> {
 
     // ---- hand-overs --------------------------------------------------------
 
-    /// Under an enforced bound, waits (`Block`) until `n` entries fit, or fails.
+    #[inline]
+    /// Whether `n` more entries may be handed over now: refused once closed;
+    /// under an enforced bound, fails or (`Block`) waits for room, until
+    /// `deadline`. Holds the callers' lock except while it waits.
     fn admit(
         &self,
-        st: &mut MutexGuard<'_, State<T>>,
+        intake: &mut MutexGuard<'_, Intake<T>>,
         n: usize,
         deadline: Option<Instant>,
     ) -> Result<(), Refusal> {
+        if intake.closed {
+            return Err(Refusal::Stopped);
+        }
+        if !self.config.enforced() {
+            return Ok(()); // the common case: nothing more to look at
+        }
         let mut timed_out = false;
         loop {
-            if st.phase != Phase::Open {
-                return Err(Refusal::Stopped);
-            }
-            let c = &self.config;
-            match admit(
-                c.overflow_policy,
-                c.max_queue_len,
-                st.queue.max_len(),
-                st.waiting(),
-                n,
-            ) {
+            let ticket = self.room.ticket(); // registered before looking
+            let decision = self.admission(intake, n);
+            match decision {
                 Admit::Now => return Ok(()),
                 Admit::Full => return Err(Refusal::Full),
                 Admit::Wait if timed_out => return Err(Refusal::Timeout),
@@ -388,31 +432,50 @@ impl<T: Send + 'static> Store<T> {
                     ) {
                         return Err(Refusal::Full);
                     }
-                    st.room_waiters += 1;
-                    timed_out = self.clock().wait(&self.room, st, deadline);
-                    st.room_waiters -= 1;
+                    let clock = self.clock();
+                    timed_out = MutexGuard::unlocked(intake, || ticket.wait(clock, deadline));
+                    if intake.closed {
+                        return Err(Refusal::Stopped);
+                    }
                 }
             }
         }
     }
 
-    /// Moves the buffers into the queue and wakes workers; returns what a
-    /// bounded queue could not take (already counted).
-    fn flush_locked(&self, st: &mut State<T>) -> Vec<T> {
-        if st.intake.is_empty() {
+    /// The admission rule, for `n` entries, now.
+    fn admission(&self, intake: &Intake<T>, n: usize) -> Admit {
+        let st = self.state.lock();
+        let c = &self.config;
+        let waiting = intake.len() + st.held();
+        admit(
+            c.overflow_policy,
+            c.max_queue_len,
+            st.queue.max_len(),
+            waiting,
+            n,
+        )
+    }
+
+    /// Moves the buffers into the queue (both locks held) and owes workers a
+    /// wake-up; returns what a bounded queue could not take (already counted).
+    fn queue_intake(&self, intake: &mut Intake<T>, st: &mut State<T>) -> Vec<T> {
+        if intake.is_empty() {
             return Vec::new();
         }
         let now = self.clock().now();
-        let (front, back) = st.intake.take();
+        let bounded = st.queue.max_len().is_some() && !self.config.enforced();
+        let (front, back) = intake.drain();
         let mut overflow = Vec::new();
-        if self.config.enforced() {
-            for chunk in front.into_iter().rev() {
+        if !bounded {
+            // Admitted at hand-over, or no bound: it all goes in.
+            for chunk in front.rev() {
                 st.queue.push_front_unbounded(chunk, now);
             }
             for chunk in back {
                 st.queue.push_back_unbounded(chunk, now);
             }
         } else {
+            let front: Vec<Vec<T>> = front.collect();
             if !front.is_empty() {
                 overflow = st.queue.push_front_chunks(front, now);
             }
@@ -432,24 +495,28 @@ impl<T: Send + 'static> Store<T> {
         priority: Priority,
         deadline: Option<Instant>,
     ) -> Result<(), (Refusal, Entries<T>)> {
-        let heap = match &entries {
-            Entries::One(e) => self.weigh(std::slice::from_ref(e)),
-            Entries::Many(v) => self.weigh(v),
+        let heap = match (&self.weigher, &entries) {
+            (None, _) => 0,
+            (Some(_), Entries::One(e)) => self.weigh(std::slice::from_ref(e)),
+            (Some(_), Entries::Many(v)) => self.weigh(v),
         };
-        let mut st = self.lock();
-        if let Err(refusal) = self.admit(&mut st, entries.len(), deadline) {
+        let mut intake = self.intake.lock();
+        if let Err(refusal) = self.admit(&mut intake, entries.len(), deadline) {
             return Err((refusal, entries));
         }
         let batch = self.config.max_batch_size;
-        st.intake
-            .put(entries, priority, batch, || self.clock().now());
+        intake.put(entries, priority, batch, || self.clock().now());
         self.add_heap(heap);
-        let overflow = if self.config.auto_flush() && st.intake.len() >= batch {
-            self.flush_locked(&mut st)
-        } else {
-            Vec::new()
-        };
+        if !(self.config.auto_flush() && intake.len() >= batch) {
+            return Ok(());
+        }
+        // A full batch: into the queue now, from this thread.
+        let mut st = self.lock();
+        let overflow = self.queue_intake(&mut intake, &mut st);
+        let wakes = std::mem::take(&mut st.to_wake);
         drop(st);
+        drop(intake);
+        self.notify(wakes);
         self.report(overflow, OverflowReason::Full);
         Ok(())
     }
@@ -461,14 +528,15 @@ impl<T: Send + 'static> Store<T> {
         priority: Priority,
     ) -> Result<(), (Refusal, Vec<T>)> {
         let heap = self.weigh(&entries);
-        let mut st = self.lock();
-        if let Err(refusal) = self.admit(&mut st, entries.len(), None) {
+        let mut intake = self.intake.lock();
+        if let Err(refusal) = self.admit(&mut intake, entries.len(), None) {
             return Err((refusal, entries));
         }
         self.add_heap(heap);
+        let mut st = self.lock();
+        drop(intake); // admitted: the state lock is enough now
         let now = self.clock().now();
         let overflow = if self.config.enforced() {
-            // Admitted above: it all goes in.
             match priority {
                 Priority::Back => st.queue.push_back_unbounded(entries, now),
                 Priority::Front => st.queue.push_front_unbounded(entries, now),
@@ -481,7 +549,7 @@ impl<T: Send + 'static> Store<T> {
             }
         };
         st.counters.overflow_full += overflow.len() as u64;
-        self.wake_workers(&st);
+        self.wake_workers(&mut st);
         drop(st);
         self.report(overflow, OverflowReason::Full);
         Ok(())
@@ -489,53 +557,61 @@ impl<T: Send + 'static> Store<T> {
 
     // ---- control calls -------------------------------------------------------
 
-    /// Locks for a control call: fails once the engine has finished, or within
-    /// `wait` if the lock cannot be had.
-    fn control(&self, wait: Option<Duration>) -> Result<MutexGuard<'_, State<T>>, ControlError> {
-        let st = match wait {
-            None => self.lock(),
+    /// Moves the buffers into the queue and fills the free slots; `wait`
+    /// bounds the wait for the callers' lock.
+    pub(crate) fn flush(&self, wait: Option<Duration>) -> Result<(), ControlError> {
+        let mut intake = match wait {
+            None => self.intake.lock(),
             Some(d) => self
-                .state
+                .intake
                 .try_lock_for(d.min(crate::clock::FAR))
                 .ok_or(ControlError::Timeout)?,
         };
+        let mut st = self.lock();
+        if st.phase == Phase::Finished {
+            return Err(ControlError::Stopped);
+        }
+        let overflow = self.queue_intake(&mut intake, &mut st);
+        self.wake_watchers(&mut st);
+        let wakes = std::mem::take(&mut st.to_wake);
+        drop(st);
+        drop(intake);
+        self.notify(wakes);
+        self.report(overflow, OverflowReason::Full);
+        Ok(())
+    }
+
+    /// The state lock for a control call: fails once the engine has finished.
+    fn control(&self) -> Result<Guard<'_, T>, ControlError> {
+        let st = self.lock();
         if st.phase == Phase::Finished {
             return Err(ControlError::Stopped);
         }
         Ok(st)
     }
 
-    /// Moves the buffers into the queue and fills the free slots.
-    pub(crate) fn flush(&self, wait: Option<Duration>) -> Result<(), ControlError> {
-        let mut st = self.control(wait)?;
-        let overflow = self.flush_locked(&mut st);
-        self.wake_watchers(&mut st);
-        drop(st);
-        self.report(overflow, OverflowReason::Full);
-        Ok(())
-    }
-
     pub(crate) fn debug_count(&self) -> Result<DebugCount, ControlError> {
-        let st = self.control(None)?;
+        let intake = self.intake.lock();
+        let st = self.control()?;
         Ok(DebugCount {
-            waiting: st.waiting(),
+            waiting: intake.len() + st.held(),
             running: st.running,
         })
     }
 
     /// Every counter, at one instant. Works after the engine stopped too.
     pub(crate) fn stats(&self) -> Stats {
-        let st = self.lock();
+        let (intake, st) = self.lock_both();
         let now = self.clock().now();
-        let oldest = [st.intake.since(), st.queue.head_since()]
+        let oldest = [intake.since(), st.queue.head_since()]
             .into_iter()
             .flatten()
             .min()
             .map(|t| now.saturating_duration_since(t));
         let c = &st.counters;
         Stats {
-            buffered: st.intake.len(),
-            queued: st.queue.len() + st.retrying(),
+            buffered: intake.len(),
+            queued: st.held(),
             running: st.running,
             processed: c.processed,
             retried: c.retried,
@@ -547,13 +623,13 @@ impl<T: Send + 'static> Store<T> {
             oldest_wait: oldest,
             stuck_runs: c.stuck,
             init_runs: st.init.runs,
-            blocked_callers: st.room_waiters,
+            blocked_callers: self.room.waiting(),
         }
     }
 
     /// Sheds the back half of the queue (to the overflow handler) and bounds it.
     pub(crate) fn shrink(&self) -> Result<(), ShrinkError> {
-        let mut st = self.control(None)?;
+        let mut st = self.control()?;
         let shed = st.queue.shrink().map_err(|_| ShrinkError::MinimumSize)?;
         st.counters.overflow_shrink += shed.len() as u64;
         st.init.shed = true;
@@ -563,19 +639,19 @@ impl<T: Send + 'static> Store<T> {
     }
 
     pub(crate) fn expand(&self) -> Result<(), ControlError> {
-        let mut st = self.control(None)?;
-        st.queue.expand();
-        self.wake_room(&st);
+        self.control()?.queue.expand();
+        self.room.open();
         Ok(())
     }
 
     pub(crate) fn is_shrunk(&self) -> Result<bool, ControlError> {
-        Ok(self.control(None)?.queue.is_shrunk())
+        Ok(self.control()?.queue.is_shrunk())
     }
 
     /// Bytes the waiting entries occupy: entries × size plus the weigher's bytes.
     pub(crate) fn memory_usage(&self) -> Result<usize, ControlError> {
-        let waiting = self.control(None)?.waiting();
+        let intake = self.intake.lock();
+        let waiting = intake.len() + self.control()?.held();
         let heap = usize::try_from(self.heap.load(Ordering::Relaxed).max(0)).unwrap_or(usize::MAX);
         Ok(waiting
             .saturating_mul(std::mem::size_of::<T>())
@@ -584,7 +660,7 @@ impl<T: Send + 'static> Store<T> {
 
     /// Whether hand-overs are refused (a shutdown began, or the engine failed).
     pub(crate) fn is_stopped(&self) -> bool {
-        self.lock().phase != Phase::Open
+        self.intake.lock().closed
     }
 
     /// Asks for an `init` run now (or once more, if one is running).
@@ -610,28 +686,24 @@ impl<T: Send + 'static> Feed<T> for Store<T> {
     /// waits for room first (unless the engine is stopping); it is never refused.
     fn feed(&self, chunk: Vec<T>) {
         let heap = self.weigh(&chunk);
+        let mut intake = self.intake.lock();
+        if self.config.enforced() {
+            loop {
+                let ticket = self.room.ticket();
+                if intake.closed || self.admission(&intake, chunk.len()) != Admit::Wait {
+                    break;
+                }
+                let clock = self.clock();
+                MutexGuard::unlocked(&mut intake, || ticket.wait(clock, None));
+            }
+        }
         let mut st = self.lock();
+        drop(intake);
         if st.phase == Phase::Finished {
             st.counters.overflow_shutdown += chunk.len() as u64;
             drop(st);
             self.reporter.overflow(chunk, OverflowReason::Shutdown);
             return;
-        }
-        if self.config.enforced() {
-            let c = &self.config;
-            while st.phase == Phase::Open
-                && admit(
-                    c.overflow_policy,
-                    c.max_queue_len,
-                    st.queue.max_len(),
-                    st.waiting(),
-                    chunk.len(),
-                ) == Admit::Wait
-            {
-                st.room_waiters += 1;
-                self.room.wait(&mut st);
-                st.room_waiters -= 1;
-            }
         }
         self.add_heap(heap);
         let now = self.clock().now();
@@ -642,13 +714,9 @@ impl<T: Send + 'static> Feed<T> for Store<T> {
             st.queue.push_back(chunk, now)
         };
         st.counters.overflow_full += overflow.len() as u64;
-        self.wake_workers(&st);
+        self.wake_workers(&mut st);
         drop(st);
         self.report(overflow, OverflowReason::Full);
-    }
-
-    fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::Relaxed)
     }
 }
 
@@ -658,8 +726,8 @@ impl<T: Send + 'static> Listener for Store<T> {
     /// every timer now due has fired when `advance` returns).
     fn advanced(&self) {
         let target = self.clock().now();
+        self.room.bump();
         let mut st = self.lock();
-        self.room.notify_all();
         self.settled.notify_all();
         self.nudge();
         if threads::role_in(self.id) == Some(Role::Coordinator) {
@@ -670,7 +738,7 @@ impl<T: Send + 'static> Listener for Store<T> {
             && st.phase != Phase::Finished
             && st.failed.is_none()
         {
-            if self.rounds.wait_until(&mut st, give_up).timed_out() {
+            if self.rounds.wait_until(st.raw(), give_up).timed_out() {
                 log::warn!(
                     "{}: the coordinator did not look at the new time",
                     self.config.name

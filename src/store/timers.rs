@@ -21,11 +21,12 @@ pub(crate) enum InitDecision {
 impl<T: Send + 'static> Store<T> {
     /// The flush tick: the buffers join the queue.
     pub(crate) fn tick(&self) {
-        let mut st = self.lock();
+        let (mut intake, mut st) = self.lock_both();
         if st.phase == Phase::Finished {
             return;
         }
-        let overflow = self.flush_locked(&mut st);
+        let overflow = self.queue_intake(&mut intake, &mut st);
+        drop(intake);
         if overflow.is_empty() {
             return;
         }
@@ -42,7 +43,7 @@ impl<T: Send + 'static> Store<T> {
         let retries = st.retries.as_mut()?;
         retries.wake(now);
         let due = retries.next_due();
-        self.wake_workers(&st);
+        self.wake_workers(&mut st);
         due
     }
 
@@ -120,7 +121,7 @@ impl<T: Send + 'static> Store<T> {
     /// Gives the queue's spare memory back when the engine is idle.
     pub(crate) fn release_if_idle(&self) {
         let mut st = self.lock();
-        if st.is_idle() && st.intake.is_empty() {
+        if st.is_idle() {
             st.queue.release_memory();
         }
     }
