@@ -89,12 +89,6 @@ impl<T> Intake<T> {
         }
     }
 
-    /// Drains both buffers: (front chunks, back chunks), each in arrival order.
-    pub(crate) fn drain(&mut self) -> (std::vec::Drain<'_, Vec<T>>, std::vec::Drain<'_, Vec<T>>) {
-        self.since = None;
-        (self.front.drain(), self.back.drain())
-    }
-
     /// Takes both buffers: (front chunks, back chunks), each in arrival order.
     pub(crate) fn take(&mut self) -> (Vec<Vec<T>>, Vec<Vec<T>>) {
         self.since = None;

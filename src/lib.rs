@@ -1,6 +1,6 @@
-//! A thread-based batching work engine: any thread hands entries over, a
-//! coordinator cuts them into batches, and a fixed pool of worker threads runs
-//! them, retrying what fails. No async runtime.
+//! A thread-based batching work engine: any thread hands entries over, a fixed
+//! pool of worker threads takes them in batches and runs them, retrying what
+//! fails, and a coordinator thread keeps the timers. No async runtime.
 //!
 //! It is a port, made stricter, of blockscout's `Indexer.BufferedTask` (Elixir); the
 //! README lists every deliberate difference.
@@ -71,9 +71,11 @@
 //! front calls of one flush window keep their call order, and each call its own.
 //!
 //! ```
-//! # use buffered_task::{Builder, FlushInterval, Outcome, Priority, Task};
-//! # use std::sync::Mutex;
-//! struct Record(Mutex<Vec<u32>>);
+//! use buffered_task::{Builder, FlushInterval, Outcome, Priority, Task};
+//! use std::sync::{Arc, Mutex};
+//!
+//! /// Records every batch it runs, in order.
+//! struct Record(Arc<Mutex<Vec<u32>>>);
 //! impl Task for Record {
 //!     type Entry = u32;
 //!     type State = ();
@@ -82,18 +84,16 @@
 //!         Outcome::Ok
 //!     }
 //! }
-//! let record = std::sync::Arc::new(Record(Mutex::new(Vec::new())));
-//! # struct Shared(std::sync::Arc<Record>);
-//! # impl Task for Shared { type Entry = u32; type State = ();
-//! #   fn run(&self, b: &[u32], s: &()) -> Outcome<u32, ()> { self.0.run(b, s) } }
-//! let handle = Builder::new(Shared(record.clone()), ())
+//!
+//! let seen = Arc::new(Mutex::new(Vec::new()));
+//! let handle = Builder::new(Record(seen.clone()), ())
 //!     .flush_interval(FlushInterval::Never)
 //!     .start()?;
 //! handle.buffer(vec![3, 4], Priority::Back)?;
 //! handle.buffer(vec![1, 2], Priority::Front)?;
 //! handle.flush()?;
 //! handle.shutdown_drain()?;
-//! assert_eq!(*record.0.lock().unwrap(), vec![1, 2, 3, 4]);
+//! assert_eq!(*seen.lock().unwrap(), vec![1, 2, 3, 4]);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
@@ -187,12 +187,109 @@
 //! [`Handle::shutdown_drain`] runs everything left and stops;
 //! [`Handle::shutdown_return`] waits for the running batches and hands every
 //! unprocessed entry back; [`Handle::shutdown_timeout`] drains until a deadline,
-//! then hands back the rest. Either way, a call made afterwards fails with an error
-//! that carries its entries back. Dropping the last handle stops the engine too,
-//! handing what is left to the overflow handler (or counting and logging it).
-//! Every thread the engine started is joined.
+//! then hands back everything not started and returns by that deadline even if
+//! a `run` never returns (the report counts the entries still running; see its
+//! docs for what happens to them). Either way, a call made afterwards fails with
+//! an error that carries its entries back, and [`Handle::stats`] shows the final
+//! figures. Dropping the last handle stops the engine too, handing what is left
+//! to the overflow handler (or counting and logging it). Every thread the engine
+//! started is joined, except one still inside a `run` or an `init` when a
+//! shutdown deadline passes, which is let go.
+//!
+//! # Calls from inside the engine
+//!
+//! `run`, `init` and the handlers may call any method of the engine's own
+//! [`Handle`] (hold a [`WeakHandle`] in the task, so that the engine can be
+//! dropped). A call that would have to wait for the very thread it runs on fails
+//! at once instead: the shutdowns with [`ControlError::WouldDeadlock`], and a
+//! hand-over that would wait for room under [`OverflowPolicy::Block`] with
+//! [`BufferError::Full`].
+//!
+//! ```
+//! use buffered_task::{Builder, ControlError, Outcome, Task, WeakHandle};
+//! use std::sync::{mpsc, Arc, Mutex};
+//!
+//! /// Tries to shut its own engine down from inside `run`.
+//! struct Impatient {
+//!     /// Filled once the engine exists.
+//!     me: Arc<Mutex<Option<WeakHandle<u32>>>>,
+//!     answers: Mutex<mpsc::Sender<Option<ControlError>>>,
+//! }
+//! impl Task for Impatient {
+//!     type Entry = u32;
+//!     type State = ();
+//!     fn run(&self, _: &[u32], _: &()) -> Outcome<u32, ()> {
+//!         let me = self.me.lock().unwrap().as_ref().and_then(WeakHandle::upgrade);
+//!         if let Some(me) = me {
+//!             let answer = me.shutdown_drain().err(); // it would wait for itself
+//!             self.answers.lock().unwrap().send(answer).unwrap();
+//!         }
+//!         Outcome::Ok
+//!     }
+//! }
+//! let (tx, answers) = mpsc::channel();
+//! let me = Arc::new(Mutex::new(None));
+//! let task = Impatient { me: me.clone(), answers: Mutex::new(tx) };
+//! let handle = Builder::new(task, ()).start()?;
+//! *me.lock().unwrap() = Some(handle.downgrade());
+//! handle.push_back(vec![1])?;
+//! assert_eq!(answers.recv()?, Some(ControlError::WouldDeadlock));
+//! handle.shutdown_drain()?; // from outside, it works
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # When the engine itself fails
+//!
+//! User code is contained: a panic in `run`, `init`, a handler, a weigher, a
+//! memory probe or the drop of an entry or a state is caught and logged, and the
+//! thread lives on. If an engine thread panics anyway (a bug in this crate), the
+//! engine stops taking work: later hand-overs fail with their entries, the
+//! entries it held go back in the next shutdown's report (or to the overflow
+//! handler when the last handle is dropped), the panic is logged at error level,
+//! and every shutdown and drop returns.
+//!
+//! # Time in tests
+//!
+//! Every timer (the flush tick, the idle poll, retry backoff, the run deadline,
+//! the shutdown deadline, the memory monitor's interval) reads the engine's
+//! clock. A [`ManualClock`] moves only when a test advances it, and
+//! [`ManualClock::advance`] returns once the engine has acted on the new time:
+//!
+//! ```
+//! use buffered_task::{Builder, ManualClock, Outcome, Priority, Task};
+//! use std::sync::mpsc;
+//! use std::time::Duration;
+//!
+//! struct Send(std::sync::Mutex<mpsc::Sender<Vec<u8>>>);
+//! impl Task for Send {
+//!     type Entry = u8;
+//!     type State = ();
+//!     fn run(&self, batch: &[u8], _: &()) -> Outcome<u8, ()> {
+//!         self.0.lock().unwrap().send(batch.to_vec()).unwrap();
+//!         Outcome::Ok
+//!     }
+//! }
+//! let clock = ManualClock::new();
+//! let (tx, ran) = mpsc::channel();
+//! let handle = Builder::new(Send(std::sync::Mutex::new(tx)), ())
+//!     .flush_interval(Duration::from_secs(60))
+//!     .clock(&clock)
+//!     .start()?;
+//! handle.buffer(vec![7], Priority::Back)?; // a partial batch waits for the tick
+//! clock.advance(Duration::from_secs(59));
+//! assert_eq!(handle.stats().buffered, 1); // not yet
+//! clock.advance(Duration::from_secs(1)); // the tick: flushed, at once
+//! assert_eq!(ran.recv()?, vec![7]);
+//! handle.shutdown_drain()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+
+/// Every code block of the README runs as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 mod clock;
 mod config;

@@ -379,13 +379,6 @@ impl<T> Pile<T> {
         self.len = 0;
         std::mem::take(&mut self.chunks)
     }
-
-    /// The chunks, in arrival order, leaving the pile empty (and keeping its
-    /// own allocation for the next ones).
-    pub(crate) fn drain(&mut self) -> std::vec::Drain<'_, Vec<T>> {
-        self.len = 0;
-        self.chunks.drain(..)
-    }
 }
 
 #[cfg(test)]

@@ -322,19 +322,37 @@ pub(crate) fn settle<T>(
         panic,
         spent: Vec::new(),
     };
-    let Some(retries) = policy else {
-        match again {
-            None => out.requeue = batch,
-            Some(mut list) => {
-                let own = list.len().min(batch.len());
-                out.fresh = list.split_off(own);
-                out.requeue = list;
-                out.processed = (batch.len() - own) as u64;
-                out.spent = batch;
-            }
+    match policy {
+        None => settle_counted(&mut out, batch, again),
+        Some(rules) => settle_matched(&mut out, batch, attempts, again, rules),
+    }
+    out
+}
+
+/// Without a policy: the first as many entries of the list as the batch held
+/// are its own; any more are new.
+fn settle_counted<T>(out: &mut Settled<T>, batch: Vec<T>, again: Option<Vec<T>>) {
+    match again {
+        None => out.requeue = batch,
+        Some(mut list) => {
+            let own = list.len().min(batch.len());
+            out.fresh = list.split_off(own);
+            out.requeue = list;
+            out.processed = (batch.len() - own) as u64;
+            out.spent = batch;
         }
-        return out;
-    };
+    }
+}
+
+/// Under a policy: entries matched to the batch carry their attempts on, and
+/// those out of attempts die.
+fn settle_matched<T>(
+    out: &mut Settled<T>,
+    batch: Vec<T>,
+    attempts: Option<Vec<u32>>,
+    again: Option<Vec<T>>,
+    rules: &Rules<T>,
+) {
     let attempts = attempts.unwrap_or_else(|| vec![0; batch.len()]);
     let known = match again {
         None => Group {
@@ -342,14 +360,14 @@ pub(crate) fn settle<T>(
             entries: batch,
         },
         Some(list) => {
-            let (known, fresh) = retries.match_attempts(&batch, &attempts, list);
+            let (known, fresh) = rules.match_attempts(&batch, &attempts, list);
             out.processed = (batch.len() - known.entries.len()) as u64;
             out.fresh = fresh;
             out.spent = batch;
             known
         }
     };
-    let max = retries.policy.max_attempts;
+    let max = rules.policy.max_attempts;
     for (entry, n) in known.entries.into_iter().zip(known.attempts) {
         if n >= max {
             out.dead.push(entry);
@@ -358,7 +376,6 @@ pub(crate) fn settle<T>(
             out.later.attempts.push(n);
         }
     }
-    out
 }
 
 impl<T> Default for Group<T> {

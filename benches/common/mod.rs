@@ -378,16 +378,18 @@ pub fn latency_crate(samples: usize, interval: Duration, batch: usize) -> (Vec<f
 /// Resident bytes per queued u64 with `total` entries queued (measured from RSS).
 pub fn memory_crate(total: u64, chunk: u64) -> Option<f64> {
     let (gate_tx, gate) = bounded::<()>(0);
-    struct Held(Receiver<()>);
+    let (started_tx, started) = bounded::<()>(1);
+    struct Held(Receiver<()>, Sender<()>);
     impl Task for Held {
         type Entry = u64;
         type State = ();
         fn run(&self, _: &[u64], _: &()) -> Outcome<u64, ()> {
+            let _ = self.1.try_send(());
             let _ = self.0.recv();
             Outcome::Ok
         }
     }
-    let handle = Builder::new(Held(gate), ())
+    let handle = Builder::new(Held(gate, started_tx), ())
         .max_batch_size(500)
         .max_concurrency(1)
         .flush_interval(Duration::from_millis(10))
@@ -395,18 +397,18 @@ pub fn memory_crate(total: u64, chunk: u64) -> Option<f64> {
         .start()
         .unwrap();
     handle.push_back(vec![0]).unwrap(); // hold the one worker
-    handle.flush().unwrap();
-    let before = rss()?;
+    started.recv().unwrap();
+    let before = rss();
     for entries in chunks(total, chunk) {
         handle.buffer(entries, Priority::Back).unwrap();
     }
     handle.flush().unwrap();
     let queued = handle.debug_count().unwrap().waiting as u64;
-    assert_eq!(queued, total);
-    let after = rss()?;
+    let after = rss();
     drop(gate_tx);
     let _ = handle.shutdown_return();
-    Some((after.saturating_sub(before)) as f64 / total as f64)
+    assert_eq!(queued, total);
+    Some((after?.saturating_sub(before?)) as f64 / total as f64)
 }
 
 pub fn rss() -> Option<u64> {

@@ -2,6 +2,7 @@
 //! a run that did not simply succeed, and give back a batch whose worker failed.
 //! The protocol is described in the parent module.
 
+use super::guard::Guard;
 use super::{Phase, Run, Slot, State, Store};
 use crate::overflow::OverflowReason;
 use crate::retry::Settled;
@@ -76,6 +77,30 @@ impl<T: Send + 'static> Store<T> {
     }
 
     fn take_locked(&self, w: usize, done: Done<T>) -> Option<Job<T>> {
+        let (mut st, leftovers) = self.account(w, done);
+        self.wake_watchers(&mut st);
+        let job = self.start_next(&mut st, w);
+        if let Some(leftovers) = leftovers {
+            if job.is_none() {
+                st.slots[w] = Slot::Reporting; // in user code until the next take
+            }
+            drop(st);
+            self.report_leftovers(leftovers);
+            if job.is_some() {
+                return job;
+            }
+            st = self.lock();
+            st.slots[w] = Slot::Free;
+        }
+        if job.is_some() {
+            return job;
+        }
+        self.wait_for_job(st, w)
+    }
+
+    /// Ends worker `w`'s run and accounts how it went; returns the state lock
+    /// and, for a failure, what is left to report.
+    fn account(&self, w: usize, done: Done<T>) -> (Guard<'_, T>, Option<Leftovers<T>>) {
         // Weighed before the lock: the weigher is user code.
         let heap = match &done {
             Done::Failed(s) => self.weigh_back(s),
@@ -100,27 +125,13 @@ impl<T: Send + 'static> Store<T> {
             }
             Done::Failed(s) => Some(self.apply(&mut st, s, heap, buffered)),
         };
-        drop(intake);
-        self.wake_watchers(&mut st);
-        let job = self.start_next(&mut st, w);
-        if let Some(leftovers) = leftovers {
-            if job.is_none() {
-                st.slots[w] = Slot::Reporting; // in user code until the next take
-            }
-            drop(st);
-            self.report_leftovers(leftovers);
-            if job.is_some() {
-                return job;
-            }
-            st = self.lock();
-            st.slots[w] = Slot::Free;
-        }
-        if job.is_some() {
-            return job;
-        }
-        // Nothing now: look again for a moment without the lock (more work
-        // usually follows at once under load, and a sleep and a wake-up cost two
-        // system calls), then sleep until woken.
+        (st, leftovers)
+    }
+
+    /// Nothing to take now: looks again for a moment without the lock (more
+    /// work usually follows at once under load, and a sleep and a wake-up cost
+    /// two system calls), then sleeps until woken.
+    fn wait_for_job(&self, st: Guard<'_, T>, w: usize) -> Option<Job<T>> {
         let seen = self.work_added.load(Ordering::Acquire);
         drop(st);
         self.spin_for_work(seen);

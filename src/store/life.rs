@@ -52,9 +52,8 @@ impl<T: Send + 'static> Store<T> {
         }
         intake.closed = true;
         self.stopping.store(true, Ordering::Relaxed);
-        let overflow = self.queue_intake(&mut intake, &mut st);
+        let overflow = self.queue_intake(intake, &mut st);
         drop(st);
-        drop(intake);
         self.room.bump(); // waiting hand-overs fail now
         self.nudge();
         self.report(overflow, OverflowReason::Full);

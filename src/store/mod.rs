@@ -456,26 +456,31 @@ impl<T: Send + 'static> Store<T> {
         )
     }
 
-    /// Moves the buffers into the queue (both locks held) and owes workers a
-    /// wake-up; returns what a bounded queue could not take (already counted).
-    fn queue_intake(&self, intake: &mut Intake<T>, st: &mut State<T>) -> Vec<T> {
+    /// Moves the buffers into the queue and owes workers a wake-up; returns
+    /// what a bounded queue could not take (already counted).
+    ///
+    /// Hand over hand: called with both locks held, it releases the callers'
+    /// lock as soon as the buffers are taken, so hand-overs go on while the
+    /// queue takes them. Order holds (the next flush needs the state lock this
+    /// one holds), and so do counts (a count takes both locks, so it sees the
+    /// entries either buffered or queued).
+    fn queue_intake(&self, mut intake: MutexGuard<'_, Intake<T>>, st: &mut State<T>) -> Vec<T> {
         if intake.is_empty() {
             return Vec::new();
         }
         let now = self.clock().now();
-        let bounded = st.queue.max_len().is_some() && !self.config.enforced();
-        let (front, back) = intake.drain();
+        let (front, back) = intake.take();
+        drop(intake);
         let mut overflow = Vec::new();
-        if !bounded {
+        if st.queue.max_len().is_none() || self.config.enforced() {
             // Admitted at hand-over, or no bound: it all goes in.
-            for chunk in front.rev() {
+            for chunk in front.into_iter().rev() {
                 st.queue.push_front_unbounded(chunk, now);
             }
             for chunk in back {
                 st.queue.push_back_unbounded(chunk, now);
             }
         } else {
-            let front: Vec<Vec<T>> = front.collect();
             if !front.is_empty() {
                 overflow = st.queue.push_front_chunks(front, now);
             }
@@ -512,10 +517,9 @@ impl<T: Send + 'static> Store<T> {
         }
         // A full batch: into the queue now, from this thread.
         let mut st = self.lock();
-        let overflow = self.queue_intake(&mut intake, &mut st);
+        let overflow = self.queue_intake(intake, &mut st);
         let wakes = std::mem::take(&mut st.to_wake);
         drop(st);
-        drop(intake);
         self.notify(wakes);
         self.report(overflow, OverflowReason::Full);
         Ok(())
@@ -560,7 +564,7 @@ impl<T: Send + 'static> Store<T> {
     /// Moves the buffers into the queue and fills the free slots; `wait`
     /// bounds the wait for the callers' lock.
     pub(crate) fn flush(&self, wait: Option<Duration>) -> Result<(), ControlError> {
-        let mut intake = match wait {
+        let intake = match wait {
             None => self.intake.lock(),
             Some(d) => self
                 .intake
@@ -571,11 +575,10 @@ impl<T: Send + 'static> Store<T> {
         if st.phase == Phase::Finished {
             return Err(ControlError::Stopped);
         }
-        let overflow = self.queue_intake(&mut intake, &mut st);
+        let overflow = self.queue_intake(intake, &mut st);
         self.wake_watchers(&mut st);
         let wakes = std::mem::take(&mut st.to_wake);
         drop(st);
-        drop(intake);
         self.notify(wakes);
         self.report(overflow, OverflowReason::Full);
         Ok(())

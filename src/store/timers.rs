@@ -21,12 +21,11 @@ pub(crate) enum InitDecision {
 impl<T: Send + 'static> Store<T> {
     /// The flush tick: the buffers join the queue.
     pub(crate) fn tick(&self) {
-        let (mut intake, mut st) = self.lock_both();
+        let (intake, mut st) = self.lock_both();
         if st.phase == Phase::Finished {
             return;
         }
-        let overflow = self.queue_intake(&mut intake, &mut st);
-        drop(intake);
+        let overflow = self.queue_intake(intake, &mut st);
         if overflow.is_empty() {
             return;
         }
