@@ -8,6 +8,7 @@
 #[path = "../benches/common/mod.rs"]
 mod common;
 
+use buffered_task::Batching;
 use common::*;
 use std::time::Duration;
 
@@ -35,6 +36,7 @@ fn main() {
     let bulk_n = n(20_000_000);
     let bulk_c = bulk_crate(bulk_n, 1000, 500, 2);
     let bulk_b = bulk_baseline(bulk_n, 1000, 500, 2);
+    let (bulk_nat, nat_mean) = bulk_crate_with(bulk_n, 1000, 500, 2, Batching::Natural);
 
     let single_n = n(4_000_000);
     let cpu0 = process_cpu();
@@ -54,6 +56,9 @@ fn main() {
 
     let interval = Duration::from_millis(10);
     let (mut full, mut partial) = latency_crate(2000, interval, 500);
+    let mut lone = latency_natural(2000);
+    let lone_p50 = percentile(&mut lone, 0.50);
+    let lone_p99 = percentile(&mut lone, 0.99);
     let full_p50 = percentile(&mut full, 0.50);
     let full_p99 = percentile(&mut full, 0.99);
     let partial_p99 = percentile(&mut partial, 0.99);
@@ -73,6 +78,11 @@ fn main() {
         Some(meps(bulk_n, bulk_b)),
     );
     row(
+        "bulk, natural batching",
+        meps(bulk_n, bulk_nat),
+        Some(meps(bulk_n, bulk_c)),
+    );
+    row(
         "single: 4 producers, 1 per call",
         meps(single_n, single_c),
         Some(meps(single_n, single_b)),
@@ -88,7 +98,9 @@ fn main() {
         "single: producer CPU per buffer_one call: {}",
         cpu_ns.map_or("n/a".into(), |v| format!("{v:.0} ns"))
     );
+    println!("bulk, natural batching: mean batch {nat_mean:.1} of 500 (the ratio column is against ticked bulk)");
     println!("latency, full batch into an idle engine: p50 {full_p50:.1} µs, p99 {full_p99:.1} µs");
+    println!("latency, lone entry into an idle engine (natural batching): p50 {lone_p50:.1} µs, p99 {lone_p99:.1} µs");
     println!(
         "latency, partial batch (tick {} ms): p99 {partial_p99:.0} µs, beyond the tick {over_tick_p99:.0} µs",
         interval.as_millis()
@@ -98,9 +110,11 @@ fn main() {
         bytes_per_u64.map_or("n/a".into(), |v| format!("{v:.2}"))
     );
     println!(
-        "{{\"bulk\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2}}},\"single\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2},\"cpu_ns_per_call\":{},\"process_cpu_ns_per_call\":{}}},\"init\":{{\"crate_meps\":{:.2}}},\"retry\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2}}},\"latency\":{{\"full_batch_p50_us\":{:.1},\"full_batch_p99_us\":{:.1},\"partial_p99_us\":{:.1},\"partial_over_tick_p99_us\":{:.1}}},\"memory\":{{\"bytes_per_u64\":{}}},\"scale\":{}}}",
+        "{{\"bulk\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2},\"natural_meps\":{:.2},\"natural_mean_batch\":{:.1}}},\"single\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2},\"cpu_ns_per_call\":{},\"process_cpu_ns_per_call\":{}}},\"init\":{{\"crate_meps\":{:.2}}},\"retry\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2}}},\"latency\":{{\"full_batch_p50_us\":{:.1},\"full_batch_p99_us\":{:.1},\"idle_single_p50_us\":{:.1},\"idle_single_p99_us\":{:.1},\"partial_p99_us\":{:.1},\"partial_over_tick_p99_us\":{:.1}}},\"memory\":{{\"bytes_per_u64\":{}}},\"scale\":{}}}",
         meps(bulk_n, bulk_c),
         meps(bulk_n, bulk_b),
+        meps(bulk_n, bulk_nat),
+        nat_mean,
         meps(single_n, single_c),
         meps(single_n, single_b),
         cpu_ns.map_or("null".into(), |v| format!("{v:.1}")),
@@ -110,6 +124,8 @@ fn main() {
         meps(retry_n, retry_b),
         full_p50,
         full_p99,
+        lone_p50,
+        lone_p99,
         partial_p99,
         over_tick_p99,
         bytes_per_u64.map_or("null".into(), |v| format!("{v:.2}")),

@@ -5,11 +5,13 @@ use crate::engine;
 use crate::error::BuildError;
 use crate::handle::Handle;
 use crate::monitor::MemoryMonitor;
+use crate::observe::{BatchObserver, BatchRecord};
 use crate::overflow::{OverflowHandler, OverflowPolicy, OverflowReason, Reporter, Weigher};
 use crate::retry::{DeadLetterHandler, DeadLetterReason, RetryPolicy, Rules, Same};
-use crate::settings::{Config, FlushInterval, MAX_CONCURRENCY};
+use crate::settings::{Batching, Config, FlushInterval, MAX_CONCURRENCY};
 use crate::store::Parts;
 use crate::task::Task;
+use crate::threads::WorkerHooks;
 use std::time::Duration;
 
 /// Builds and starts an engine for a [`Task`].
@@ -48,6 +50,8 @@ pub struct Builder<K: Task> {
     monitor: Option<MemoryMonitor>,
     retry: Option<(RetryPolicy, Same<K::Entry>)>,
     dead_letter: Option<DeadLetterHandler<K::Entry>>,
+    observer: Option<BatchObserver>,
+    workers: WorkerHooks,
 }
 
 impl<K: Task> Builder<K> {
@@ -67,12 +71,15 @@ impl<K: Task> Builder<K> {
                 overflow_policy: OverflowPolicy::DropNewest,
                 run_deadline: None,
                 clock: Clock::System,
+                batching: Batching::Ticked,
             },
             overflow: None,
             weigher: None,
             monitor: None,
             retry: None,
             dead_letter: None,
+            observer: None,
+            workers: WorkerHooks::default(),
         }
     }
 
@@ -96,6 +103,33 @@ impl<K: Task> Builder<K> {
     /// period is rejected by `start`.
     pub fn flush_interval(mut self, interval: impl Into<FlushInterval>) -> Self {
         self.config.flush_interval = interval.into();
+        self
+    }
+
+    /// How buffered entries become batches: [`Batching::Ticked`] (the default:
+    /// partial batches wait for the flush tick) or [`Batching::Natural`] (a free
+    /// worker takes whatever is buffered at once; under load, batches fill by
+    /// themselves).
+    ///
+    /// ```
+    /// use buffered_task::{Batching, Builder, FlushInterval, Outcome, Priority, Task};
+    /// # use std::sync::mpsc;
+    /// # struct T(std::sync::Mutex<mpsc::Sender<Vec<u8>>>);
+    /// # impl Task for T { type Entry = u8; type State = ();
+    /// #   fn run(&self, b: &[u8], _: &()) -> Outcome<u8, ()> {
+    /// #     self.0.lock().unwrap().send(b.to_vec()).unwrap(); Outcome::Ok } }
+    /// # let (tx, ran) = mpsc::channel();
+    /// let handle = Builder::new(T(tx.into()), ())
+    ///     .flush_interval(FlushInterval::Never) // no tick at all
+    ///     .batching(Batching::Natural)
+    ///     .start()?;
+    /// handle.buffer(vec![1], Priority::Back)?; // an idle worker takes it at once
+    /// assert_eq!(ran.recv()?, vec![1]);
+    /// handle.shutdown_drain()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn batching(mut self, batching: Batching) -> Self {
+        self.config.batching = batching;
         self
     }
 
@@ -204,6 +238,90 @@ impl<K: Task> Builder<K> {
         self
     }
 
+    /// Runs `hook` with the worker's index (0-based) on each worker thread
+    /// before its first batch: e.g. to open one database connection per worker,
+    /// kept where `run` finds it by [`worker_index`](crate::worker_index).
+    /// Contained: a panic is logged and the worker runs on. Default: none.
+    ///
+    /// ```
+    /// use buffered_task::{worker_index, Builder, Outcome, Task};
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// /// One "connection" per worker.
+    /// struct PerWorker(Arc<Vec<Mutex<Option<String>>>>);
+    /// impl Task for PerWorker {
+    ///     type Entry = u8;
+    ///     type State = ();
+    ///     fn run(&self, _: &[u8], _: &()) -> Outcome<u8, ()> {
+    ///         let w = worker_index().expect("runs on a worker");
+    ///         let conn = self.0[w].lock().unwrap();
+    ///         assert_eq!(conn.as_deref(), Some(format!("conn-{w}").as_str()));
+    ///         Outcome::Ok
+    ///     }
+    /// }
+    /// let conns: Arc<Vec<_>> = Arc::new((0..2).map(|_| Mutex::new(None)).collect());
+    /// let opener = conns.clone();
+    /// let handle = Builder::new(PerWorker(conns), ())
+    ///     .max_concurrency(2)
+    ///     .on_worker_start(move |w| *opener[w].lock().unwrap() = Some(format!("conn-{w}")))
+    ///     .on_worker_stop(|w| println!("worker {w} closes its connection"))
+    ///     .start()?;
+    /// handle.push_back(vec![1, 2, 3])?;
+    /// handle.shutdown_drain()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn on_worker_start(mut self, hook: impl Fn(usize) + Send + Sync + 'static) -> Self {
+        self.workers.start = Some(Box::new(hook));
+        self
+    }
+
+    /// Runs `hook` with the worker's index on each worker thread after its last
+    /// batch, when the engine stops (not for a thread let go at a shutdown
+    /// deadline). Contained. Default: none.
+    pub fn on_worker_stop(mut self, hook: impl Fn(usize) + Send + Sync + 'static) -> Self {
+        self.workers.stop = Some(Box::new(hook));
+        self
+    }
+
+    /// Names worker threads: `name(index)`. Default `<name>-worker-<index>`.
+    pub fn worker_name(mut self, name: impl Fn(usize) -> String + Send + Sync + 'static) -> Self {
+        self.workers.name = Some(Box::new(name));
+        self
+    }
+
+    /// Stack size of each worker thread, in bytes. Default: the platform's
+    /// (Rust's default, 2 MiB, unless `RUST_MIN_STACK` says otherwise).
+    pub fn worker_stack_size(mut self, bytes: usize) -> Self {
+        self.workers.stack_size = Some(bytes);
+        self
+    }
+
+    /// Shows every batch's [`BatchRecord`] (size, wait, run time, how it ended,
+    /// attempt, worker) to `observer`, called on the worker that ran it, after
+    /// the run, outside every lock; a panic in it is caught and logged. With no
+    /// observer (and neither the `metrics` nor the `tracing` feature), no
+    /// record is made at all. Default: none.
+    ///
+    /// ```
+    /// use buffered_task::{BatchKind, Builder, Outcome, Task};
+    /// use std::sync::mpsc;
+    /// # struct T; impl Task for T { type Entry = u8; type State = ();
+    /// #   fn run(&self, _: &[u8], _: &()) -> Outcome<u8, ()> { Outcome::Ok } }
+    /// let (tx, records) = mpsc::channel();
+    /// let handle = Builder::new(T, ())
+    ///     .on_batch(move |record| tx.send(record.clone()).unwrap())
+    ///     .start()?;
+    /// handle.push_back(vec![1, 2, 3])?;
+    /// let record = records.recv()?;
+    /// assert_eq!((record.size, record.kind, record.processed), (3, BatchKind::Ok, 3));
+    /// handle.shutdown_drain()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn on_batch(mut self, observer: impl Fn(&BatchRecord) + Send + Sync + 'static) -> Self {
+        self.observer = Some(Box::new(observer));
+        self
+    }
+
     /// Reads every timer (flush tick, idle poll, backoff, run deadline, shutdown
     /// and hand-over deadlines) from `clock`, which only moves when advanced:
     /// for tests that see timers fire without real waiting. Default: the
@@ -256,6 +374,8 @@ impl<K: Task> Builder<K> {
             monitor,
             retry,
             dead_letter,
+            observer,
+            workers,
         } = self;
         if config.max_queue_len.is_none() {
             config.overflow_policy = OverflowPolicy::DropNewest;
@@ -264,6 +384,8 @@ impl<K: Task> Builder<K> {
             reporter: Reporter::new(config.name.clone(), overflow, dead_letter),
             rules: retry.map(|(policy, same)| Rules { policy, same }),
             weigher,
+            observer,
+            workers,
         };
         let handle = Handle::new(engine::start(task, state, config, parts)?);
         if let Some(monitor) = monitor {

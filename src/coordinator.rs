@@ -59,6 +59,9 @@ pub(crate) struct Coordinator<T: Send + 'static> {
     init: Sender<()>,
     ticker: Option<Ticker>,
     poll_at: Option<Instant>,
+    /// When the stats are next published (the `metrics` feature).
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    published: Option<Instant>,
 }
 
 impl<T: Send + 'static> Coordinator<T> {
@@ -77,6 +80,7 @@ impl<T: Send + 'static> Coordinator<T> {
             init,
             ticker,
             poll_at: None,
+            published: None,
         }
     }
 
@@ -107,9 +111,31 @@ impl<T: Send + 'static> Coordinator<T> {
         self.decide_init(now);
         self.store.release_if_idle();
         let tick_due = self.ticker.as_ref().map(|t| t.next);
-        [tick_due, retry_due, watch_due, self.poll_at]
-            .into_iter()
-            .fold(None, sooner)
+        [
+            tick_due,
+            retry_due,
+            watch_due,
+            self.poll_at,
+            self.publish(now),
+        ]
+        .into_iter()
+        .fold(None, sooner)
+    }
+
+    /// With the `metrics` feature: publishes the stats (gauges and totals) at
+    /// most once a second; returns when next.
+    #[cfg(feature = "metrics")]
+    fn publish(&mut self, now: Instant) -> Option<Instant> {
+        if self.published.map_or(true, |at| now >= at) {
+            crate::observe::record_stats(self.store.name(), &self.store.stats());
+            self.published = Some(clock::after(now, Duration::from_secs(1)));
+        }
+        self.published
+    }
+
+    #[cfg(not(feature = "metrics"))]
+    fn publish(&mut self, _now: Instant) -> Option<Instant> {
+        None
     }
 
     fn watch(&self, now: Instant, deadline: Duration) -> Option<Instant> {

@@ -72,7 +72,11 @@ fn spawn_all<K: Task>(
     let (init_tx, init_rx) = unbounded::<()>();
     let spawn = |role: Role, label: String, body: Box<dyn FnOnce() + Send>| {
         let s = store.clone();
-        let thread = threads::spawn(label, Some((id, role)), move || {
+        let stack = match role {
+            Role::Worker(_) => store.workers.stack_size,
+            _ => None,
+        };
+        let thread = threads::spawn(label, Some((id, role)), stack, move || {
             pool::contained(&s, role, body)
         })
         .map_err(BuildError::Spawn)?;
@@ -83,9 +87,18 @@ fn spawn_all<K: Task>(
     };
     for w in 0..store.config.max_concurrency {
         let (task, state, s) = (task.clone(), state.clone(), store.clone());
+        let default = || format!("{name}-worker-{w}");
+        let label = match &store.workers.name {
+            // User code: contained, and a name a thread can hold.
+            Some(f) => crate::unwind::catch(|| f(w))
+                .ok()
+                .filter(|n| !n.contains('\0'))
+                .unwrap_or_else(default),
+            None => default(),
+        };
         spawn(
             Role::Worker(w),
-            format!("{name}-worker-{w}"),
+            label,
             Box::new(move || pool::worker(w, task, state, &s)),
         )?;
     }

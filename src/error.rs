@@ -191,3 +191,34 @@ impl From<ControlError> for ShrinkError {
         ShrinkError::Stopped
     }
 }
+
+/// Why [`Handle::wait_idle`](crate::Handle::wait_idle) returned before every
+/// entry handed over before the call had left the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IdleError {
+    /// The timeout passed with this many of those entries still in the engine
+    /// (buffered, queued, retrying or running).
+    Timeout {
+        /// Entries handed over before the call and still in the engine.
+        left: usize,
+    },
+    /// The call was made from one of the engine's own threads, which it would
+    /// wait for.
+    WouldDeadlock,
+}
+
+impl fmt::Display for IdleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdleError::Timeout { left } => {
+                write!(f, "timed out with {left} entries still in the engine")
+            }
+            IdleError::WouldDeadlock => f.write_str(
+                "called from one of the engine's own threads, which the call would wait for",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for IdleError {}

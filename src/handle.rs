@@ -3,7 +3,7 @@
 //! waits for the coordinator.
 
 use crate::engine::Engine;
-use crate::error::{BufferError, ControlError, ShrinkError};
+use crate::error::{BufferError, ControlError, IdleError, ShrinkError};
 use crate::intake::Entries;
 use crate::shutdown::{Mode, ShutdownReport};
 use crate::stats::{DebugCount, Stats};
@@ -293,6 +293,44 @@ impl<T: Send + 'static> Handle<T> {
     /// [`ControlError::Stopped`] once the engine has stopped.
     pub fn memory_usage(&self) -> Result<usize, ControlError> {
         self.store().memory_usage()
+    }
+
+    /// Waits until every entry handed over before this call has left the
+    /// engine: processed, dead-lettered, overflowed or handed back (what
+    /// OpenTelemetry calls `force_flush`). The buffers are flushed first.
+    /// Entries handed over after the call are not waited for, nor are new
+    /// entries a run returns; a retried entry is (it was handed over before).
+    /// `timeout` is on the engine's clock; `Duration::MAX` waits without limit.
+    /// Returns `Ok` at once once the engine has stopped.
+    ///
+    /// # Errors
+    ///
+    /// [`IdleError::Timeout`] with how many of those entries are left;
+    /// [`IdleError::WouldDeadlock`] from one of the engine's own threads.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use buffered_task::{Builder, Outcome, Priority, Task};
+    /// # use std::sync::atomic::{AtomicUsize, Ordering};
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # struct Count(Arc<AtomicUsize>);
+    /// # impl Task for Count { type Entry = u32; type State = ();
+    /// #   fn run(&self, b: &[u32], _: &()) -> Outcome<u32, ()> {
+    /// #     self.0.fetch_add(b.len(), Ordering::SeqCst); Outcome::Ok } }
+    /// let done = Arc::new(AtomicUsize::new(0));
+    /// let handle = Builder::new(Count(done.clone()), ())
+    ///     .flush_interval(Duration::from_secs(3600)) // no tick will come
+    ///     .start()?;
+    /// handle.buffer((0..250).collect(), Priority::Back)?;
+    /// handle.wait_idle(Duration::from_secs(10))?;
+    /// assert_eq!(done.load(Ordering::SeqCst), 250); // and the engine runs on
+    /// handle.buffer(vec![1], Priority::Back)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn wait_idle(&self, timeout: Duration) -> Result<(), IdleError> {
+        self.store().wait_idle(timeout)
     }
 
     /// Whether the engine takes no more entries: a shutdown has begun, or it

@@ -41,6 +41,8 @@ pub(crate) struct Intake<T> {
     since: Option<Instant>,
     /// Hand-overs are refused (a shutdown began, or the engine failed).
     pub(crate) closed: bool,
+    /// Entries ever handed over into the buffers.
+    pub(crate) accepted: u64,
 }
 
 impl<T> Intake<T> {
@@ -50,6 +52,7 @@ impl<T> Intake<T> {
             front: Pile::new(),
             since: None,
             closed: false,
+            accepted: 0,
         }
     }
 
@@ -79,6 +82,7 @@ impl<T> Intake<T> {
         if self.since.is_none() {
             self.since = Some(now());
         }
+        self.accepted += entries.len() as u64;
         let pile = match priority {
             Priority::Back => &mut self.back,
             Priority::Front => &mut self.front,

@@ -300,6 +300,7 @@ mod fault;
 mod handle;
 mod intake;
 mod monitor;
+mod observe;
 mod overflow;
 mod pool;
 mod queue;
@@ -317,15 +318,17 @@ mod tests;
 
 pub use clock::ManualClock;
 pub use config::Builder;
-pub use error::{BufferError, BuildError, ControlError, ShrinkError};
+pub use error::{BufferError, BuildError, ControlError, IdleError, ShrinkError};
 pub use handle::{Handle, WeakHandle};
 pub use monitor::{
     total_memory, CheckOutcome, MemoryMonitor, MemoryProbe, MonitorBuilder, ProcessRss, Shrinkable,
     FALLBACK_LIMIT,
 };
+pub use observe::{BatchKind, BatchObserver, BatchRecord};
 pub use overflow::{OverflowHandler, OverflowPolicy, OverflowReason, Weigher};
 pub use retry::{DeadLetterHandler, DeadLetterReason, RetryPolicy};
-pub use settings::{FlushInterval, MAX_CONCURRENCY};
+pub use settings::{Batching, FlushInterval, MAX_CONCURRENCY};
 pub use shutdown::ShutdownReport;
 pub use stats::{DebugCount, Stats};
-pub use task::{Outcome, Priority, Sink, Task};
+pub use task::{Outcome, Priority, RunError, Sink, Task};
+pub use threads::{worker_index, WorkerHook};

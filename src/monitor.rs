@@ -324,7 +324,7 @@ impl MonitorBuilder {
         let (interval, thread_state) = (self.check_interval, state.clone());
         let first = clock::after(state.clock.now(), interval);
         let mark = Some((state.id, threads::Role::Monitor));
-        let thread = threads::spawn("memory-monitor".to_string(), mark, move || {
+        let thread = threads::spawn("memory-monitor".to_string(), mark, None, move || {
             monitor_loop(&thread_state, &rx, interval, first)
         })
         .map_err(BuildError::Spawn)?;

@@ -16,6 +16,7 @@
 //! failure: the thread's batch goes back to the store and the engine stops.
 
 use crate::fault;
+use crate::observe::{BatchKind, BatchRecord};
 use crate::retry::{self, Failed};
 use crate::store::{Done, Job, Store};
 use crate::task::{Feed, Outcome, Sink, Task};
@@ -74,31 +75,149 @@ pub(crate) fn worker<K: Task>(
     state: Arc<StateSlot<K::State>>,
     store: &Store<K::Entry>,
 ) {
+    hook(store, w, store.workers.start.as_ref(), "on_worker_start");
     let mut done = Done::Nothing;
     while let Some(job) = store.take(w, done) {
-        let mut holding = Holding {
-            store,
-            worker: w,
-            job: Some(job),
-        };
-        let Some(job) = holding.job.as_ref() else {
-            done = Done::Nothing;
-            continue;
-        };
-        store.unweigh(&job.entries);
-        fault::hit(store.name(), "worker");
-        let current = state.current();
-        let outcome = catch(|| task.run(&job.entries, &current));
-        drop_quietly("the state", current);
-        done = match holding.job.take() {
-            Some(Job { entries, attempts }) => {
-                finish_run(store, &state, entries, attempts, outcome)
-            }
-            None => Done::Nothing,
-        };
+        done = run_one(w, &*task, &state, store, job);
     }
+    hook(store, w, store.workers.stop.as_ref(), "on_worker_stop");
     drop_quietly("the task", task);
     drop_quietly("the state", state);
+}
+
+/// Runs a worker hook, contained.
+fn hook<T: Send + 'static>(
+    store: &Store<T>,
+    w: usize,
+    hook: Option<&crate::threads::WorkerHook>,
+    what: &str,
+) {
+    if let Some(hook) = hook {
+        if let Err(msg) = catch(|| hook(w)) {
+            log::error!("{}: {what} of worker {w} panicked: {msg}", store.name());
+        }
+    }
+}
+
+/// Runs one batch (contained), settles its outcome and shows it to the
+/// observers.
+fn run_one<K: Task>(
+    w: usize,
+    task: &K,
+    state: &StateSlot<K::State>,
+    store: &Store<K::Entry>,
+    job: Job<K::Entry>,
+) -> Done<K::Entry> {
+    let mut holding = Holding {
+        store,
+        worker: w,
+        job: Some(job),
+    };
+    let Some(job) = holding.job.as_ref() else {
+        return Done::Nothing;
+    };
+    store.unweigh(&job.entries);
+    fault::hit(store.name(), "worker");
+    let watch = store.watched().then(|| Watch::start(store, w, job));
+    let current = state.current();
+    let outcome = {
+        #[cfg(feature = "tracing")]
+        let _span = watch.as_ref().map(|w| w.span.clone().entered());
+        catch(|| task.run(&job.entries, &current))
+    };
+    drop_quietly("the state", current);
+    let Some(Job {
+        entries, attempts, ..
+    }) = holding.job.take()
+    else {
+        return Done::Nothing;
+    };
+    let done = finish_run(store, state, entries, attempts, outcome);
+    if let Some(watch) = watch {
+        store.observe(watch.finish(store, &done));
+    }
+    done
+}
+
+/// What the observers are told of a run, gathered around it.
+struct Watch {
+    record: BatchRecord,
+    started: std::time::Instant,
+    #[cfg(feature = "tracing")]
+    span: tracing::Span,
+}
+
+impl Watch {
+    fn start<T: Send + 'static>(store: &Store<T>, w: usize, job: &Job<T>) -> Self {
+        let started = store.clock().now();
+        let attempt = match (&job.attempts, store.rules()) {
+            (Some(a), _) => Some(a.iter().copied().max().unwrap_or(0).saturating_add(1)),
+            (None, Some(_)) => Some(1),
+            (None, None) => None,
+        };
+        let record = BatchRecord {
+            engine: store.name().to_string(),
+            worker: w,
+            size: job.entries.len(),
+            kind: BatchKind::Ok,
+            attempt,
+            waited: started.saturating_duration_since(job.since),
+            run_time: std::time::Duration::ZERO,
+            processed: 0,
+            retried: 0,
+            dead_lettered: 0,
+            error: None,
+        };
+        Watch {
+            #[cfg(feature = "tracing")]
+            span: tracing::debug_span!(
+                "buffered_task.run",
+                engine = %record.engine,
+                worker = w,
+                size = record.size,
+                attempt = ?attempt,
+                waited_us = record.waited.as_micros() as u64,
+            ),
+            record,
+            started,
+        }
+    }
+
+    fn finish<T>(mut self, store: &Store<T>, done: &Done<T>) -> BatchRecord
+    where
+        T: Send + 'static,
+    {
+        #[cfg(feature = "tracing")]
+        let span = self.span;
+        let r = &mut self.record;
+        r.run_time = store.clock().now().saturating_duration_since(self.started);
+        match done {
+            Done::Nothing => {}
+            Done::Ok(n) => r.processed = *n as usize,
+            Done::Failed(s) => {
+                r.processed = s.processed as usize;
+                r.retried = s.retried();
+                r.dead_lettered = s.dead.len();
+                (r.kind, r.error) = match (&s.panic, &s.error) {
+                    (Some(msg), _) => (BatchKind::Panic, Some(msg.clone())),
+                    (None, Some(e)) => (BatchKind::Error, Some(e.to_string())),
+                    (None, None) => (BatchKind::Retry, None),
+                };
+            }
+        }
+        #[cfg(feature = "tracing")]
+        tracing::debug!(
+            parent: &span,
+            kind = ?r.kind,
+            run_us = r.run_time.as_micros() as u64,
+            processed = r.processed,
+            retried = r.retried,
+            dead_lettered = r.dead_lettered,
+            error = r.error.as_deref(),
+            "batch done"
+        );
+        self.record
+    }
 }
 
 /// Applies a run's outcome: the new state is installed at once; the entries
@@ -117,15 +236,22 @@ fn finish_run<T: Send + 'static, S>(
             state.replace(s);
             return Done::Ok(done(entries));
         }
-        Ok(Outcome::Retry) => Failed::All,
-        Ok(Outcome::RetryEntries(list)) => Failed::These(list),
+        Ok(Outcome::Retry) => Failed::All(None),
+        Ok(Outcome::RetryEntries(list)) => Failed::These(list, None),
         Ok(Outcome::RetryEntriesWithState(list, s)) => {
             state.replace(s);
-            Failed::These(list)
+            Failed::These(list, None)
         }
+        Ok(Outcome::Fail(error)) => Failed::All(Some(error)),
+        Ok(Outcome::FailEntries(list, error)) => Failed::These(list, Some(error)),
         Err(msg) => Failed::Panicked(msg),
     };
-    Done::Failed(retry::settle(entries, attempts, failed, store.rules()))
+    Done::Failed(Box::new(retry::settle(
+        entries,
+        attempts,
+        failed,
+        store.rules(),
+    )))
 }
 
 /// A batch done: dropped (contained), its size returned.

@@ -11,8 +11,13 @@
 //!
 //! A *sealed* chunk (a retried batch) is taken as a batch of its own: it is never
 //! topped up with the entries behind it, nor used to top up the entries ahead.
+//!
+//! Every chunk belongs to a *generation* (the one in force when it was queued;
+//! a retried batch keeps its own). A batch never mixes generations, and the
+//! queue counts its entries per generation, so `wait_idle` can tell when every
+//! entry older than its call has left.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 /// Most entries allocated ahead for one pile chunk: `max_batch_size` may be huge.
@@ -25,11 +30,20 @@ const CUT_AT: usize = 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct MinimumSize;
 
-/// When a chunk entered the queue, and whether it is sealed.
+/// When a chunk entered the queue, whether it is sealed, and its generation.
 #[derive(Debug, Clone, Copy)]
 struct Meta {
     since: Instant,
     sealed: bool,
+    gen: u64,
+}
+
+/// A batch taken from the queue.
+pub(crate) struct Taken<T> {
+    pub(crate) entries: Vec<T>,
+    /// When its first chunk was queued (the batch's longest wait).
+    pub(crate) since: Instant,
+    pub(crate) gen: u64,
 }
 
 pub(crate) struct Queue<T> {
@@ -44,6 +58,10 @@ pub(crate) struct Queue<T> {
     /// The bound in force: the configured one, or a lower one after a shrink.
     max: Option<usize>,
     shrunk: bool,
+    /// The generation new chunks get.
+    gen: u64,
+    /// Entries queued, per generation.
+    live: BTreeMap<u64, usize>,
 }
 
 impl<T> Queue<T> {
@@ -57,6 +75,33 @@ impl<T> Queue<T> {
             configured_max: max,
             max,
             shrunk: false,
+            gen: 0,
+            live: BTreeMap::new(),
+        }
+    }
+
+    /// Chunks queued from now on belong to generation `gen`.
+    pub(crate) fn set_gen(&mut self, gen: u64) {
+        self.gen = gen;
+    }
+
+    /// Entries queued in generation `gen` or earlier.
+    pub(crate) fn count_upto(&self, gen: u64) -> usize {
+        self.live.range(..=gen).map(|(_, n)| n).sum()
+    }
+
+    fn add_live(&mut self, gen: u64, n: usize) {
+        if n > 0 {
+            *self.live.entry(gen).or_insert(0) += n;
+        }
+    }
+
+    fn sub_live(&mut self, gen: u64, n: usize) {
+        if let Some(count) = self.live.get_mut(&gen) {
+            *count = count.saturating_sub(n);
+            if *count == 0 {
+                self.live.remove(&gen);
+            }
         }
     }
 
@@ -122,9 +167,11 @@ impl<T> Queue<T> {
             return;
         }
         self.len += entries.len();
+        self.add_live(self.gen, entries.len());
         let meta = Meta {
             since: now,
             sealed: false,
+            gen: self.gen,
         };
         if self.fits_whole(&entries) {
             self.chunks.push_front(trim(entries));
@@ -140,21 +187,26 @@ impl<T> Queue<T> {
     /// Appends `entries` whatever the bound (entries admitted earlier, or a
     /// batch's own entries retried).
     pub(crate) fn push_back_unbounded(&mut self, entries: Vec<T>, now: Instant) {
-        self.append(entries, now, false);
+        self.append(entries, now, false, self.gen);
     }
 
-    /// Appends a retried batch whatever the bound, sealed: it runs as a batch of
-    /// its own.
-    pub(crate) fn push_back_sealed(&mut self, entries: Vec<T>, now: Instant) {
-        self.append(entries, now, true);
+    /// Appends a retried batch of generation `gen` whatever the bound, sealed:
+    /// it runs as a batch of its own.
+    pub(crate) fn push_back_sealed(&mut self, entries: Vec<T>, now: Instant, gen: u64) {
+        self.append(entries, now, true, gen);
     }
 
-    fn append(&mut self, entries: Vec<T>, now: Instant, sealed: bool) {
+    fn append(&mut self, entries: Vec<T>, now: Instant, sealed: bool, gen: u64) {
         if entries.is_empty() {
             return;
         }
         self.len += entries.len();
-        let meta = Meta { since: now, sealed };
+        self.add_live(gen, entries.len());
+        let meta = Meta {
+            since: now,
+            sealed,
+            gen,
+        };
         if self.fits_whole(&entries) {
             self.chunks.push_back(trim(entries));
             self.meta.push_back(meta);
@@ -202,10 +254,17 @@ impl<T> Queue<T> {
     }
 
     /// Takes up to `n` entries (n ≥ 1) from the front, or `None` when empty.
+    #[cfg(test)]
     pub(crate) fn pop_batch(&mut self, n: usize) -> Option<Vec<T>> {
+        self.take_batch(n).map(|taken| taken.entries)
+    }
+
+    /// Takes up to `n` entries (n ≥ 1) from the front, one generation's, or
+    /// `None` when empty.
+    pub(crate) fn take_batch(&mut self, n: usize) -> Option<Taken<T>> {
         let first = self.chunks.front_mut()?;
-        let sealed = self.meta.front().is_some_and(|m| m.sealed);
-        let batch = if first.len() == n || (sealed && first.len() < n) {
+        let meta = *self.meta.front().expect("parallel to chunks");
+        let entries = if first.len() == n || (meta.sealed && first.len() < n) {
             self.meta.pop_front();
             self.chunks.pop_front().expect("front chunk exists")
         } else if first.len() > n {
@@ -219,17 +278,23 @@ impl<T> Queue<T> {
         } else {
             self.meta.pop_front();
             let batch = self.chunks.pop_front().expect("front chunk exists");
-            self.top_up(batch, n)
+            self.top_up(batch, n, meta.gen)
         };
-        self.len -= batch.len();
-        Some(batch)
+        self.len -= entries.len();
+        self.sub_live(meta.gen, entries.len());
+        Some(Taken {
+            entries,
+            since: meta.since,
+            gen: meta.gen,
+        })
     }
 
-    /// Fills `batch` up to `n` from the chunks that follow, up to a sealed one.
-    fn top_up(&mut self, mut batch: Vec<T>, n: usize) -> Vec<T> {
+    /// Fills `batch` up to `n` from the chunks that follow, up to a sealed one
+    /// or one of another generation.
+    fn top_up(&mut self, mut batch: Vec<T>, n: usize, gen: u64) -> Vec<T> {
         // Never more than is queued: `n` may be huge.
         batch.reserve(n.min(self.len) - batch.len());
-        while batch.len() < n && self.meta.front().is_some_and(|m| !m.sealed) {
+        while batch.len() < n && self.meta.front().is_some_and(|m| !m.sealed && m.gen == gen) {
             let Some(next) = self.chunks.front_mut() else {
                 break;
             };
@@ -263,17 +328,18 @@ impl<T> Queue<T> {
         let mut parts: Vec<Vec<T>> = Vec::new();
         while count > 0 {
             let last = self.chunks.back_mut().expect("count within len");
-            if last.len() <= count {
-                count -= last.len();
-                self.len -= last.len();
-                parts.push(self.chunks.pop_back().expect("back chunk exists"));
+            let gen = self.meta.back().expect("parallel to chunks").gen;
+            let part = if last.len() <= count {
                 self.meta.pop_back();
+                self.chunks.pop_back().expect("back chunk exists")
             } else {
                 let at = last.len() - count;
-                parts.push(last.split_off(at));
-                self.len -= count;
-                count = 0;
-            }
+                last.split_off(at)
+            };
+            count -= part.len();
+            self.len -= part.len();
+            self.sub_live(gen, part.len());
+            parts.push(part);
         }
         let mut shed = Vec::with_capacity(parts.iter().map(Vec::len).sum());
         for part in parts.into_iter().rev() {
@@ -297,6 +363,7 @@ impl<T> Queue<T> {
     pub(crate) fn drain_all(&mut self) -> Vec<T> {
         let mut all = Vec::with_capacity(self.len);
         self.meta.clear();
+        self.live.clear();
         for chunk in self.chunks.drain(..) {
             all.extend(chunk);
         }
@@ -434,7 +501,7 @@ mod test {
     fn a_sealed_chunk_is_a_batch_of_its_own() {
         let mut q = Queue::new(None, 3);
         q.push_back(vec![1], now());
-        q.push_back_sealed(vec![2, 3], now());
+        q.push_back_sealed(vec![2, 3], now(), 0);
         q.push_back(vec![4], now());
         q.push_back(vec![5, 6], now());
         assert_eq!(q.pop_batch(3), Some(vec![1]));

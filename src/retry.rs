@@ -65,6 +65,8 @@ pub enum DeadLetterReason {
     Panicked(String),
     /// The last run asked for a retry.
     RetryRequested,
+    /// The last run failed with this error.
+    Failed(crate::task::RunError),
 }
 
 impl fmt::Display for DeadLetterReason {
@@ -72,6 +74,7 @@ impl fmt::Display for DeadLetterReason {
         match self {
             DeadLetterReason::Panicked(msg) => write!(f, "panicked: {msg}"),
             DeadLetterReason::RetryRequested => f.write_str("retry requested"),
+            DeadLetterReason::Failed(error) => write!(f, "failed: {error}"),
         }
     }
 }
@@ -83,10 +86,12 @@ pub type DeadLetterHandler<T> = Box<dyn Fn(Vec<T>, DeadLetterReason) + Send + Sy
 /// How a retried entry is told to be one of the failed batch's own.
 pub(crate) type Same<T> = fn(&T, &T) -> bool;
 
-/// Entries with their attempt counts (parallel vectors).
+/// Entries with their attempt counts (parallel vectors), and the generation
+/// of the batch they came from (see `queue`).
 pub(crate) struct Group<T> {
     pub(crate) entries: Vec<T>,
     pub(crate) attempts: Vec<u32>,
+    pub(crate) gen: u64,
 }
 
 /// The policy with its matcher: fixed at start, read by every worker.
@@ -190,10 +195,18 @@ impl<T> Retries<T> {
             Group {
                 entries: group.entries.drain(..n).collect(),
                 attempts: group.attempts.drain(..n).collect(),
+                gen: group.gen,
             }
         };
         self.len -= batch.entries.len();
         Some(batch)
+    }
+
+    /// Entries waiting or ready from generation `gen` or earlier.
+    pub(crate) fn count_upto(&self, gen: u64) -> usize {
+        let ready = self.ready.iter().filter(|g| g.gen <= gen);
+        let waiting = self.groups.values().filter(|g| g.gen <= gen);
+        ready.chain(waiting).map(|g| g.entries.len()).sum()
     }
 
     /// Every entry, ready first, then waiting in due order.
@@ -230,10 +243,7 @@ impl<T> Rules<T> {
     ) -> (Group<T>, Vec<T>) {
         let mut used = vec![false; batch.len()];
         let mut cursor = 0;
-        let mut known = Group {
-            entries: Vec::new(),
-            attempts: Vec::new(),
-        };
+        let mut known = Group::default();
         let mut fresh = Vec::new();
         for entry in again {
             let found = (cursor..batch.len())
@@ -256,10 +266,11 @@ impl<T> Rules<T> {
 
 /// Why a run did not simply succeed.
 pub(crate) enum Failed<T> {
-    /// `Retry`: the whole batch again.
-    All,
-    /// `RetryEntries`: these entries again (the batch's own, or new ones).
-    These(Vec<T>),
+    /// `Retry` or `Fail`: the whole batch again.
+    All(Option<crate::task::RunError>),
+    /// `RetryEntries` or `FailEntries`: these entries again (the batch's own, or
+    /// new ones).
+    These(Vec<T>, Option<crate::task::RunError>),
     /// The run panicked with this message: the whole batch again.
     Panicked(String),
 }
@@ -279,6 +290,8 @@ pub(crate) struct Settled<T> {
     pub(crate) reason: DeadLetterReason,
     /// The panic message, if the run panicked.
     pub(crate) panic: Option<String>,
+    /// The error the run failed with, if it said.
+    pub(crate) error: Option<crate::task::RunError>,
     /// The batch itself, to be dropped by the worker (outside every lock).
     pub(crate) spent: Vec<T>,
 }
@@ -303,14 +316,15 @@ pub(crate) fn settle<T>(
     failed: Failed<T>,
     policy: Option<&Rules<T>>,
 ) -> Settled<T> {
-    let (again, panic) = match failed {
-        Failed::All => (None, None),
-        Failed::These(list) => (Some(list), None),
-        Failed::Panicked(msg) => (None, Some(msg)),
+    let (again, panic, error) = match failed {
+        Failed::All(error) => (None, None, error),
+        Failed::These(list, error) => (Some(list), None, error),
+        Failed::Panicked(msg) => (None, Some(msg), None),
     };
-    let reason = match &panic {
-        Some(msg) => DeadLetterReason::Panicked(msg.clone()),
-        None => DeadLetterReason::RetryRequested,
+    let reason = match (&panic, &error) {
+        (Some(msg), _) => DeadLetterReason::Panicked(msg.clone()),
+        (None, Some(error)) => DeadLetterReason::Failed(error.clone()),
+        (None, None) => DeadLetterReason::RetryRequested,
     };
     let mut out = Settled {
         processed: 0,
@@ -320,6 +334,7 @@ pub(crate) fn settle<T>(
         dead: Vec::new(),
         reason,
         panic,
+        error,
         spent: Vec::new(),
     };
     match policy {
@@ -358,6 +373,7 @@ fn settle_matched<T>(
         None => Group {
             attempts: attempts.iter().map(|a| a.saturating_add(1)).collect(),
             entries: batch,
+            gen: 0,
         },
         Some(list) => {
             let (known, fresh) = rules.match_attempts(&batch, &attempts, list);
@@ -383,6 +399,7 @@ impl<T> Default for Group<T> {
         Group {
             entries: Vec::new(),
             attempts: Vec::new(),
+            gen: 0,
         }
     }
 }
@@ -456,14 +473,14 @@ mod test {
         let s = settle(
             vec![1, 2, 3],
             None,
-            Failed::These(vec![7, 8, 9, 10, 11]),
+            Failed::These(vec![7, 8, 9, 10, 11], None),
             None,
         );
         assert_eq!(
             (s.requeue, s.fresh, s.processed),
             (vec![7, 8, 9], vec![10, 11], 0)
         );
-        let s = settle(vec![1, 2, 3], None, Failed::These(vec![2]), None);
+        let s = settle(vec![1, 2, 3], None, Failed::These(vec![2], None), None);
         assert_eq!((s.requeue, s.fresh, s.processed), (vec![2], vec![], 2));
         let s = settle(vec![1, 2], None, Failed::Panicked("x".into()), None);
         assert_eq!((s.requeue, s.panic), (vec![1, 2], Some("x".to_string())));
@@ -478,7 +495,7 @@ mod test {
         let s = settle(
             vec![1, 2, 3],
             Some(vec![1, 0, 0]),
-            Failed::These(vec![1, 2, 9]),
+            Failed::These(vec![1, 2, 9], None),
             Some(&r),
         );
         assert_eq!(s.dead, vec![1]);
@@ -508,6 +525,7 @@ mod test {
             Group {
                 entries: vec![1],
                 attempts: vec![40],
+                gen: 0,
             },
             now,
         );
@@ -524,6 +542,7 @@ mod test {
             Group {
                 entries: vec![1, 2, 3],
                 attempts: vec![1, 1, 1],
+                gen: 0,
             },
             now,
         );

@@ -26,6 +26,23 @@ impl From<Duration> for FlushInterval {
     }
 }
 
+/// How buffered entries become batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Batching {
+    /// As the original: buffered entries wait for the flush tick (or a full
+    /// batch's worth, or [`Handle::flush`](crate::Handle::flush)), so partial
+    /// batches wait up to one interval. The default.
+    #[default]
+    Ticked,
+    /// "Smart batching": a free worker takes whatever is buffered at once, a
+    /// partial batch if that is all there is; while every worker is busy,
+    /// entries pile up and batches grow to `max_batch_size` by themselves. A
+    /// lone entry into an idle engine starts at once; under load batches are
+    /// full. The flush tick still moves entries that no free worker took.
+    Natural,
+}
+
 /// The validated settings.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -40,12 +57,18 @@ pub(crate) struct Config {
     pub(crate) overflow_policy: OverflowPolicy,
     pub(crate) run_deadline: Option<Duration>,
     pub(crate) clock: Clock,
+    pub(crate) batching: Batching,
 }
 
 impl Config {
     /// Whether a full batch in the buffers is flushed at once (only with a ticker).
     pub(crate) fn auto_flush(&self) -> bool {
         matches!(self.flush_interval, FlushInterval::Every(_))
+    }
+
+    /// Whether a free worker takes partial batches from the buffers.
+    pub(crate) fn natural(&self) -> bool {
+        self.batching == Batching::Natural
     }
 
     /// Whether hand-overs are held to the bound (the `Reject` and `Block` policies).

@@ -72,6 +72,8 @@ pub(crate) fn stop<T: Send + 'static>(
         }
     }
     let stats = store.stats();
+    #[cfg(feature = "metrics")]
+    crate::observe::record_stats(store.name(), &stats);
     Ok(ShutdownReport {
         unprocessed: finish.unprocessed,
         overflowed: stats.overflowed_full + stats.overflowed_shrink + stats.overflowed_shutdown,

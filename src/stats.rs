@@ -10,6 +10,7 @@ use std::time::Duration;
 /// Exact counts of the work inside an engine, from
 /// [`Handle::debug_count`](crate::Handle::debug_count).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct DebugCount {
     /// Entries waiting: both buffers, the queue, and retries waiting their backoff.
@@ -25,6 +26,7 @@ pub struct DebugCount {
 /// waiting. Only a run still going when a shutdown deadline passed can change
 /// them later (see [`Handle::shutdown_timeout`](crate::Handle::shutdown_timeout)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct Stats {
     /// Entries in the buffers, waiting for a flush.
@@ -60,6 +62,9 @@ pub struct Stats {
     pub stuck_runs: u64,
     /// `init` runs that have returned (the first, and each poll).
     pub init_runs: u64,
+    /// Entries the engine has taken: hand-overs, pushes, `init` chunks, and
+    /// new entries returned by runs.
+    pub accepted: u64,
     /// Hand-overs (and `init` chunks) waiting for room under
     /// [`OverflowPolicy::Block`](crate::OverflowPolicy::Block) now.
     pub blocked_callers: usize,
@@ -68,6 +73,9 @@ pub struct Stats {
 /// The counters, kept inside the store's state.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Counters {
+    /// Entries taken straight into the queue (pushes, `init`, new from runs);
+    /// hand-overs into the buffers are counted by the buffers.
+    pub(crate) accepted: u64,
     pub(crate) processed: u64,
     pub(crate) retried: u64,
     pub(crate) panicked: u64,

@@ -36,6 +36,32 @@ pub trait Task: Send + Sync + 'static {
 }
 
 /// What a [`Task::run`] call asks the engine to do next.
+///
+/// A run that fails with an error says so with [`Outcome::Fail`] or
+/// [`Outcome::FailEntries`]: the error is logged, shown to the batch observer,
+/// and handed to the dead-letter handler with the entries it spent. To use `?`,
+/// write the fallible part as a function returning `Result` and convert:
+///
+/// ```
+/// use buffered_task::{Outcome, Task};
+///
+/// struct Fetch;
+/// impl Fetch {
+///     fn fetch(&self, blocks: &[u64]) -> Result<(), std::io::Error> {
+///         let _first = blocks.first().ok_or(std::io::ErrorKind::InvalidInput)?;
+///         Ok(())
+///     }
+/// }
+/// impl Task for Fetch {
+///     type Entry = u64;
+///     type State = ();
+///     fn run(&self, blocks: &[u64], _: &()) -> Outcome<u64, ()> {
+///         self.fetch(blocks).into() // Ok(()) → Outcome::Ok, Err(e) → Outcome::Fail(e)
+///     }
+/// }
+/// assert_eq!(Fetch.run(&[1], &()), Outcome::Ok);
+/// assert!(matches!(Fetch.run(&[], &()), Outcome::Fail(_)));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome<T, S> {
     /// The batch is done.
@@ -49,7 +75,84 @@ pub enum Outcome<T, S> {
     RetryEntries(Vec<T>),
     /// As [`Outcome::RetryEntries`], and `S` replaces the state.
     RetryEntriesWithState(Vec<T>, S),
+    /// The run failed with this error: the whole batch is retried, as
+    /// [`Outcome::Retry`].
+    Fail(RunError),
+    /// These entries failed with this error and are retried, as
+    /// [`Outcome::RetryEntries`]; the others are done.
+    FailEntries(Vec<T>, RunError),
 }
+
+impl<T, S> Outcome<T, S> {
+    /// The whole batch failed with `error` (see [`Outcome::Fail`]).
+    pub fn fail(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Outcome::Fail(RunError::new(error))
+    }
+
+    /// `Ok(())` is [`Outcome::Ok`]; an error is [`Outcome::Fail`].
+    pub fn from_result<E>(result: Result<(), E>) -> Self
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        match result {
+            Ok(()) => Outcome::Ok,
+            Err(e) => Outcome::fail(e),
+        }
+    }
+}
+
+impl<T, S, E> From<Result<(), E>> for Outcome<T, S>
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn from(result: Result<(), E>) -> Self {
+        Outcome::from_result(result)
+    }
+}
+
+/// The error a run failed with: cheap to clone (shared), compared by its text.
+#[derive(Clone)]
+pub struct RunError(Arc<dyn std::error::Error + Send + Sync>);
+
+impl RunError {
+    /// Wraps any error (or a message: `RunError::new("timed out")`).
+    pub fn new(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        RunError(Arc::from(error.into()))
+    }
+
+    /// The error itself, e.g. to downcast it.
+    pub fn get(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl std::fmt::Debug for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RunError")
+            .field(&self.0.to_string())
+            .finish()
+    }
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for RunError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for RunError {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for RunError {}
 
 /// Where buffered entries go on the next flush.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -40,18 +40,45 @@ pub(crate) fn role_in(engine: u64) -> Option<Role> {
         .map(|(_, role)| role)
 }
 
-/// Starts a named thread; with a mark, the thread knows it belongs to that
-/// engine in that role.
+/// The index of the calling thread among its engine's workers (0-based), or
+/// `None` when it is not an engine's worker: for a task that keeps a resource
+/// per worker (opened in [`Builder::on_worker_start`](crate::Builder::on_worker_start)).
+pub fn worker_index() -> Option<usize> {
+    match MARK.with(Cell::get) {
+        Some((_, Role::Worker(w))) => Some(w),
+        _ => None,
+    }
+}
+
+/// Starts a named thread (with `stack` bytes of stack, if given); with a mark,
+/// the thread knows it belongs to that engine in that role.
 pub(crate) fn spawn(
     name: String,
     mark: Option<(u64, Role)>,
+    stack: Option<usize>,
     body: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<JoinHandle<()>> {
-    thread::Builder::new().name(name).spawn(move || {
+    let mut builder = thread::Builder::new().name(name);
+    if let Some(bytes) = stack {
+        builder = builder.stack_size(bytes);
+    }
+    builder.spawn(move || {
         MARK.with(|m| m.set(mark));
         body()
     })
 }
+
+/// Per-worker hooks and thread settings (see the `Builder`'s worker options).
+#[derive(Default)]
+pub(crate) struct WorkerHooks {
+    pub(crate) start: Option<WorkerHook>,
+    pub(crate) stop: Option<WorkerHook>,
+    pub(crate) name: Option<Box<dyn Fn(usize) -> String + Send + Sync>>,
+    pub(crate) stack_size: Option<usize>,
+}
+
+/// Called with a worker's index on that worker's thread.
+pub type WorkerHook = Box<dyn Fn(usize) + Send + Sync + 'static>;
 
 /// The threads of one engine, each with its role.
 #[derive(Default)]

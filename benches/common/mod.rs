@@ -4,7 +4,7 @@
 //! fixed set of workers, completions on a third channel).
 #![allow(dead_code)]
 
-use buffered_task::{Builder, Handle, Outcome, Priority, Sink, Task};
+use buffered_task::{Batching, Builder, Handle, Outcome, Priority, Sink, Task};
 use crossbeam_channel::{bounded, select_biased, unbounded, Receiver, Sender};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 pub struct Sum {
     pub total: Arc<AtomicU64>,
     pub count: Arc<AtomicU64>,
+    /// `run` calls.
+    pub batches: Arc<AtomicU64>,
     /// Entries `init` streams (0: none).
     pub init_entries: u64,
 }
@@ -27,6 +29,7 @@ impl Sum {
             Sum {
                 total: Arc::new(AtomicU64::new(0)),
                 count: count.clone(),
+                batches: Arc::new(AtomicU64::new(0)),
                 init_entries,
             },
             count,
@@ -46,6 +49,7 @@ impl Task for Sum {
         self.total
             .fetch_add(batch.iter().sum::<u64>(), Ordering::Relaxed);
         self.count.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
         Outcome::Ok
     }
 }
@@ -71,11 +75,22 @@ impl Task for RetryOnce {
 }
 
 pub fn engine<K: Task>(task: K, batch: usize, conc: usize, state: K::State) -> Handle<K::Entry> {
+    engine_with(task, batch, conc, state, Batching::Ticked)
+}
+
+pub fn engine_with<K: Task>(
+    task: K,
+    batch: usize,
+    conc: usize,
+    state: K::State,
+    batching: Batching,
+) -> Handle<K::Entry> {
     Builder::new(task, state)
         .name("bench")
         .max_batch_size(batch)
         .max_concurrency(conc)
         .flush_interval(Duration::from_millis(10))
+        .batching(batching)
         .poll(false)
         .start()
         .expect("valid settings")
@@ -179,8 +194,20 @@ pub fn chunks(total: u64, chunk: u64) -> impl Iterator<Item = Vec<u64>> {
 }
 
 pub fn bulk_crate(total: u64, chunk: u64, batch: usize, conc: usize) -> Duration {
+    bulk_crate_with(total, chunk, batch, conc, Batching::Ticked).0
+}
+
+/// Wall time, and the mean batch size.
+pub fn bulk_crate_with(
+    total: u64,
+    chunk: u64,
+    batch: usize,
+    conc: usize,
+    batching: Batching,
+) -> (Duration, f64) {
     let (task, count) = Sum::new(0);
-    let handle = engine(task, batch, conc, ());
+    let batches = task.batches.clone();
+    let handle = engine_with(task, batch, conc, (), batching);
     let start = Instant::now();
     for entries in chunks(total, chunk) {
         handle.buffer(entries, Priority::Back).unwrap();
@@ -188,7 +215,8 @@ pub fn bulk_crate(total: u64, chunk: u64, batch: usize, conc: usize) -> Duration
     handle.shutdown_drain().unwrap();
     let elapsed = start.elapsed();
     assert_eq!(count.load(Ordering::Relaxed), total);
-    elapsed
+    let mean = total as f64 / batches.load(Ordering::Relaxed).max(1) as f64;
+    (elapsed, mean)
 }
 
 pub fn bulk_baseline(total: u64, chunk: u64, batch: usize, conc: usize) -> Duration {
@@ -373,6 +401,32 @@ pub fn latency_crate(samples: usize, interval: Duration, batch: usize) -> (Vec<f
     }
     handle.shutdown_drain().unwrap();
     (full, partial)
+}
+
+/// Latencies from `buffer_one` to `run` starting, in µs, for a lone entry into
+/// an idle engine under natural batching (no tick involved).
+pub fn latency_natural(samples: usize) -> Vec<f64> {
+    let (tx, started) = unbounded();
+    let handle = Builder::new(Stamp { started: tx }, ())
+        .name("latency-natural")
+        .max_batch_size(500)
+        .max_concurrency(2)
+        .flush_interval(buffered_task::FlushInterval::Never)
+        .batching(Batching::Natural)
+        .poll(false)
+        .start()
+        .unwrap();
+    let mut lone = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        // Let every engine thread go to sleep first: an idle engine.
+        thread::sleep(Duration::from_micros(300));
+        let t0 = Instant::now();
+        handle.buffer_one(1, Priority::Back).unwrap();
+        let t1 = started.recv().unwrap();
+        lone.push(t1.duration_since(t0).as_secs_f64() * 1e6);
+    }
+    handle.shutdown_drain().unwrap();
+    lone
 }
 
 /// Resident bytes per queued u64 with `total` entries queued (measured from RSS).

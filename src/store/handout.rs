@@ -20,14 +20,17 @@ pub(crate) struct Job<T> {
     pub(crate) entries: Vec<T>,
     /// The entries' attempt counts, for a batch of retries under a policy.
     pub(crate) attempts: Option<Vec<u32>>,
+    /// When the batch's oldest chunk was queued (or its retries came due).
+    pub(crate) since: Instant,
 }
 
 impl<T> State<T> {
-    fn start_run(&mut self, w: usize, entries: usize, started: Instant) {
+    fn start_run(&mut self, w: usize, entries: usize, started: Instant, gen: u64) {
         self.slots[w] = Slot::Run(Run {
             started,
             entries,
             reported: false,
+            gen,
         });
         self.running += 1;
     }
@@ -50,7 +53,7 @@ pub(crate) enum Done<T> {
     /// It succeeded with this many entries.
     Ok(u64),
     /// It failed; [`retry::settle`](crate::retry::settle) sorted its entries.
-    Failed(Settled<T>),
+    Failed(Box<Settled<T>>),
 }
 
 /// What a settled failure leaves to report outside the lock.
@@ -95,7 +98,50 @@ impl<T: Send + 'static> Store<T> {
         if job.is_some() {
             return job;
         }
+        if self.config.natural() {
+            drop(st);
+            return self.take_buffered(w);
+        }
         self.wait_for_job(st, w)
+    }
+
+    /// Natural batching: with nothing queued, a free worker takes what is
+    /// buffered (a partial batch, if that is all); with nothing buffered either,
+    /// it counts itself idle *before* it lets go of the callers' lock, so the
+    /// next hand-over sees it and moves its entries into the queue at once.
+    fn take_buffered(&self, w: usize) -> Option<Job<T>> {
+        loop {
+            let (intake, mut st) = self.lock_both();
+            if !intake.is_empty() {
+                let overflow = self.queue_intake(intake, &mut st);
+                let job = self.start_next(&mut st, w);
+                drop(st);
+                self.report(overflow, crate::overflow::OverflowReason::Full);
+                match job {
+                    Some(job) => return Some(job),
+                    None => continue,
+                }
+            }
+            if let Some(job) = self.start_next(&mut st, w) {
+                return Some(job);
+            }
+            if st.phase == Phase::Finished {
+                return None;
+            }
+            self.set_idle(&mut st, 1);
+            drop(intake);
+            self.work.wait(st.raw());
+            self.set_idle(&mut st, -1);
+            if let Some(job) = self.start_next(&mut st, w) {
+                return Some(job);
+            }
+        }
+    }
+
+    /// Counts a worker into (`+1`) or out of (`-1`) the idle ones.
+    fn set_idle(&self, st: &mut State<T>, by: isize) {
+        st.idle = st.idle.saturating_add_signed(by);
+        self.idle_workers.store(st.idle, Ordering::SeqCst);
     }
 
     /// Ends worker `w`'s run and accounts how it went; returns the state lock
@@ -116,6 +162,10 @@ impl<T: Send + 'static> Store<T> {
         };
         let mut st = self.lock();
         let buffered = intake.as_ref().map_or(0, |i| i.len());
+        let gen = match st.slots.get(w) {
+            Some(Slot::Run(run)) => run.gen,
+            _ => st.gen,
+        };
         st.end_run(w, Slot::Free);
         let leftovers = match done {
             Done::Nothing => None,
@@ -123,7 +173,7 @@ impl<T: Send + 'static> Store<T> {
                 st.counters.processed += n;
                 None
             }
-            Done::Failed(s) => Some(self.apply(&mut st, s, heap, buffered)),
+            Done::Failed(s) => Some(self.apply(&mut st, *s, heap, buffered, gen)),
         };
         (st, leftovers)
     }
@@ -143,9 +193,9 @@ impl<T: Send + 'static> Store<T> {
             if st.phase == Phase::Finished {
                 return None;
             }
-            st.idle += 1;
+            self.set_idle(&mut st, 1);
             self.work.wait(st.raw());
-            st.idle -= 1;
+            self.set_idle(&mut st, -1);
         }
     }
 
@@ -170,33 +220,40 @@ impl<T: Send + 'static> Store<T> {
         if st.phase >= Phase::Halted {
             return None;
         }
-        let job = self.next_batch(st)?;
+        let (job, gen) = self.next_batch(st)?;
         let started = match self.config.run_deadline {
             Some(_) => self.clock().now(),
             None => self.born,
         };
-        st.start_run(w, job.entries.len(), started);
+        st.start_run(w, job.entries.len(), started, gen);
         Some(job)
     }
 
-    /// Retries that are due first, then the head of the queue.
-    fn next_batch(&self, st: &mut State<T>) -> Option<Job<T>> {
+    /// Retries that are due first, then the head of the queue; with the
+    /// batch's generation.
+    fn next_batch(&self, st: &mut State<T>) -> Option<(Job<T>, u64)> {
         let batch = self.config.max_batch_size;
         if let Some(retries) = &mut st.retries {
             if retries.len() > 0 {
-                retries.wake(self.clock().now());
+                let now = self.clock().now();
+                retries.wake(now);
                 if let Some(group) = retries.pop_ready(batch) {
-                    return Some(Job {
+                    let job = Job {
                         entries: group.entries,
                         attempts: Some(group.attempts),
-                    });
+                        since: now,
+                    };
+                    return Some((job, group.gen));
                 }
             }
         }
-        st.queue.pop_batch(batch).map(|entries| Job {
-            entries,
+        let taken = st.queue.take_batch(batch)?;
+        let job = Job {
+            entries: taken.entries,
             attempts: None,
-        })
+            since: taken.since,
+        };
+        Some((job, taken.gen))
     }
 
     /// Heap bytes of the entries a failed run sends back in.
@@ -206,11 +263,25 @@ impl<T: Send + 'static> Store<T> {
 
     /// Applies what [`retry::settle`](crate::retry::settle) decided for a failed
     /// run (whose entries weigh `heap`); returns what to report.
-    fn apply(&self, st: &mut State<T>, s: Settled<T>, heap: i64, buffered: usize) -> Leftovers<T> {
+    fn apply(
+        &self,
+        st: &mut State<T>,
+        mut s: Settled<T>,
+        heap: i64,
+        buffered: usize,
+        gen: u64,
+    ) -> Leftovers<T> {
         if let Some(msg) = &s.panic {
             log::error!(
                 "{}: run panicked on a batch, retrying it: {msg}",
                 self.config.name
+            );
+        }
+        if let Some(error) = &s.error {
+            log::warn!(
+                "{}: run failed, retrying {} entries: {error}",
+                self.config.name,
+                s.retried()
             );
         }
         self.add_heap(heap);
@@ -219,6 +290,7 @@ impl<T: Send + 'static> Store<T> {
         c.retried += s.retried() as u64;
         c.panicked += u64::from(s.panic.is_some());
         c.dead_lettered += s.dead.len() as u64;
+        c.accepted += s.fresh.len() as u64;
         let (overflow, reason) = if st.phase == Phase::Finished {
             (
                 late(st, s.requeue, s.later.entries, s.fresh),
@@ -226,8 +298,10 @@ impl<T: Send + 'static> Store<T> {
             )
         } else {
             let now = self.clock().now();
-            // A batch's own entries, whatever the bound, as a batch of their own.
-            st.queue.push_back_sealed(s.requeue, now);
+            // A batch's own entries, whatever the bound, as a batch of their own
+            // (of their batch's generation).
+            st.queue.push_back_sealed(s.requeue, now, gen);
+            s.later.gen = gen;
             if let Some(retries) = &mut st.retries {
                 if !s.later.entries.is_empty() {
                     retries.delay(s.later, now);

@@ -1,12 +1,29 @@
 //! The store's side of stopping: close, wait to settle, finish (take every
 //! entry out), and fail (an engine thread panicked outside user code).
 
-use super::{Phase, Slot, Store};
-use crate::error::ControlError;
+use super::{Phase, Slot, State, Store};
+use crate::error::{ControlError, IdleError};
 use crate::overflow::OverflowReason;
-use crate::threads::Role;
+use crate::threads::{self, Role};
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+impl<T> State<T> {
+    /// Entries of generation `gen` or earlier still in the engine: queued,
+    /// retrying, or running.
+    fn left_upto(&self, gen: u64) -> usize {
+        let running: usize = self
+            .slots
+            .iter()
+            .map(|slot| match slot {
+                Slot::Run(run) if run.gen <= gen => run.entries,
+                _ => 0,
+            })
+            .sum();
+        let retrying = self.retries.as_ref().map_or(0, |r| r.count_upto(gen));
+        self.queue.count_upto(gen) + retrying + running
+    }
+}
 
 /// How a shutdown treats work that has not started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +101,43 @@ impl<T: Send + 'static> Store<T> {
         };
         st.watchers -= 1;
         passed
+    }
+
+    /// Waits until every entry handed over before the call has left the engine
+    /// (processed, dead-lettered, overflowed or handed back), or until
+    /// `timeout` passes. The buffers join the queue first; entries handed over
+    /// afterwards belong to a later generation and are not waited for.
+    pub(crate) fn wait_idle(&self, timeout: Duration) -> Result<(), IdleError> {
+        if threads::role_in(self.id).is_some() {
+            return Err(IdleError::WouldDeadlock);
+        }
+        let deadline = self.clock().deadline(timeout);
+        let (intake, mut st) = self.lock_both();
+        let overflow = self.queue_intake(intake, &mut st);
+        let gen = st.gen;
+        st.gen += 1;
+        let next = st.gen;
+        st.queue.set_gen(next);
+        drop(st);
+        self.report(overflow, OverflowReason::Full);
+        let mut st = self.lock();
+        st.watchers += 1;
+        let result = loop {
+            let left = st.left_upto(gen);
+            if left == 0 || st.phase == Phase::Finished {
+                break Ok(());
+            }
+            if self.clock().wait(&self.settled, st.raw(), Some(deadline)) {
+                let left = st.left_upto(gen);
+                break if left == 0 {
+                    Ok(())
+                } else {
+                    Err(IdleError::Timeout { left })
+                };
+            }
+        };
+        st.watchers -= 1;
+        result
     }
 
     /// Ends the engine's life: takes every waiting entry out, tells every thread

@@ -84,19 +84,20 @@ pub(crate) use timers::InitDecision;
 use crate::clock::{Clock, Listener};
 use crate::error::{ControlError, ShrinkError};
 use crate::intake::{admit, Admit, Entries, Intake};
+use crate::observe::{BatchObserver, BatchRecord};
 use crate::overflow::{OverflowReason, Reporter, Weigher};
 use crate::queue::Queue;
 use crate::retry::{Retries, Rules};
 use crate::settings::Config;
 use crate::stats::{Counters, DebugCount, Stats};
 use crate::task::{Feed, Priority};
-use crate::threads::{self, Role};
+use crate::threads::{self, Role, WorkerHooks};
 use crate::unwind::catch;
 use crossbeam_channel::Sender;
 use guard::Guard;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use room::Room;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -135,6 +136,8 @@ struct Run {
     entries: usize,
     /// The watchdog has reported it.
     reported: bool,
+    /// The batch's generation (see `queue`).
+    gen: u64,
 }
 
 /// When `init` runs.
@@ -176,6 +179,8 @@ struct State<T> {
     seen: Option<Instant>,
     /// Since when the engine has been idle (the idle poll counts from here).
     idle_since: Option<Instant>,
+    /// The generation new entries join (`wait_idle` moves it on).
+    gen: u64,
 }
 
 impl<T> State<T> {
@@ -209,6 +214,12 @@ pub(crate) struct Store<T> {
     room: Room,
     stopping: Arc<AtomicBool>,
     heap: AtomicI64,
+    /// The number of idle workers (`State::idle`), written under the state lock,
+    /// read under the callers' lock by natural batching: a hand-over that sees
+    /// an idle worker moves the buffers into the queue at once. A worker counts
+    /// itself idle while it still holds the callers' lock (see `handout`), so a
+    /// hand-over either sees it idle or comes after it looked at the buffers.
+    idle_workers: AtomicUsize,
     /// Moves on whenever work is added (under the state lock); an idle worker
     /// spins on it a moment before it sleeps (see `handout`). Only a hint: the
     /// worker then looks under the lock.
@@ -222,6 +233,8 @@ pub(crate) struct Store<T> {
     pub(crate) reporter: Reporter<T>,
     rules: Option<Rules<T>>,
     weigher: Option<Weigher<T>>,
+    observer: Option<BatchObserver>,
+    pub(crate) workers: WorkerHooks,
 }
 
 /// A lock on cache lines of its own: the callers' lock and the workers' lock
@@ -241,6 +254,8 @@ pub(crate) struct Parts<T> {
     pub(crate) reporter: Reporter<T>,
     pub(crate) rules: Option<Rules<T>>,
     pub(crate) weigher: Option<Weigher<T>>,
+    pub(crate) observer: Option<BatchObserver>,
+    pub(crate) workers: WorkerHooks,
 }
 
 impl<T: Send + 'static> Store<T> {
@@ -262,6 +277,7 @@ impl<T: Send + 'static> Store<T> {
             to_wake: 0,
             seen: None,
             idle_since: None,
+            gen: 0,
         };
         Store {
             born: config.clock.now(),
@@ -274,12 +290,31 @@ impl<T: Send + 'static> Store<T> {
             stopping: Arc::new(AtomicBool::new(false)),
             heap: AtomicI64::new(0),
             work_added: AtomicU64::new(0),
+            idle_workers: AtomicUsize::new(0),
             nudge,
             config,
             id,
             reporter: parts.reporter,
             rules: parts.rules,
             weigher: parts.weigher,
+            observer: parts.observer,
+            workers: parts.workers,
+        }
+    }
+
+    /// Whether a batch's record is looked at (an observer, or a feature).
+    pub(crate) fn watched(&self) -> bool {
+        self.observer.is_some() || cfg!(feature = "metrics") || cfg!(feature = "tracing")
+    }
+
+    /// Shows a batch's record to the observers (user code: contained).
+    pub(crate) fn observe(&self, record: BatchRecord) {
+        #[cfg(feature = "metrics")]
+        crate::observe::record_metrics(&record);
+        if let Some(observer) = &self.observer {
+            if let Err(msg) = catch(|| observer(&record)) {
+                log::error!("{}: batch observer panicked: {msg}", self.config.name);
+            }
         }
     }
 
@@ -512,10 +547,16 @@ impl<T: Send + 'static> Store<T> {
         let batch = self.config.max_batch_size;
         intake.put(entries, priority, batch, || self.clock().now());
         self.add_heap(heap);
-        if !(self.config.auto_flush() && intake.len() >= batch) {
+        let now = if self.config.natural() {
+            // A free worker takes whatever there is, or a full batch is ready.
+            intake.len() >= batch || self.idle_workers.load(Ordering::SeqCst) > 0
+        } else {
+            self.config.auto_flush() && intake.len() >= batch
+        };
+        if !now {
             return Ok(());
         }
-        // A full batch: into the queue now, from this thread.
+        // Into the queue now, from this thread.
         let mut st = self.lock();
         let overflow = self.queue_intake(intake, &mut st);
         let wakes = std::mem::take(&mut st.to_wake);
@@ -539,6 +580,7 @@ impl<T: Send + 'static> Store<T> {
         self.add_heap(heap);
         let mut st = self.lock();
         drop(intake); // admitted: the state lock is enough now
+        st.counters.accepted += entries.len() as u64;
         let now = self.clock().now();
         let overflow = if self.config.enforced() {
             match priority {
@@ -626,6 +668,7 @@ impl<T: Send + 'static> Store<T> {
             oldest_wait: oldest,
             stuck_runs: c.stuck,
             init_runs: st.init.runs,
+            accepted: intake.accepted + c.accepted,
             blocked_callers: self.room.waiting(),
         }
     }
@@ -636,6 +679,7 @@ impl<T: Send + 'static> Store<T> {
         let shed = st.queue.shrink().map_err(|_| ShrinkError::MinimumSize)?;
         st.counters.overflow_shrink += shed.len() as u64;
         st.init.shed = true;
+        self.wake_watchers(&mut st);
         drop(st);
         self.report(shed, OverflowReason::Shrink);
         Ok(())
@@ -702,6 +746,7 @@ impl<T: Send + 'static> Feed<T> for Store<T> {
         }
         let mut st = self.lock();
         drop(intake);
+        st.counters.accepted += chunk.len() as u64;
         if st.phase == Phase::Finished {
             st.counters.overflow_shutdown += chunk.len() as u64;
             drop(st);

@@ -263,8 +263,10 @@ impl<T: Clone + Ord + std::fmt::Debug + Send + 'static> Books<T> {
     pub fn ran<S>(&self, batch: &[T], outcome: &Outcome<T, S>) {
         let again: &[T] = match outcome {
             Outcome::Ok | Outcome::OkWithState(_) => &[],
-            Outcome::Retry => batch,
-            Outcome::RetryEntries(v) | Outcome::RetryEntriesWithState(v, _) => v,
+            Outcome::Retry | Outcome::Fail(_) => batch,
+            Outcome::RetryEntries(v)
+            | Outcome::RetryEntriesWithState(v, _)
+            | Outcome::FailEntries(v, _) => v,
         };
         let mut left: Vec<Option<&T>> = batch.iter().map(Some).collect();
         let mut new = Vec::new();
