@@ -12,6 +12,10 @@ use buffered_task::Batching;
 use common::*;
 use std::time::Duration;
 
+fn rayon_threads() -> usize {
+    buffered_task::rayon::current_num_threads()
+}
+
 fn main() {
     let scale: f64 = std::env::var("BENCH_SCALE")
         .ok()
@@ -21,22 +25,29 @@ fn main() {
 
     // In a fresh child process: RSS growth is only meaningful where no earlier
     // workload left freed memory behind for the allocator to reuse.
-    if std::env::args().any(|a| a == "--memory-only") {
-        let v = memory_crate(n(10_000_000), 1000);
+    if let Some(which) = std::env::args().find(|a| a.starts_with("--memory")) {
+        let v = memory_with(n(10_000_000), 1000, which == "--memory-dedup");
         println!("{}", v.map_or("null".into(), |v| format!("{v:.3}")));
         return;
     }
-    let bytes_per_u64: Option<f64> = std::process::Command::new(std::env::current_exe().unwrap())
-        .arg("--memory-only")
-        .output()
-        .ok()
-        .and_then(|out| String::from_utf8(out.stdout).ok())
-        .and_then(|s| s.trim().parse().ok());
+    let memory = |flag: &str| -> Option<f64> {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .arg(flag)
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+    };
+    let bytes_per_u64 = memory("--memory-only");
+    let bytes_per_u64_dedup = memory("--memory-dedup");
 
     let bulk_n = n(20_000_000);
     let bulk_c = bulk_crate(bulk_n, 1000, 500, 2);
     let bulk_b = bulk_baseline(bulk_n, 1000, 500, 2);
     let (bulk_nat, nat_mean) = bulk_crate_with(bulk_n, 1000, 500, 2, Batching::Natural);
+    let dedup_n = n(2_000_000);
+    let bulk_dd = bulk_dedup(dedup_n, 1000, 500, 2);
+    let bulk_nodd = bulk_crate(dedup_n, 1000, 500, 2);
 
     let single_n = n(4_000_000);
     let cpu0 = process_cpu();
@@ -53,6 +64,12 @@ fn main() {
     let retry_n = n(2_000_000);
     let retry_c = retry_crate(retry_n, 100, 2);
     let retry_b = retry_baseline(retry_n, 100, 2);
+
+    let cpu_n = n(200_000);
+    let cpu_alone = cpu_crate(cpu_n, 500, 1, false);
+    let cpu_rayon = cpu_crate(cpu_n, 500, 1, true);
+    let cpu_limit = cpu_par_iter(cpu_n);
+    let per_entry_us = cpu_limit.as_secs_f64() * 1e6 * rayon_threads() as f64 / cpu_n as f64;
 
     let interval = Duration::from_millis(10);
     let (mut full, mut partial) = latency_crate(2000, interval, 500);
@@ -83,6 +100,11 @@ fn main() {
         Some(meps(bulk_n, bulk_c)),
     );
     row(
+        "bulk, dedup on (2 M, all keys new)",
+        meps(dedup_n, bulk_dd),
+        Some(meps(dedup_n, bulk_nodd)),
+    );
+    row(
         "single: 4 producers, 1 per call",
         meps(single_n, single_c),
         Some(meps(single_n, single_b)),
@@ -93,7 +115,20 @@ fn main() {
         meps(retry_n, retry_c),
         Some(meps(retry_n, retry_b)),
     );
+    row(
+        "cpu work: engine, rayon inside",
+        meps(cpu_n, cpu_rayon),
+        Some(meps(cpu_n, cpu_alone)),
+    );
+    row(
+        "cpu work: plain par_iter (limit)",
+        meps(cpu_n, cpu_limit),
+        Some(meps(cpu_n, cpu_rayon)),
+    );
     println!();
+    println!(
+        "cpu work: {per_entry_us:.1} µs per entry; 1 worker; the ratio columns: rayon inside / engine alone, then limit / rayon inside"
+    );
     println!(
         "single: producer CPU per buffer_one call: {}",
         cpu_ns.map_or("n/a".into(), |v| format!("{v:.0} ns"))
@@ -106,11 +141,12 @@ fn main() {
         interval.as_millis()
     );
     println!(
-        "memory: {} bytes per queued u64 (RSS)",
-        bytes_per_u64.map_or("n/a".into(), |v| format!("{v:.2}"))
+        "memory: {} bytes per queued u64 (RSS); with dedup on: {}",
+        bytes_per_u64.map_or("n/a".into(), |v| format!("{v:.2}")),
+        bytes_per_u64_dedup.map_or("n/a".into(), |v| format!("{v:.2}"))
     );
     println!(
-        "{{\"bulk\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2},\"natural_meps\":{:.2},\"natural_mean_batch\":{:.1}}},\"single\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2},\"cpu_ns_per_call\":{},\"process_cpu_ns_per_call\":{}}},\"init\":{{\"crate_meps\":{:.2}}},\"retry\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2}}},\"latency\":{{\"full_batch_p50_us\":{:.1},\"full_batch_p99_us\":{:.1},\"idle_single_p50_us\":{:.1},\"idle_single_p99_us\":{:.1},\"partial_p99_us\":{:.1},\"partial_over_tick_p99_us\":{:.1}}},\"memory\":{{\"bytes_per_u64\":{}}},\"scale\":{}}}",
+        "{{\"bulk\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2},\"natural_meps\":{:.2},\"natural_mean_batch\":{:.1}}},\"single\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2},\"cpu_ns_per_call\":{},\"process_cpu_ns_per_call\":{}}},\"init\":{{\"crate_meps\":{:.2}}},\"retry\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2}}},\"latency\":{{\"full_batch_p50_us\":{:.1},\"full_batch_p99_us\":{:.1},\"idle_single_p50_us\":{:.1},\"idle_single_p99_us\":{:.1},\"partial_p99_us\":{:.1},\"partial_over_tick_p99_us\":{:.1}}},\"memory\":{{\"bytes_per_u64\":{},\"bytes_per_u64_dedup\":{}}},\"dedup\":{{\"bulk_meps\":{:.2},\"bulk_off_meps\":{:.2}}},\"rayon\":{{\"engine_meps\":{:.3},\"engine_rayon_meps\":{:.3},\"par_iter_meps\":{:.3},\"work_us\":{:.2}}},\"scale\":{}}}",
         meps(bulk_n, bulk_c),
         meps(bulk_n, bulk_b),
         meps(bulk_n, bulk_nat),
@@ -129,6 +165,13 @@ fn main() {
         partial_p99,
         over_tick_p99,
         bytes_per_u64.map_or("null".into(), |v| format!("{v:.2}")),
+        bytes_per_u64_dedup.map_or("null".into(), |v| format!("{v:.2}")),
+        meps(dedup_n, bulk_dd),
+        meps(dedup_n, bulk_nodd),
+        meps(cpu_n, cpu_alone),
+        meps(cpu_n, cpu_rayon),
+        meps(cpu_n, cpu_limit),
+        per_entry_us,
         scale
     );
 }

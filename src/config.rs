@@ -1,6 +1,7 @@
 //! The builder: every option with its documented default, validated at start.
 
 use crate::clock::{Clock, ManualClock};
+use crate::dedup::{KeyTable, Table};
 use crate::engine;
 use crate::error::BuildError;
 use crate::handle::Handle;
@@ -52,6 +53,7 @@ pub struct Builder<K: Task> {
     dead_letter: Option<DeadLetterHandler<K::Entry>>,
     observer: Option<BatchObserver>,
     workers: WorkerHooks,
+    dedup: Option<Box<dyn Table<K::Entry>>>,
 }
 
 impl<K: Task> Builder<K> {
@@ -72,6 +74,7 @@ impl<K: Task> Builder<K> {
                 run_deadline: None,
                 clock: Clock::System,
                 batching: Batching::Ticked,
+                adaptive: None,
             },
             overflow: None,
             weigher: None,
@@ -80,7 +83,38 @@ impl<K: Task> Builder<K> {
             dead_letter: None,
             observer: None,
             workers: WorkerHooks::default(),
+            dedup: None,
         }
+    }
+
+    /// Lets the number of batches running at once follow the backend, between
+    /// `range.start()` and `range.end()` (which becomes `max_concurrency`: one
+    /// worker thread per slot). It starts at the minimum and grows while runs
+    /// succeed and take no more than twice the best run time seen; it shrinks
+    /// by 10% when runs get slower than that, and by half when runs fail
+    /// (retry, error or panic). [`Stats::concurrency_limit`](crate::Stats::concurrency_limit)
+    /// shows where it stands. Default: off (`max_concurrency` batches may run).
+    /// An empty range or a zero minimum is rejected by `start`.
+    ///
+    /// ```
+    /// use buffered_task::{Builder, Outcome, Task};
+    /// # struct T; impl Task for T { type Entry = u8; type State = ();
+    /// #   fn run(&self, _: &[u8], _: &()) -> Outcome<u8, ()> { Outcome::Ok } }
+    /// let handle = Builder::new(T, ())
+    ///     .max_batch_size(1)
+    ///     .adaptive_concurrency(2..=16) // 16 worker threads, 2 slots to start
+    ///     .start()?;
+    /// assert_eq!(handle.stats().concurrency_limit, 2);
+    /// handle.push_back((0..100).collect())?;
+    /// handle.shutdown_drain()?;
+    /// assert!(handle.stats().concurrency_limit > 2); // 100 quick successes
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn adaptive_concurrency(mut self, range: std::ops::RangeInclusive<usize>) -> Self {
+        let (min, max) = range.into_inner();
+        self.config.adaptive = Some((min, max));
+        self.config.max_concurrency = max;
+        self
     }
 
     /// Most entries per `run` call. Default 100; 0 is rejected by `start`. Any
@@ -238,6 +272,38 @@ impl<K: Task> Builder<K> {
         self
     }
 
+    /// Drops an entry whose key is already waiting (buffered, queued or
+    /// retrying): it is not queued again. The dropped entry is counted in
+    /// [`Stats::deduplicated`](crate::Stats::deduplicated) and handed to the
+    /// overflow handler as [`OverflowReason::Duplicate`]. A front-priority
+    /// entry whose key is waiting goes to the front and the waiting one is
+    /// dropped instead: the work moves to the front. An entry handed over while
+    /// one with its key *runs* is queued again (the running one may have read
+    /// old data). The key function is called outside every lock; a panic in it
+    /// keeps the entry, as if it had no key. Default: no de-duplication.
+    ///
+    /// ```
+    /// use buffered_task::{Builder, FlushInterval, Outcome, Priority, Task};
+    /// # struct T; impl Task for T { type Entry = (u64, String); type State = ();
+    /// #   fn run(&self, _: &[(u64, String)], _: &()) -> Outcome<(u64, String), ()> { Outcome::Ok } }
+    /// let handle = Builder::new(T, ())
+    ///     .flush_interval(FlushInterval::Never)
+    ///     .dedup_by_key(|(block, _source): &(u64, String)| *block)
+    ///     .start()?;
+    /// handle.buffer(vec![(7, "head".into()), (7, "reorg".into())], Priority::Back)?;
+    /// assert_eq!(handle.stats().buffered, 1);
+    /// assert_eq!(handle.stats().deduplicated, 1);
+    /// # handle.shutdown_drain()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn dedup_by_key<Q>(mut self, key: impl Fn(&K::Entry) -> Q + Send + Sync + 'static) -> Self
+    where
+        Q: std::hash::Hash + Eq + Send + Sync + 'static,
+    {
+        self.dedup = Some(Box::new(KeyTable::new(Box::new(key))));
+        self
+    }
+
     /// Runs `hook` with the worker's index (0-based) on each worker thread
     /// before its first batch: e.g. to open one database connection per worker,
     /// kept where `run` finds it by [`worker_index`](crate::worker_index).
@@ -342,6 +408,11 @@ impl<K: Task> Builder<K> {
         if c.max_concurrency > MAX_CONCURRENCY {
             return Err(BuildError::TooManyWorkers(c.max_concurrency));
         }
+        if let Some((min, max)) = c.adaptive {
+            if min == 0 || min > max {
+                return Err(BuildError::ConcurrencyRange(min, max));
+            }
+        }
         if c.flush_interval == FlushInterval::Every(Duration::ZERO) {
             return Err(BuildError::ZeroFlushInterval);
         }
@@ -376,6 +447,7 @@ impl<K: Task> Builder<K> {
             dead_letter,
             observer,
             workers,
+            dedup,
         } = self;
         if config.max_queue_len.is_none() {
             config.overflow_policy = OverflowPolicy::DropNewest;
@@ -386,6 +458,7 @@ impl<K: Task> Builder<K> {
             weigher,
             observer,
             workers,
+            dedup,
         };
         let handle = Handle::new(engine::start(task, state, config, parts)?);
         if let Some(monitor) = monitor {

@@ -25,6 +25,8 @@ pub enum BuildError {
     /// `max_concurrency` was above [`MAX_CONCURRENCY`](crate::MAX_CONCURRENCY):
     /// each slot is a thread, started at once.
     TooManyWorkers(usize),
+    /// The range given to `adaptive_concurrency` was empty or started at zero.
+    ConcurrencyRange(usize, usize),
     /// The operating system refused to start one of the engine's threads.
     Spawn(std::io::Error),
     /// A memory monitor setting was out of range (see [`MonitorBuilder`](crate::MonitorBuilder)).
@@ -48,6 +50,10 @@ impl fmt::Display for BuildError {
                 f,
                 "max_concurrency {n} is above the maximum of {}",
                 crate::MAX_CONCURRENCY
+            ),
+            BuildError::ConcurrencyRange(min, max) => write!(
+                f,
+                "adaptive concurrency range {min}..={max} must start at 1 or more and not be empty"
             ),
             BuildError::Spawn(err) => write!(f, "could not start a thread: {err}"),
             BuildError::Monitor(what) => write!(f, "invalid memory monitor setting: {what}"),

@@ -196,6 +196,30 @@
 //! started is joined, except one still inside a `run` or an `init` when a
 //! shutdown deadline passes, which is let go.
 //!
+//! # Options for busy services
+//!
+//! Each has a runnable example on its method:
+//!
+//! - [`Builder::batching`] with [`Batching::Natural`]: a free worker takes
+//!   whatever is buffered at once; under load, batches fill by themselves.
+//! - [`Handle::wait_idle`]: wait until everything handed over so far has left
+//!   the engine (a "force flush"), without stopping it.
+//! - [`Builder::on_batch`]: a [`BatchRecord`] per run (size, wait, run time,
+//!   how it ended, the error); with the `metrics` feature, counters, gauges and
+//!   histograms through the `metrics` facade; with `tracing`, a span per run;
+//!   with `serde`, the stats and records serialize.
+//! - [`Outcome::Fail`] and [`Outcome::FailEntries`]: failures that carry an
+//!   error to the logs, the observer and the dead-letter handler
+//!   ([`DeadLetterReason::Failed`]); `Result<(), E>` converts into an outcome.
+//! - [`Builder::on_worker_start`] / [`Builder::on_worker_stop`] (with
+//!   [`worker_index`]), [`Builder::worker_name`], [`Builder::worker_stack_size`].
+//! - `par_each` (the `rayon` feature, on by default): per-entry CPU work inside
+//!   a batch on a rayon pool, retrying only the entries that fail.
+//! - [`Builder::dedup_by_key`]: an entry whose key already waits is not queued
+//!   again.
+//! - [`Builder::adaptive_concurrency`]: how many batches run at once follows
+//!   the backend (AIMD).
+//!
 //! # Calls from inside the engine
 //!
 //! `run`, `init` and the handlers may call any method of the engine's own
@@ -291,9 +315,11 @@
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
+mod adaptive;
 mod clock;
 mod config;
 mod coordinator;
+mod dedup;
 mod engine;
 mod error;
 mod fault;
@@ -302,6 +328,8 @@ mod intake;
 mod monitor;
 mod observe;
 mod overflow;
+#[cfg(feature = "rayon")]
+mod par;
 mod pool;
 mod queue;
 mod retry;
@@ -326,6 +354,11 @@ pub use monitor::{
 };
 pub use observe::{BatchKind, BatchObserver, BatchRecord};
 pub use overflow::{OverflowHandler, OverflowPolicy, OverflowReason, Weigher};
+#[cfg(feature = "rayon")]
+pub use par::{par_each, par_each_in};
+/// The rayon this crate's `par_each` uses (the `rayon` feature, on by default).
+#[cfg(feature = "rayon")]
+pub use rayon;
 pub use retry::{DeadLetterHandler, DeadLetterReason, RetryPolicy};
 pub use settings::{Batching, FlushInterval, MAX_CONCURRENCY};
 pub use shutdown::ShutdownReport;

@@ -21,6 +21,9 @@ pub enum OverflowReason {
     /// without a shutdown, a run that outlived a shutdown deadline handed them
     /// back, or the engine stopped after an internal failure.
     Shutdown,
+    /// Under [`Builder::dedup_by_key`](crate::Builder::dedup_by_key), an entry
+    /// with the same key was already waiting.
+    Duplicate,
 }
 
 impl std::fmt::Display for OverflowReason {
@@ -29,6 +32,7 @@ impl std::fmt::Display for OverflowReason {
             OverflowReason::Full => "queue full",
             OverflowReason::Shrink => "shrink",
             OverflowReason::Shutdown => "engine stopped",
+            OverflowReason::Duplicate => "duplicate key",
         })
     }
 }

@@ -25,6 +25,7 @@ use crate::unwind::{catch, drop_quietly};
 use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The state every call sees: a worker whose `run` returns a new state installs
 /// it before settling, so every batch that starts afterwards sees it.
@@ -76,9 +77,9 @@ pub(crate) fn worker<K: Task>(
     store: &Store<K::Entry>,
 ) {
     hook(store, w, store.workers.start.as_ref(), "on_worker_start");
-    let mut done = Done::Nothing;
-    while let Some(job) = store.take(w, done) {
-        done = run_one(w, &*task, &state, store, job);
+    let mut last = (Done::Nothing, None);
+    while let Some(job) = store.take(w, last.0, last.1) {
+        last = run_one(w, &*task, &state, store, job);
     }
     hook(store, w, store.workers.stop.as_ref(), "on_worker_stop");
     drop_quietly("the task", task);
@@ -100,43 +101,55 @@ fn hook<T: Send + 'static>(
 }
 
 /// Runs one batch (contained), settles its outcome and shows it to the
-/// observers.
+/// observers; returns how it ended and, when something needs it, how long the
+/// run took.
 fn run_one<K: Task>(
     w: usize,
     task: &K,
     state: &StateSlot<K::State>,
     store: &Store<K::Entry>,
     job: Job<K::Entry>,
-) -> Done<K::Entry> {
+) -> (Done<K::Entry>, Option<Duration>) {
+    let (entries, attempts) = store.drop_stale(job.entries, job.attempts);
+    if entries.is_empty() {
+        return (Done::Ok(0), None); // every entry was superseded
+    }
+    let job = Job {
+        entries,
+        attempts,
+        since: job.since,
+    };
     let mut holding = Holding {
         store,
         worker: w,
         job: Some(job),
     };
     let Some(job) = holding.job.as_ref() else {
-        return Done::Nothing;
+        return (Done::Nothing, None);
     };
     store.unweigh(&job.entries);
     fault::hit(store.name(), "worker");
     let watch = store.watched().then(|| Watch::start(store, w, job));
+    let started = store.adaptive().then(|| store.clock().now());
     let current = state.current();
     let outcome = {
         #[cfg(feature = "tracing")]
         let _span = watch.as_ref().map(|w| w.span.clone().entered());
         catch(|| task.run(&job.entries, &current))
     };
+    let took = started.map(|t| store.clock().now().saturating_duration_since(t));
     drop_quietly("the state", current);
     let Some(Job {
         entries, attempts, ..
     }) = holding.job.take()
     else {
-        return Done::Nothing;
+        return (Done::Nothing, None);
     };
     let done = finish_run(store, state, entries, attempts, outcome);
     if let Some(watch) = watch {
         store.observe(watch.finish(store, &done));
     }
-    done
+    (done, took)
 }
 
 /// What the observers are told of a run, gathered around it.
@@ -246,12 +259,9 @@ fn finish_run<T: Send + 'static, S>(
         Ok(Outcome::FailEntries(list, error)) => Failed::These(list, Some(error)),
         Err(msg) => Failed::Panicked(msg),
     };
-    Done::Failed(Box::new(retry::settle(
-        entries,
-        attempts,
-        failed,
-        store.rules(),
-    )))
+    let mut settled = retry::settle(entries, attempts, failed, store.rules());
+    store.readmit(&mut settled);
+    Done::Failed(Box::new(settled))
 }
 
 /// A batch done: dropped (contained), its size returned.

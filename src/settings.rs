@@ -58,6 +58,9 @@ pub(crate) struct Config {
     pub(crate) run_deadline: Option<Duration>,
     pub(crate) clock: Clock,
     pub(crate) batching: Batching,
+    /// Adaptive concurrency between these (min, max); `max` is
+    /// `max_concurrency`.
+    pub(crate) adaptive: Option<(usize, usize)>,
 }
 
 impl Config {

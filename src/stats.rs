@@ -62,6 +62,14 @@ pub struct Stats {
     pub stuck_runs: u64,
     /// `init` runs that have returned (the first, and each poll).
     pub init_runs: u64,
+    /// How many batches may run at once now: `max_concurrency`, or under
+    /// [`adaptive_concurrency`](crate::Builder::adaptive_concurrency) the limit
+    /// it has found.
+    pub concurrency_limit: usize,
+    /// Entries dropped as duplicates under
+    /// [`dedup_by_key`](crate::Builder::dedup_by_key) (a waiting entry had the
+    /// same key).
+    pub deduplicated: u64,
     /// Entries the engine has taken: hand-overs, pushes, `init` chunks, and
     /// new entries returned by runs.
     pub accepted: u64,

@@ -35,6 +35,21 @@ pub trait Task: Send + Sync + 'static {
     fn run(&self, batch: &[Self::Entry], state: &Self::State) -> Outcome<Self::Entry, Self::State>;
 }
 
+/// A shared task is a task: keep an `Arc` of it for a hook, a handler or your
+/// own threads, and give the engine a clone.
+impl<K: Task> Task for Arc<K> {
+    type Entry = K::Entry;
+    type State = K::State;
+
+    fn init(&self, sink: &mut Sink<Self::Entry>, state: &Self::State) {
+        (**self).init(sink, state)
+    }
+
+    fn run(&self, batch: &[Self::Entry], state: &Self::State) -> Outcome<Self::Entry, Self::State> {
+        (**self).run(batch, state)
+    }
+}
+
 /// What a [`Task::run`] call asks the engine to do next.
 ///
 /// A run that fails with an error says so with [`Outcome::Fail`] or

@@ -85,15 +85,36 @@ pub fn engine_with<K: Task>(
     state: K::State,
     batching: Batching,
 ) -> Handle<K::Entry> {
+    builder(task, batch, conc, state)
+        .batching(batching)
+        .start()
+        .expect("valid settings")
+}
+
+pub fn builder<K: Task>(task: K, batch: usize, conc: usize, state: K::State) -> Builder<K> {
     Builder::new(task, state)
         .name("bench")
         .max_batch_size(batch)
         .max_concurrency(conc)
         .flush_interval(Duration::from_millis(10))
-        .batching(batching)
         .poll(false)
+}
+
+/// Bulk with key de-duplication on (every key distinct: all the cost, no drop).
+pub fn bulk_dedup(total: u64, chunk: u64, batch: usize, conc: usize) -> Duration {
+    let (task, count) = Sum::new(0);
+    let handle = builder(task, batch, conc, ())
+        .dedup_by_key(|e: &u64| *e)
         .start()
-        .expect("valid settings")
+        .unwrap();
+    let start = Instant::now();
+    for entries in chunks(total, chunk) {
+        handle.buffer(entries, Priority::Back).unwrap();
+    }
+    handle.shutdown_drain().unwrap();
+    let elapsed = start.elapsed();
+    assert_eq!(count.load(Ordering::Relaxed), total);
+    elapsed
 }
 
 // ---------------------------------------------------------------------------
@@ -429,8 +450,13 @@ pub fn latency_natural(samples: usize) -> Vec<f64> {
     lone
 }
 
-/// Resident bytes per queued u64 with `total` entries queued (measured from RSS).
+/// Resident bytes per queued u64 with `total` entries queued (measured from
+/// RSS), with or without key de-duplication.
 pub fn memory_crate(total: u64, chunk: u64) -> Option<f64> {
+    memory_with(total, chunk, false)
+}
+
+pub fn memory_with(total: u64, chunk: u64, dedup: bool) -> Option<f64> {
     let (gate_tx, gate) = bounded::<()>(0);
     let (started_tx, started) = bounded::<()>(1);
     struct Held(Receiver<()>, Sender<()>);
@@ -443,13 +469,15 @@ pub fn memory_crate(total: u64, chunk: u64) -> Option<f64> {
             Outcome::Ok
         }
     }
-    let handle = Builder::new(Held(gate, started_tx), ())
+    let mut builder = Builder::new(Held(gate, started_tx), ())
         .max_batch_size(500)
         .max_concurrency(1)
         .flush_interval(Duration::from_millis(10))
-        .poll(false)
-        .start()
-        .unwrap();
+        .poll(false);
+    if dedup {
+        builder = builder.dedup_by_key(|e: &u64| *e);
+    }
+    let handle = builder.start().unwrap();
     handle.push_back(vec![0]).unwrap(); // hold the one worker
     started.recv().unwrap();
     let before = rss();
@@ -504,4 +532,73 @@ pub fn percentile(samples: &mut [f64], p: f64) -> f64 {
 
 pub fn meps(entries: u64, d: Duration) -> f64 {
     entries as f64 / d.as_secs_f64() / 1e6
+}
+
+// ---------------------------------------------------------------------------
+// CPU work inside batches: the engine alone, the engine with rayon inside each
+// batch, and a plain rayon `par_iter` over the same entries (the limit).
+
+/// About 2 µs of CPU work for one entry on the machine this was written on
+/// (a mixing loop the optimiser cannot skip).
+pub fn cpu_work(entry: u64) -> u64 {
+    let mut h = entry ^ 0x9E37_79B9_7F4A_7C15;
+    for i in 0..600u64 {
+        h = (h ^ i).wrapping_mul(0x100_0000_01B3).rotate_left(17);
+    }
+    std::hint::black_box(h)
+}
+
+/// Runs `cpu_work` on every entry of each batch, on the worker or on rayon.
+pub struct Crunch {
+    pub count: Arc<AtomicU64>,
+    pub rayon: bool,
+}
+
+impl Task for Crunch {
+    type Entry = u64;
+    type State = ();
+    fn run(&self, batch: &[u64], _: &()) -> Outcome<u64, ()> {
+        let outcome = if self.rayon {
+            buffered_task::par_each(batch, |&e| {
+                cpu_work(e);
+                Ok::<(), std::convert::Infallible>(())
+            })
+        } else {
+            for &e in batch {
+                cpu_work(e);
+            }
+            Outcome::Ok
+        };
+        self.count.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        outcome
+    }
+}
+
+/// Entries with CPU work through an engine of `conc` workers, with or without
+/// rayon inside the batches.
+pub fn cpu_crate(total: u64, batch: usize, conc: usize, rayon: bool) -> Duration {
+    let count = Arc::new(AtomicU64::new(0));
+    let task = Crunch {
+        count: count.clone(),
+        rayon,
+    };
+    let handle = engine(task, batch, conc, ());
+    let start = Instant::now();
+    for entries in chunks(total, batch as u64) {
+        handle.buffer(entries, Priority::Back).unwrap();
+    }
+    handle.shutdown_drain().unwrap();
+    let elapsed = start.elapsed();
+    assert_eq!(count.load(Ordering::Relaxed), total);
+    elapsed
+}
+
+/// The same CPU work as a plain rayon `par_iter` over all the entries.
+pub fn cpu_par_iter(total: u64) -> Duration {
+    use buffered_task::rayon::prelude::*;
+    let entries: Vec<u64> = (0..total).collect();
+    let start = Instant::now();
+    let sum: u64 = entries.par_iter().map(|&e| cpu_work(e)).sum();
+    std::hint::black_box(sum);
+    start.elapsed()
 }

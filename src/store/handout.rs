@@ -8,7 +8,7 @@ use crate::overflow::OverflowReason;
 use crate::retry::Settled;
 use crate::unwind::drop_quietly;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A worker out of work looks again this many times before it sleeps: first
 /// spinning `1, 2, 4, … 2^(SPIN_DOUBLINGS-1)` times, then yielding its core.
@@ -71,16 +71,17 @@ impl<T: Send + 'static> Store<T> {
     ///
     /// A failed batch's entries go back in the same step that takes the next
     /// batch, so a retried batch is not merged with one that fails just after it.
-    pub(crate) fn take(&self, w: usize, done: Done<T>) -> Option<Job<T>> {
-        let job = self.take_locked(w, done);
+    /// `took`: how long the last run took, when adaptive concurrency needs it.
+    pub(crate) fn take(&self, w: usize, done: Done<T>, took: Option<Duration>) -> Option<Job<T>> {
+        let job = self.take_locked(w, done, took);
         if job.is_some() && self.config.enforced() {
             self.room.open(); // the batch left the waiting set
         }
         job
     }
 
-    fn take_locked(&self, w: usize, done: Done<T>) -> Option<Job<T>> {
-        let (mut st, leftovers) = self.account(w, done);
+    fn take_locked(&self, w: usize, done: Done<T>, took: Option<Duration>) -> Option<Job<T>> {
+        let (mut st, leftovers) = self.account(w, done, took);
         self.wake_watchers(&mut st);
         let job = self.start_next(&mut st, w);
         if let Some(leftovers) = leftovers {
@@ -146,7 +147,12 @@ impl<T: Send + 'static> Store<T> {
 
     /// Ends worker `w`'s run and accounts how it went; returns the state lock
     /// and, for a failure, what is left to report.
-    fn account(&self, w: usize, done: Done<T>) -> (Guard<'_, T>, Option<Leftovers<T>>) {
+    fn account(
+        &self,
+        w: usize,
+        done: Done<T>,
+        took: Option<Duration>,
+    ) -> (Guard<'_, T>, Option<Leftovers<T>>) {
         // Weighed before the lock: the weigher is user code.
         let heap = match &done {
             Done::Failed(s) => self.weigh_back(s),
@@ -167,6 +173,17 @@ impl<T: Send + 'static> Store<T> {
             _ => st.gen,
         };
         st.end_run(w, Slot::Free);
+        let sampled = match (took, st.aimd.as_mut()) {
+            (Some(took), Some(aimd)) => Some(aimd.sample(took, matches!(done, Done::Ok(_)))),
+            _ => None,
+        };
+        if let Some(limit) = sampled {
+            let grew = limit > st.limit;
+            st.limit = limit;
+            if grew {
+                self.wake_workers(&mut st); // room for more runs
+            }
+        }
         let leftovers = match done {
             Done::Nothing => None,
             Done::Ok(n) => {
@@ -217,7 +234,7 @@ impl<T: Send + 'static> Store<T> {
 
     /// Takes a batch for worker `w` if one may start now.
     fn start_next(&self, st: &mut State<T>, w: usize) -> Option<Job<T>> {
-        if st.phase >= Phase::Halted {
+        if st.phase >= Phase::Halted || st.running >= st.limit {
             return None;
         }
         let (job, gen) = self.next_batch(st)?;

@@ -156,6 +156,9 @@ impl<T: Send + 'static> Store<T> {
         }
         unprocessed.extend(back.into_iter().flatten());
         st.queue.release_memory();
+        if let Some(table) = &self.dedup {
+            table.clear();
+        }
         let mut running = 0;
         let mut busy = Vec::new();
         for (w, slot) in st.slots.iter().enumerate() {

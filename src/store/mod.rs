@@ -73,6 +73,7 @@
 
 mod guard;
 mod handout;
+mod keys;
 mod life;
 mod room;
 mod timers;
@@ -81,7 +82,9 @@ pub(crate) use handout::{Done, Job};
 pub(crate) use life::Close;
 pub(crate) use timers::InitDecision;
 
+use crate::adaptive::Aimd;
 use crate::clock::{Clock, Listener};
+use crate::dedup::Table;
 use crate::error::{ControlError, ShrinkError};
 use crate::intake::{admit, Admit, Entries, Intake};
 use crate::observe::{BatchObserver, BatchRecord};
@@ -181,6 +184,10 @@ struct State<T> {
     idle_since: Option<Instant>,
     /// The generation new entries join (`wait_idle` moves it on).
     gen: u64,
+    /// How many batches may run at once now (`max_concurrency`, or what
+    /// adaptive concurrency says).
+    limit: usize,
+    aimd: Option<Aimd>,
 }
 
 impl<T> State<T> {
@@ -235,6 +242,8 @@ pub(crate) struct Store<T> {
     weigher: Option<Weigher<T>>,
     observer: Option<BatchObserver>,
     pub(crate) workers: WorkerHooks,
+    /// Key de-duplication, if asked for (see `dedup`).
+    dedup: Option<Box<dyn Table<T>>>,
 }
 
 /// A lock on cache lines of its own: the callers' lock and the workers' lock
@@ -256,6 +265,7 @@ pub(crate) struct Parts<T> {
     pub(crate) weigher: Option<Weigher<T>>,
     pub(crate) observer: Option<BatchObserver>,
     pub(crate) workers: WorkerHooks,
+    pub(crate) dedup: Option<Box<dyn Table<T>>>,
 }
 
 impl<T: Send + 'static> Store<T> {
@@ -278,6 +288,11 @@ impl<T: Send + 'static> Store<T> {
             seen: None,
             idle_since: None,
             gen: 0,
+            limit: match config.adaptive {
+                Some((min, _)) => min,
+                None => config.max_concurrency,
+            },
+            aimd: config.adaptive.map(|(min, max)| Aimd::new(min, max)),
         };
         Store {
             born: config.clock.now(),
@@ -299,7 +314,13 @@ impl<T: Send + 'static> Store<T> {
             weigher: parts.weigher,
             observer: parts.observer,
             workers: parts.workers,
+            dedup: parts.dedup,
         }
+    }
+
+    /// Whether runs are timed for adaptive concurrency.
+    pub(crate) fn adaptive(&self) -> bool {
+        self.config.adaptive.is_some()
     }
 
     /// Whether a batch's record is looked at (an observer, or a feature).
@@ -429,6 +450,9 @@ impl<T: Send + 'static> Store<T> {
     fn report(&self, entries: Vec<T>, reason: OverflowReason) {
         if !entries.is_empty() {
             self.unweigh(&entries);
+            if let Some(table) = &self.dedup {
+                table.left(&entries);
+            }
             self.reporter.overflow(entries, reason);
         }
     }
@@ -528,8 +552,9 @@ impl<T: Send + 'static> Store<T> {
         overflow
     }
 
-    /// `buffer` and friends: into the back or front buffer.
-    pub(crate) fn hand_over(
+    /// `buffer` and friends: into the back or front buffer (after the key
+    /// table, if any, has dropped duplicates: see `keys`).
+    fn hand_over_kept(
         &self,
         entries: Entries<T>,
         priority: Priority,
@@ -566,12 +591,9 @@ impl<T: Send + 'static> Store<T> {
         Ok(())
     }
 
-    /// `push_back` / `push_front`: straight into the queue.
-    pub(crate) fn push(
-        &self,
-        entries: Vec<T>,
-        priority: Priority,
-    ) -> Result<(), (Refusal, Vec<T>)> {
+    /// `push_back` / `push_front`: straight into the queue (after the key
+    /// table: see `keys`).
+    fn push_kept(&self, entries: Vec<T>, priority: Priority) -> Result<(), (Refusal, Vec<T>)> {
         let heap = self.weigh(&entries);
         let mut intake = self.intake.lock();
         if let Err(refusal) = self.admit(&mut intake, entries.len(), None) {
@@ -668,6 +690,8 @@ impl<T: Send + 'static> Store<T> {
             oldest_wait: oldest,
             stuck_runs: c.stuck,
             init_runs: st.init.runs,
+            concurrency_limit: st.limit,
+            deduplicated: self.dedup.as_ref().map_or(0, |t| t.dropped()),
             accepted: intake.accepted + c.accepted,
             blocked_callers: self.room.waiting(),
         }
@@ -732,6 +756,10 @@ impl<T: Send + 'static> Feed<T> for Store<T> {
     /// An `init` chunk: into the back of the queue. Under an enforced bound it
     /// waits for room first (unless the engine is stopping); it is never refused.
     fn feed(&self, chunk: Vec<T>) {
+        let chunk = self.drop_duplicates(chunk, Priority::Back);
+        if chunk.is_empty() {
+            return;
+        }
         let heap = self.weigh(&chunk);
         let mut intake = self.intake.lock();
         if self.config.enforced() {

@@ -1,0 +1,192 @@
+//! Key de-duplication: a key already waiting takes no second entry; a front
+//! duplicate moves the work to the front; a key that is running is queued
+//! again; the dropped entries are counted and reported.
+
+mod common;
+use buffered_task::{Builder, FlushInterval, Outcome, OverflowReason, Priority};
+use common::*;
+use crossbeam_channel::{unbounded, Receiver};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Entries are (key, tag); the key is the block number.
+type Entry = (u32, u32);
+
+/// An engine with one held worker, batch 1, de-duplicating by key; the
+/// duplicates land in the books as overflow.
+fn rig(
+    held: &Held<Entry>,
+    task: Script<Entry, ()>,
+) -> (buffered_task::Handle<Entry>, Receiver<OverflowReason>) {
+    let (tx, reasons) = unbounded();
+    let books = held.books.clone();
+    let handle = Builder::new(task, ())
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .dedup_by_key(|e: &Entry| e.0)
+        .overflow_handler(move |v, r| {
+            books.overflowed(&v);
+            tx.send(r).unwrap();
+        })
+        .start()
+        .unwrap();
+    (handle, reasons)
+}
+
+#[test]
+fn a_waiting_key_takes_no_second_entry() {
+    let (task, held) = held::<Entry>();
+    let (handle, reasons) = rig(&held, task);
+    let books = &held.books;
+    books.push_back(&handle, vec![(0, 0)]).unwrap();
+    recv(&held.started); // the worker is busy
+    books
+        .buffer(&handle, vec![(1, 0), (2, 0), (1, 1)], Priority::Back)
+        .unwrap(); // buffered
+    books.push_back(&handle, vec![(2, 1)]).unwrap(); // 2 waits in the buffers
+    handle.flush().unwrap();
+    books.push_back(&handle, vec![(1, 2), (3, 0)]).unwrap(); // 1 waits in the queue
+    assert_eq!(recv_n(&reasons, 3), vec![OverflowReason::Duplicate; 3]);
+    assert_eq!(handle.stats().deduplicated, 3);
+    held.gate.open();
+    let ran: Vec<Vec<Entry>> = recv_n(&held.ran, 4);
+    assert_eq!(
+        ran,
+        vec![vec![(0, 0)], vec![(1, 0)], vec![(2, 0)], vec![(3, 0)]]
+    );
+    books.finish(handle.shutdown_drain().unwrap());
+}
+
+#[test]
+fn a_front_duplicate_moves_the_work_to_the_front() {
+    let (task, held) = held::<Entry>();
+    let (handle, reasons) = rig(&held, task);
+    let books = &held.books;
+    books.push_back(&handle, vec![(0, 0)]).unwrap();
+    recv(&held.started);
+    books
+        .push_back(&handle, vec![(1, 0), (2, 0), (3, 0)])
+        .unwrap();
+    books.push_front(&handle, vec![(3, 1)]).unwrap();
+    held.gate.open();
+    let ran: Vec<Vec<Entry>> = recv_n(&held.ran, 4);
+    assert_eq!(
+        ran,
+        vec![vec![(0, 0)], vec![(3, 1)], vec![(1, 0)], vec![(2, 0)]]
+    );
+    assert_eq!(recv(&reasons), OverflowReason::Duplicate); // the old (3, 0)
+    books.finish(handle.shutdown_drain().unwrap());
+    assert_eq!(handle.stats().deduplicated, 1);
+}
+
+#[test]
+fn a_key_that_is_running_is_queued_again() {
+    let (task, held) = held::<Entry>();
+    let (handle, _reasons) = rig(&held, task);
+    let books = &held.books;
+    books.push_back(&handle, vec![(5, 0)]).unwrap();
+    recv(&held.started); // (5, 0) runs: it may have read old data
+    books.push_back(&handle, vec![(5, 1)]).unwrap();
+    books.push_back(&handle, vec![(5, 2)]).unwrap(); // waits behind (5, 1): dropped
+    held.gate.open();
+    assert_eq!(recv_n(&held.ran, 2), vec![vec![(5, 0)], vec![(5, 1)]]);
+    books.finish(handle.shutdown_drain().unwrap());
+    assert_eq!(handle.stats().deduplicated, 1);
+}
+
+#[test]
+fn a_retry_yields_to_a_newer_waiting_entry() {
+    let first = Arc::new(AtomicBool::new(true));
+    let gate = Gate::new();
+    let (g, f) = (gate.clone(), first.clone());
+    let (started_tx, started) = unbounded();
+    let (ran_tx, ran) = unbounded();
+    let mut task = Script::new(move |b: &[Entry], _: &()| {
+        started_tx.send(()).unwrap();
+        g.wait();
+        ran_tx.send(b.to_vec()).unwrap();
+        if f.swap(false, Ordering::SeqCst) {
+            Outcome::Retry
+        } else {
+            Outcome::Ok
+        }
+    });
+    let books = task.books();
+    let b = books.clone();
+    let handle = Builder::new(task, ())
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .dedup_by_key(|e: &Entry| e.0)
+        .overflow_handler(move |v, _| b.overflowed(&v))
+        .start()
+        .unwrap();
+    books.push_back(&handle, vec![(9, 0)]).unwrap();
+    recv(&started);
+    books.push_back(&handle, vec![(9, 1)]).unwrap(); // queued: (9, 0) is running
+    gate.open();
+    // (9, 0) asks for a retry, but (9, 1) waits: the retry is dropped.
+    assert_eq!(recv_n(&ran, 2), vec![vec![(9, 0)], vec![(9, 1)]]);
+    books.finish(handle.shutdown_drain().unwrap());
+    assert_eq!(handle.stats().deduplicated, 1);
+}
+
+#[test]
+fn a_refused_hand_over_hands_back_every_entry_in_order() {
+    let handle = Builder::new(Script::new(|_: &[Entry], _: &()| Outcome::Ok), ())
+        .flush_interval(FlushInterval::Never)
+        .dedup_by_key(|e: &Entry| e.0)
+        .start()
+        .unwrap();
+    let other = handle.clone();
+    handle.shutdown_drain().unwrap();
+    let err = other
+        .buffer(vec![(1, 0), (1, 1), (2, 0)], Priority::Back)
+        .unwrap_err();
+    assert_eq!(err.into_entries(), vec![(1, 0), (1, 1), (2, 0)]);
+    // And a live engine takes (1, _) again after the refusal.
+    let handle = Builder::new(Script::new(|_: &[Entry], _: &()| Outcome::Ok), ())
+        .max_queue_len(1)
+        .overflow_policy(buffered_task::OverflowPolicy::Reject)
+        .flush_interval(FlushInterval::Never)
+        .dedup_by_key(|e: &Entry| e.0)
+        .start()
+        .unwrap();
+    let err = handle
+        .buffer(vec![(1, 0), (2, 0)], Priority::Back)
+        .unwrap_err();
+    assert_eq!(err.into_entries(), vec![(1, 0), (2, 0)]);
+    handle.buffer(vec![(1, 1)], Priority::Back).unwrap();
+    assert_eq!(handle.stats().deduplicated, 0);
+    handle.shutdown_drain().unwrap();
+}
+
+#[test]
+fn a_key_function_that_panics_keeps_the_entry() {
+    quiet_panics();
+    let mut task = Script::new(|_: &[Entry], _: &()| Outcome::Ok);
+    let books = task.books();
+    let b = books.clone();
+    let handle = Builder::new(task, ())
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .overflow_handler(move |v, _| b.overflowed(&v))
+        .dedup_by_key(|e: &Entry| {
+            if e.1 == 666 {
+                panic!("deliberate: key");
+            }
+            e.0
+        })
+        .start()
+        .unwrap();
+    books
+        .buffer(&handle, vec![(1, 0), (1, 666), (1, 1)], Priority::Back)
+        .unwrap();
+    // (1, 666) has no key: kept; (1, 1) duplicates (1, 0).
+    assert_eq!(handle.stats().buffered, 2);
+    books.finish(handle.shutdown_drain().unwrap());
+    assert_eq!(handle.stats().processed, 2);
+}
