@@ -42,6 +42,7 @@ use std::time::Duration;
 /// handle.shutdown_drain()?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+#[must_use = "a builder does nothing until `start`"]
 pub struct Builder<K: Task> {
     task: K,
     state: K::State,

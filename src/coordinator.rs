@@ -10,7 +10,7 @@
 //!        │  flush tick due?         → store.tick()   (buffers → queue)  │
 //!        │  retries due?            → store.wake_retries()              │
 //!        │  run past its deadline?  → store.watch()  (logged, counted)  │
-//!        │  init: asked, or idle?   → store.init_decision() ── start ──▶│── requests ──▶ init thread
+//!        │  init: asked, or idle?   → store.init_decision(), request_init()│── (store) ──▶ init thread
 //!        │ then sleeps until the soonest timer or the next nudge         │
 //!        └───────────────────────────────────────────────────────────────┘
 //! ```
@@ -19,14 +19,16 @@
 //! previous one plus the interval; ticks missed while late are skipped, never
 //! bunched); `init` runs at start, whenever asked (`poll_now`), and, with `poll`
 //! on, when the engine goes idle: at once if the last run found entries or a
-//! shrink shed some, else once `idle_poll_delay` has passed. It exits when the
-//! store has finished, dropping the request channel so the init thread ends.
+//! shrink shed some, else once `idle_poll_delay` has passed since the engine
+//! went idle. It exits when the store has finished. (The store holds the
+//! init thread's request channel and drops it when it finishes, so that thread
+//! ends even while the coordinator is stuck in a handler.)
 
 use crate::clock::{self, sooner, Clock};
 use crate::fault;
 use crate::settings::FlushInterval;
 use crate::store::{InitDecision, Store};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,7 +58,6 @@ impl Ticker {
 pub(crate) struct Coordinator<T: Send + 'static> {
     store: Arc<Store<T>>,
     nudges: Receiver<()>,
-    init: Sender<()>,
     ticker: Option<Ticker>,
     poll_at: Option<Instant>,
     /// When the stats are next published (the `metrics` feature).
@@ -65,7 +66,7 @@ pub(crate) struct Coordinator<T: Send + 'static> {
 }
 
 impl<T: Send + 'static> Coordinator<T> {
-    pub(crate) fn new(store: Arc<Store<T>>, nudges: Receiver<()>, init: Sender<()>) -> Self {
+    pub(crate) fn new(store: Arc<Store<T>>, nudges: Receiver<()>) -> Self {
         let now = store.clock().now();
         let ticker = match store.config.flush_interval {
             FlushInterval::Every(period) => Some(Ticker {
@@ -77,7 +78,6 @@ impl<T: Send + 'static> Coordinator<T> {
         Coordinator {
             store,
             nudges,
-            init,
             ticker,
             poll_at: None,
             published: None,
@@ -154,9 +154,7 @@ impl<T: Send + 'static> Coordinator<T> {
         match self.store.init_decision(poll_due) {
             InitDecision::Start => {
                 self.poll_at = None;
-                if self.init.send(()).is_err() {
-                    log::error!("{}: the init thread is gone", self.store.name());
-                }
+                self.store.request_init();
             }
             InitDecision::Arm(since) => {
                 let at = clock::after(since, self.store.config.idle_poll_delay);

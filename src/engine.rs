@@ -108,16 +108,13 @@ fn spawn_all<K: Task>(
         format!("{name}-init"),
         Box::new(move || pool::init_runner(task, state, init_rx, s)),
     )?;
-    let first = init_tx.clone();
-    let coordinator = Coordinator::new(store.clone(), nudges, init_tx);
+    let coordinator = Coordinator::new(store.clone(), nudges);
     spawn(
         Role::Coordinator,
         format!("{name}-coordinator"),
         Box::new(move || coordinator.run()),
     )?;
     // Every thread runs: the first `init` starts now.
-    store.first_init();
-    first
-        .send(())
-        .map_err(|_| BuildError::Spawn(std::io::Error::other("the init thread is gone")))
+    store.first_init(init_tx);
+    Ok(())
 }

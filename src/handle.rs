@@ -7,7 +7,7 @@ use crate::error::{BufferError, ControlError, IdleError, ShrinkError};
 use crate::intake::Entries;
 use crate::shutdown::{Mode, ShutdownReport};
 use crate::stats::{DebugCount, Stats};
-use crate::store::{Refusal, Store};
+use crate::store::{Refusal, Store, Wait};
 use crate::task::Priority;
 use std::fmt;
 use std::sync::{Arc, Weak};
@@ -24,6 +24,7 @@ use std::time::Duration;
 /// with [`ControlError::WouldDeadlock`], and a hand-over that would wait for room
 /// under [`OverflowPolicy::Block`](crate::OverflowPolicy::Block) with
 /// [`BufferError::Full`] (from `init` it waits, like `init`'s own sink).
+#[must_use = "dropping the last handle stops the engine"]
 pub struct Handle<T: Send + 'static> {
     engine: Arc<Engine<T>>,
 }
@@ -113,13 +114,22 @@ impl<T: Send + 'static> Handle<T> {
     /// flushed at once (on this thread); partial batches wait for the tick. An
     /// empty list is a no-op.
     ///
+    /// Under [`OverflowPolicy::Block`](crate::OverflowPolicy::Block) with a full
+    /// bounded queue, it waits for room (see [`Handle::buffer_timeout`] and
+    /// [`Handle::try_buffer`]); it waits for nothing else.
+    ///
     /// # Errors
     ///
-    /// Each hands the entries back: [`BufferError::Stopped`] once a shutdown has
-    /// begun; [`BufferError::Full`] when a bounded queue is full under
-    /// [`OverflowPolicy::Reject`](crate::OverflowPolicy::Reject) (or see
-    /// [`OverflowPolicy::Block`](crate::OverflowPolicy::Block), under which the
-    /// call waits for room).
+    /// Each hands the entries back, in their order:
+    /// - [`BufferError::Stopped`] once a shutdown has begun (or the engine
+    ///   failed);
+    /// - [`BufferError::Full`] when a bounded queue has no room under
+    ///   [`OverflowPolicy::Reject`](crate::OverflowPolicy::Reject), when the call
+    ///   holds more entries than the bound, or under `Block` from one of the
+    ///   engine's own worker threads (which must not wait for the workers).
+    ///
+    /// Under the default `DropNewest`, entries that a full bounded queue cannot
+    /// take are not an error: they go to the overflow handler.
     ///
     /// # Examples
     ///
@@ -137,25 +147,21 @@ impl<T: Send + 'static> Handle<T> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn buffer(&self, entries: Vec<T>, priority: Priority) -> Result<(), BufferError<T>> {
-        self.hand_over(entries, priority, None)
+        self.hand_over(entries, priority, Wait::Forever)
     }
 
-    /// Hands one entry to the engine, without allocating a `Vec` for it. Otherwise as
-    /// [`Handle::buffer`].
+    /// As [`Handle::buffer`], but never waits: under `Block` with no room it
+    /// fails at once with [`BufferError::Full`].
     ///
     /// # Errors
     ///
-    /// As [`Handle::buffer`], with the entry.
-    pub fn buffer_one(&self, entry: T, priority: Priority) -> Result<(), BufferError<T>> {
-        self.store()
-            .hand_over(Entries::One(entry), priority, None)
-            .map_err(|(refusal, e)| refused(refusal, e.into_vec()))
+    /// As [`Handle::buffer`], with `Full` for any bounded queue without room.
+    pub fn try_buffer(&self, entries: Vec<T>, priority: Priority) -> Result<(), BufferError<T>> {
+        self.hand_over(entries, priority, Wait::Never)
     }
 
-    /// As [`Handle::buffer`], but under
-    /// [`OverflowPolicy::Block`](crate::OverflowPolicy::Block) waits at most
-    /// `timeout` (on the engine's clock) for room. `Duration::MAX` waits without
-    /// limit.
+    /// As [`Handle::buffer`], but under `Block` waits at most `timeout` (on the
+    /// engine's clock) for room. `Duration::MAX` waits without limit.
     ///
     /// # Errors
     ///
@@ -168,49 +174,127 @@ impl<T: Send + 'static> Handle<T> {
         timeout: Duration,
     ) -> Result<(), BufferError<T>> {
         let deadline = self.store().clock().deadline(timeout);
-        self.hand_over(entries, priority, Some(deadline))
+        self.hand_over(entries, priority, Wait::Until(deadline))
+    }
+
+    /// Hands one entry to the engine, without allocating a `Vec` for it. Otherwise as
+    /// [`Handle::buffer`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Handle::buffer`], with the entry.
+    pub fn buffer_one(&self, entry: T, priority: Priority) -> Result<(), BufferError<T>> {
+        self.hand_over_one(entry, priority, Wait::Forever)
+    }
+
+    /// As [`Handle::buffer_one`], but never waits (see [`Handle::try_buffer`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Handle::try_buffer`], with the entry.
+    pub fn try_buffer_one(&self, entry: T, priority: Priority) -> Result<(), BufferError<T>> {
+        self.hand_over_one(entry, priority, Wait::Never)
+    }
+
+    /// As [`Handle::buffer_one`], waiting at most `timeout` for room (see
+    /// [`Handle::buffer_timeout`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Handle::buffer_timeout`], with the entry.
+    pub fn buffer_one_timeout(
+        &self,
+        entry: T,
+        priority: Priority,
+        timeout: Duration,
+    ) -> Result<(), BufferError<T>> {
+        let deadline = self.store().clock().deadline(timeout);
+        self.hand_over_one(entry, priority, Wait::Until(deadline))
+    }
+
+    fn hand_over_one(
+        &self,
+        entry: T,
+        priority: Priority,
+        wait: Wait,
+    ) -> Result<(), BufferError<T>> {
+        self.store()
+            .hand_over(Entries::One(entry), priority, wait)
+            .map_err(|(refusal, e)| refused(refusal, e.into_vec()))
     }
 
     fn hand_over(
         &self,
         entries: Vec<T>,
         priority: Priority,
-        deadline: Option<std::time::Instant>,
+        wait: Wait,
     ) -> Result<(), BufferError<T>> {
         if entries.is_empty() {
             return Ok(());
         }
         self.store()
-            .hand_over(Entries::Many(entries), priority, deadline)
+            .hand_over(Entries::Many(entries), priority, wait)
             .map_err(|(refusal, e)| refused(refusal, e.into_vec()))
     }
 
     /// Puts entries straight at the back of the queue (skipping the buffers) and
-    /// fills the free slots. Does not wait for the engine.
+    /// fills the free slots. Waits only for room under `Block` (see
+    /// [`Handle::push_back_timeout`]).
     ///
     /// # Errors
     ///
     /// As [`Handle::buffer`].
     pub fn push_back(&self, entries: Vec<T>) -> Result<(), BufferError<T>> {
-        self.push(entries, Priority::Back)
+        self.push(entries, Priority::Back, Wait::Forever)
+    }
+
+    /// As [`Handle::push_back`], waiting at most `timeout` for room under
+    /// `Block` (on the engine's clock; `Duration::MAX`: no limit).
+    ///
+    /// # Errors
+    ///
+    /// As [`Handle::buffer_timeout`].
+    pub fn push_back_timeout(
+        &self,
+        entries: Vec<T>,
+        timeout: Duration,
+    ) -> Result<(), BufferError<T>> {
+        let deadline = self.store().clock().deadline(timeout);
+        self.push(entries, Priority::Back, Wait::Until(deadline))
     }
 
     /// Puts entries straight at the front of the queue, in their order, and
-    /// fills the free slots. Does not wait for the engine.
+    /// fills the free slots. Waits only for room under `Block` (see
+    /// [`Handle::push_front_timeout`]).
     ///
     /// # Errors
     ///
     /// As [`Handle::buffer`].
     pub fn push_front(&self, entries: Vec<T>) -> Result<(), BufferError<T>> {
-        self.push(entries, Priority::Front)
+        self.push(entries, Priority::Front, Wait::Forever)
     }
 
-    fn push(&self, entries: Vec<T>, priority: Priority) -> Result<(), BufferError<T>> {
+    /// As [`Handle::push_front`], waiting at most `timeout` for room under
+    /// `Block`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Handle::buffer_timeout`].
+    pub fn push_front_timeout(
+        &self,
+        entries: Vec<T>,
+        timeout: Duration,
+    ) -> Result<(), BufferError<T>> {
+        let deadline = self.store().clock().deadline(timeout);
+        self.push(entries, Priority::Front, Wait::Until(deadline))
+    }
+
+    fn push(&self, entries: Vec<T>, priority: Priority, wait: Wait) -> Result<(), BufferError<T>> {
         if entries.is_empty() {
             return Ok(());
         }
         self.store()
-            .push(entries, priority)
+            .push(entries, priority, wait)
             .map_err(|(refusal, e)| refused(refusal, e))
     }
 
@@ -363,6 +447,7 @@ impl<T: Send + 'static> Handle<T> {
     /// # Errors
     ///
     /// As [`Handle::shutdown_drain`].
+    #[must_use = "the report holds the entries that were not processed"]
     pub fn shutdown_return(&self) -> Result<ShutdownReport<T>, ControlError> {
         self.engine.shutdown(Mode::Return)
     }
@@ -380,6 +465,7 @@ impl<T: Send + 'static> Handle<T> {
     /// # Errors
     ///
     /// As [`Handle::shutdown_drain`].
+    #[must_use = "the report holds the entries that were not processed"]
     pub fn shutdown_timeout(&self, timeout: Duration) -> Result<ShutdownReport<T>, ControlError> {
         self.engine.shutdown(Mode::DrainFor(timeout))
     }

@@ -113,7 +113,9 @@ pub(crate) enum Admit {
 
 /// The admission rule. `waiting` counts the entries that hold room now
 /// (buffered, queued, retrying); `bound` is the bound in force (lowered by a
-/// shrink), `configured` the one set at build time.
+/// shrink), `configured` the one set at build time. A hand-over that fits the
+/// configured bound is always admitted into an empty engine: with nothing
+/// waiting, no room would ever come by waiting (only an `expand`).
 pub(crate) fn admit(
     policy: OverflowPolicy,
     configured: Option<usize>,
@@ -130,7 +132,7 @@ pub(crate) fn admit(
     if n > configured {
         return Admit::Full;
     }
-    if waiting.saturating_add(n) <= bound {
+    if waiting.saturating_add(n) <= bound || waiting == 0 {
         return Admit::Now;
     }
     match policy {
@@ -151,7 +153,8 @@ mod test {
         assert_eq!(admit(Reject, Some(10), Some(10), 5, 5), Admit::Now);
         assert_eq!(admit(Reject, Some(10), Some(10), 6, 5), Admit::Full);
         assert_eq!(admit(Block, Some(10), Some(10), 6, 5), Admit::Wait);
-        assert_eq!(admit(Block, Some(10), Some(4), 0, 5), Admit::Wait); // shrunk
+        assert_eq!(admit(Block, Some(10), Some(4), 1, 5), Admit::Wait); // shrunk
+        assert_eq!(admit(Block, Some(10), Some(4), 0, 5), Admit::Now); // but empty
         assert_eq!(admit(Block, Some(10), Some(10), 0, 11), Admit::Full);
         assert_eq!(admit(Block, Some(10), Some(10), usize::MAX, 1), Admit::Wait);
     }

@@ -349,8 +349,8 @@ pub use config::Builder;
 pub use error::{BufferError, BuildError, ControlError, IdleError, ShrinkError};
 pub use handle::{Handle, WeakHandle};
 pub use monitor::{
-    total_memory, CheckOutcome, MemoryMonitor, MemoryProbe, MonitorBuilder, ProcessRss, Shrinkable,
-    FALLBACK_LIMIT,
+    cgroup_memory_limit, total_memory, CheckOutcome, MemoryMonitor, MemoryProbe, MonitorBuilder,
+    ProcessRss, Shrinkable, FALLBACK_LIMIT,
 };
 pub use observe::{BatchKind, BatchObserver, BatchRecord};
 pub use overflow::{OverflowHandler, OverflowPolicy, OverflowReason, Weigher};

@@ -20,6 +20,7 @@ use crate::threads;
 use crate::unwind::catch;
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender};
 use parking_lot::{Condvar, Mutex};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -65,8 +66,60 @@ fn kib_field(text: &str, key: &str) -> Option<u64> {
 
 /// The machine's total memory, where it can be read (Linux: `/proc/meminfo`).
 pub fn total_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    total_memory_in(Path::new("/"))
+}
+
+fn total_memory_in(root: &Path) -> Option<u64> {
+    let info = std::fs::read_to_string(root.join("proc/meminfo")).ok()?;
     kib_field(&info, "MemTotal:").map(|kib| kib * 1024)
+}
+
+/// The memory limit of this process's control group, where one is set (Linux:
+/// cgroup v2 `memory.max`, or v1 `memory.limit_in_bytes`, the lowest along the
+/// group's path): the limit a container runs under. `None`: no limit, or no
+/// cgroup to read.
+pub fn cgroup_memory_limit() -> Option<u64> {
+    cgroup_limit_in(Path::new("/"))
+}
+
+/// Values this large mean "no limit" in cgroup v1 (it writes `i64::MAX` rounded
+/// down to a page).
+const V1_UNLIMITED: u64 = 1 << 62;
+
+/// The cgroup limit with `/proc` and `/sys` read under `root`.
+fn cgroup_limit_in(root: &Path) -> Option<u64> {
+    let groups = std::fs::read_to_string(root.join("proc/self/cgroup")).ok()?;
+    let cgroup = root.join("sys/fs/cgroup");
+    let mut limits = Vec::new();
+    for line in groups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next()?, parts.next()?);
+        let path = path.trim_start_matches('/');
+        if controllers.is_empty() && cgroup.join("cgroup.controllers").exists() {
+            limits.extend(along(&cgroup, path, "memory.max"));
+        } else if controllers.split(',').any(|c| c == "memory") {
+            limits.extend(along(&cgroup.join("memory"), path, "memory.limit_in_bytes"));
+        }
+    }
+    limits.into_iter().min()
+}
+
+/// The limits in `file` in the group `path` under `mount` and each group above
+/// it (a container often sees only the mount's own file).
+fn along(mount: &Path, path: &str, file: &str) -> Vec<u64> {
+    let mut dir = mount.join(path);
+    let mut limits = Vec::new();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
+            match text.trim().parse::<u64>() {
+                Ok(bytes) if bytes < V1_UNLIMITED => limits.push(bytes),
+                _ => {} // "max", or v1's "unlimited"
+            }
+        }
+        if dir == mount || !dir.pop() || !dir.starts_with(mount) {
+            return limits;
+        }
+    }
 }
 
 /// Something the monitor can shrink and expand. Every [`Handle`] is one.
@@ -138,7 +191,7 @@ impl<T: Send + 'static> Shrinkable for EngineView<T> {
         self.0.is_shrunk().unwrap_or(false)
     }
     fn is_stopped(&self) -> bool {
-        self.0.is_finished()
+        self.0.is_stopped()
     }
 }
 
@@ -198,6 +251,7 @@ pub enum CheckOutcome {
 }
 
 /// Builds a [`MemoryMonitor`].
+#[must_use = "a builder does nothing until `start`"]
 pub struct MonitorBuilder {
     limit_bytes: Option<u64>,
     limit_percent: u8,
@@ -205,6 +259,7 @@ pub struct MonitorBuilder {
     expand_percent: u8,
     probe: Option<Arc<dyn MemoryProbe>>,
     clock: Clock,
+    root: PathBuf,
 }
 
 impl std::fmt::Debug for MonitorBuilder {
@@ -222,15 +277,18 @@ impl std::fmt::Debug for MonitorBuilder {
 pub const FALLBACK_LIMIT: u64 = 1 << 30;
 
 impl MonitorBuilder {
-    /// The limit in bytes. Default: `limit_percent` of the machine's total memory,
-    /// or 1 GiB where that cannot be read. Zero is rejected.
+    /// The limit in bytes. Default: `limit_percent` of the memory this process
+    /// may use (the smaller of the machine's total memory and its cgroup's
+    /// limit, so a container's limit counts), or 1 GiB where neither can be
+    /// read. Zero is rejected.
     pub fn limit_bytes(mut self, bytes: u64) -> Self {
         self.limit_bytes = Some(bytes);
         self
     }
 
-    /// The limit as a percentage (1–100) of the machine's total memory, used when no
-    /// byte limit is set. Default 60.
+    /// The limit as a percentage (1–100) of the memory this process may use
+    /// (see [`MonitorBuilder::limit_bytes`]), used when no byte limit is set.
+    /// Default 60.
     pub fn limit_percent(mut self, percent: u8) -> Self {
         self.limit_percent = percent;
         self
@@ -255,6 +313,42 @@ impl MonitorBuilder {
     pub fn probe(mut self, probe: impl MemoryProbe) -> Self {
         self.probe = Some(Arc::new(probe));
         self
+    }
+
+    /// Where `/proc` and `/sys` are read from for the default limit (the
+    /// machine's memory and the cgroup's limit). Default `/`; for tests, or a
+    /// host's filesystem mounted elsewhere.
+    pub fn system_root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.root = root.into();
+        self
+    }
+
+    /// The limit when none is given: `limit_percent` of the memory this process
+    /// may use, the smaller of the machine's memory and its cgroup's limit (a
+    /// container's); 1 GiB when neither can be read.
+    fn default_limit(&self) -> u64 {
+        let machine = total_memory_in(&self.root);
+        let cgroup = cgroup_limit_in(&self.root);
+        let room = match (machine, cgroup) {
+            (Some(m), Some(c)) => m.min(c),
+            (m, c) => match m.or(c) {
+                Some(bytes) => bytes,
+                None => return FALLBACK_LIMIT,
+            },
+        };
+        let limit = room / 100 * u64::from(self.limit_percent);
+        log::info!(
+            "memory monitor: limit {} ({}% of {}{})",
+            human(limit),
+            self.limit_percent,
+            human(room),
+            if cgroup.is_some_and(|c| Some(c) <= machine) {
+                ", the cgroup's limit"
+            } else {
+                ""
+            }
+        );
+        limit
     }
 
     /// Reads the check interval from `clock`, which only moves when advanced
@@ -291,6 +385,7 @@ impl MonitorBuilder {
     /// when the thread cannot start.
     pub fn start(self) -> Result<MemoryMonitor, BuildError> {
         self.validate()?;
+        let limit = self.limit_bytes.unwrap_or_else(|| self.default_limit());
         let probe: Arc<dyn MemoryProbe> = match self.probe {
             Some(p) => p,
             None if cfg!(target_os = "linux") => Arc::new(ProcessRss),
@@ -300,14 +395,11 @@ impl MonitorBuilder {
                 ))
             }
         };
-        let limit = self.limit_bytes.unwrap_or_else(|| {
-            total_memory()
-                .map(|total| total / 100 * u64::from(self.limit_percent))
-                .unwrap_or(FALLBACK_LIMIT)
-        });
         let (requests, rx) = unbounded();
         let state = Arc::new(MonitorState {
             tasks: Mutex::new(Vec::new()),
+            next_task: AtomicU64::new(0),
+            shrunk: Mutex::new(false),
             probe,
             limit,
             expand_at: limit / 100 * u64::from(self.expand_percent),
@@ -349,7 +441,12 @@ enum Msg {
 }
 
 struct MonitorState {
-    tasks: Mutex<Vec<Box<dyn Registrant>>>,
+    /// Registered tasks, each with an id (forgotten by id, never by place:
+    /// two sweeps may run at once).
+    tasks: Mutex<Vec<(u64, Box<dyn Registrant>)>>,
+    next_task: AtomicU64,
+    /// A check shrank a task and no check expanded them since.
+    shrunk: Mutex<bool>,
     probe: Arc<dyn MemoryProbe>,
     limit: u64,
     expand_at: u64,
@@ -384,6 +481,11 @@ impl Listener for MonitorState {
 }
 
 impl MonitorState {
+    fn add(&self, task: Box<dyn Registrant>) {
+        let id = self.next_task.fetch_add(1, Ordering::Relaxed);
+        self.tasks.lock().push((id, task));
+    }
+
     /// Runs user code (the probe, a task) contained: a panic is logged, counted,
     /// and comes back as `None`.
     fn contained<R>(&self, what: &str, f: impl FnOnce() -> R) -> Option<R> {
@@ -465,6 +567,7 @@ impl MemoryMonitor {
             expand_percent: 40,
             probe: None,
             clock: Clock::System,
+            root: PathBuf::from("/"),
         }
     }
 
@@ -483,20 +586,14 @@ impl MemoryMonitor {
     /// [`Builder::memory_monitor`](crate::Builder::memory_monitor)). The monitor
     /// holds its store, which does not keep the engine running.
     pub(crate) fn register<T: Send + 'static>(&self, handle: &Handle<T>) {
-        self.inner
-            .state
-            .tasks
-            .lock()
-            .push(Box::new(handle.store_weak()));
+        self.inner.state.add(Box::new(handle.store_weak()));
     }
 
     /// Registers any other [`Shrinkable`], held by weak reference.
     pub fn register_shrinkable<S: Shrinkable + 'static>(&self, task: &Arc<S>) {
         self.inner
             .state
-            .tasks
-            .lock()
-            .push(Box::new(WeakArc(Arc::downgrade(task))));
+            .add(Box::new(WeakArc(Arc::downgrade(task))));
     }
 
     /// How many live tasks are registered (dropped and stopped ones are forgotten).
@@ -504,8 +601,16 @@ impl MemoryMonitor {
         live_tasks(&self.inner.state).len()
     }
 
-    /// Runs a check now, on the monitor's thread, and says what it did.
+    /// Runs a check now, on the monitor's thread, and says what it did. Called
+    /// on the monitor's own thread (from a handler a shrink ran), it checks
+    /// right there instead of waiting for itself.
     pub fn check_now(&self) -> CheckOutcome {
+        let state = &self.inner.state;
+        if threads::role_in(state.id) == Some(threads::Role::Monitor) {
+            return state
+                .contained("the monitor's check", || check(state))
+                .unwrap_or(CheckOutcome::ProbeFailed);
+        }
         let (tx, rx) = bounded(1);
         match &self.inner.requests {
             Some(requests) if requests.send(Msg::Check(tx)).is_ok() => {
@@ -519,7 +624,6 @@ impl MemoryMonitor {
 /// The monitor's thread: a check every `every` on its clock, or when asked;
 /// ends when the last `MemoryMonitor` is dropped.
 fn monitor_loop(state: &MonitorState, requests: &Receiver<Msg>, every: Duration, first: Instant) {
-    let mut shrunk = false;
     let mut next = first;
     loop {
         let msg = match state.clock.real(Some(next)) {
@@ -538,7 +642,7 @@ fn monitor_loop(state: &MonitorState, requests: &Receiver<Msg>, every: Duration,
         }
         if due || reply.is_some() {
             let outcome = state
-                .contained("the monitor's check", || check(state, &mut shrunk))
+                .contained("the monitor's check", || check(state))
                 .unwrap_or(CheckOutcome::ProbeFailed);
             if let Some(reply) = reply {
                 let _ = reply.send(outcome);
@@ -552,35 +656,27 @@ fn monitor_loop(state: &MonitorState, requests: &Receiver<Msg>, every: Duration,
 /// Live tasks; dropped and stopped ones are removed from the registry.
 fn live_tasks(state: &MonitorState) -> Vec<Box<dyn Shrinkable>> {
     // Upgrade under the lock (cheap, no user code), ask questions after it.
-    let upgraded: Vec<Option<Box<dyn Shrinkable>>> = {
+    let upgraded: Vec<(u64, Option<Box<dyn Shrinkable>>)> = {
         let tasks = state.tasks.lock();
-        tasks.iter().map(|t| t.upgrade()).collect()
+        tasks.iter().map(|(id, t)| (*id, t.upgrade())).collect()
     };
-    let keep: Vec<bool> = upgraded
-        .iter()
-        .map(|t| {
-            t.as_ref().is_some_and(|t| {
-                !state
-                    .contained("a task's is_stopped", || t.is_stopped())
-                    .unwrap_or(false)
-            })
-        })
-        .collect();
-    {
-        let mut tasks = state.tasks.lock();
-        let mut i = 0;
-        // Only the first `keep.len()` entries were looked at; later registrations stay.
-        tasks.retain(|_| {
-            let k = keep.get(i).copied().unwrap_or(true);
-            i += 1;
-            k
+    let mut live = Vec::new();
+    let mut gone = Vec::new();
+    for (id, task) in upgraded {
+        let stopped = task.as_ref().map_or(true, |t| {
+            state
+                .contained("a task's is_stopped", || t.is_stopped())
+                .unwrap_or(false)
         });
+        match task {
+            Some(task) if !stopped => live.push(task),
+            _ => gone.push(id),
+        }
     }
-    upgraded
-        .into_iter()
-        .zip(keep)
-        .filter_map(|(t, k)| if k { t } else { None })
-        .collect()
+    if !gone.is_empty() {
+        state.tasks.lock().retain(|(id, _)| !gone.contains(id));
+    }
+    live
 }
 
 /// Bytes in binary units, for log lines.
@@ -599,20 +695,20 @@ pub(crate) fn human(bytes: u64) -> String {
     }
 }
 
-fn check(state: &MonitorState, shrunk: &mut bool) -> CheckOutcome {
+fn check(state: &MonitorState) -> CheckOutcome {
     crate::fault::hit("memory-monitor", "monitor");
     let Some(Some(used)) = state.contained("the memory probe", || state.probe.used_bytes()) else {
         log::warn!("memory monitor: could not read memory usage; check skipped");
         return CheckOutcome::ProbeFailed;
     };
     if used > state.limit {
-        shrink_largest(state, used, shrunk)
-    } else if *shrunk && used <= state.expand_at {
+        shrink_largest(state, used)
+    } else if *state.shrunk.lock() && used <= state.expand_at {
         let tasks = live_tasks(state);
         for task in &tasks {
             state.contained("a task's expand", || task.expand());
         }
-        *shrunk = false;
+        *state.shrunk.lock() = false;
         log::info!(
             "memory monitor: {} in use, at or below {}; expanded {} tasks",
             human(used),
@@ -627,7 +723,7 @@ fn check(state: &MonitorState, shrunk: &mut bool) -> CheckOutcome {
 
 /// Over the limit: shrink the task holding the most, or the next while one is
 /// at its minimum size.
-fn shrink_largest(state: &MonitorState, used: u64, shrunk: &mut bool) -> CheckOutcome {
+fn shrink_largest(state: &MonitorState, used: u64) -> CheckOutcome {
     let limit = state.limit;
     log::warn!(
         "memory monitor: {} in use, over the limit of {} ({:.0}%); shrinking the largest task",
@@ -653,7 +749,7 @@ fn shrink_largest(state: &MonitorState, used: u64, shrunk: &mut bool) -> CheckOu
             .unwrap_or_else(|| "<task>".to_string());
         match state.contained("a task's shrink", || task.shrink()) {
             Some(Ok(())) => {
-                *shrunk = true;
+                *state.shrunk.lock() = true;
                 log::warn!(
                     "memory monitor: shrank {name} (it held {} of queued work)",
                     human(bytes as u64)

@@ -13,6 +13,7 @@
 //! store.
 
 use crate::clock::{self, FAR};
+use crate::unwind::catch;
 use std::cmp::Reverse;
 use std::collections::hash_map::RandomState;
 use std::collections::{BinaryHeap, VecDeque};
@@ -235,24 +236,31 @@ impl<T> Rules<T> {
     /// once: a list that keeps the batch's order (the whole batch, or a filter of
     /// it) is matched in one pass, linear in the batch's size. A list in another
     /// order, or new entries, cost up to one pass of the batch each.
+    ///
+    /// The comparison is the entries' `==`, user code: it runs contained. If it
+    /// panics, the list is sorted as without a policy (the first as many entries
+    /// as the batch held are its own, with the attempts of the batch's entries
+    /// in the same places), so nothing is lost or doubled.
     pub(crate) fn match_attempts(
         &self,
         batch: &[T],
         attempts: &[u32],
         again: Vec<T>,
     ) -> (Group<T>, Vec<T>) {
-        let mut used = vec![false; batch.len()];
-        let mut cursor = 0;
+        let places = match catch(|| self.places(batch, &again)) {
+            Ok(places) => places,
+            Err(msg) => {
+                log::error!("comparing retried entries panicked (matched by position): {msg}");
+                (0..again.len())
+                    .map(|i| (i < batch.len()).then_some(i))
+                    .collect()
+            }
+        };
         let mut known = Group::default();
         let mut fresh = Vec::new();
-        for entry in again {
-            let found = (cursor..batch.len())
-                .chain(0..cursor)
-                .find(|&i| !used[i] && (self.same)(&batch[i], &entry));
-            match found {
+        for (entry, place) in again.into_iter().zip(places) {
+            match place {
                 Some(i) => {
-                    used[i] = true;
-                    cursor = i + 1;
                     let before = attempts.get(i).copied().unwrap_or(0);
                     known.attempts.push(before.saturating_add(1));
                     known.entries.push(entry);
@@ -261,6 +269,26 @@ impl<T> Rules<T> {
             }
         }
         (known, fresh)
+    }
+
+    /// For each retried entry, the place in the batch of the entry it equals
+    /// (each place used once), or `None` for a new entry.
+    fn places(&self, batch: &[T], again: &[T]) -> Vec<Option<usize>> {
+        let mut used = vec![false; batch.len()];
+        let mut cursor = 0;
+        again
+            .iter()
+            .map(|entry| {
+                let found = (cursor..batch.len())
+                    .chain(0..cursor)
+                    .find(|&i| !used[i] && (self.same)(&batch[i], entry));
+                if let Some(i) = found {
+                    used[i] = true;
+                    cursor = i + 1;
+                }
+                found
+            })
+            .collect()
     }
 }
 

@@ -59,7 +59,7 @@ pub(crate) fn stop<T: Send + 'static>(
         Mode::Drain | Mode::DrainFor(_) => Close::Drain,
         Mode::Return => Close::Return,
     };
-    store.close(close)?;
+    let unqueued = store.close(close)?;
     store.wait_settled(close, deadline);
     let finish = store.finish();
     if let Some(crew) = crew.lock().take() {
@@ -71,6 +71,7 @@ pub(crate) fn stop<T: Send + 'static>(
             );
         }
     }
+    store.report_closed(unqueued);
     let stats = store.stats();
     #[cfg(feature = "metrics")]
     crate::observe::record_stats(store.name(), &stats);
@@ -92,7 +93,7 @@ pub(crate) fn abandon<T: Send + 'static>(store: &Store<T>, crew: &Mutex<Option<C
         return; // a shutdown already joined everything
     };
     let own_thread = threads::role_in(store.id).is_some();
-    // Fails only if the engine already finished.
+    // Fails only if the engine already finished; hands nothing back (Return).
     let _ = store.close(Close::Return);
     if !own_thread {
         store.wait_settled(Close::Return, None);

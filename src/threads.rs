@@ -33,6 +33,12 @@ pub(crate) fn new_engine_id() -> u64 {
     NEXT_ENGINE.fetch_add(1, Ordering::Relaxed)
 }
 
+/// Whether the calling thread is a memory monitor's: it must never wait for
+/// an engine's room (only it could make some, by expanding).
+pub(crate) fn on_monitor() -> bool {
+    matches!(MARK.with(Cell::get), Some((_, Role::Monitor)))
+}
+
 /// The role of the calling thread in engine `engine`, if it is one of its own.
 pub(crate) fn role_in(engine: u64) -> Option<Role> {
     MARK.with(Cell::get)

@@ -145,6 +145,9 @@ fn round(seed: u64) {
         }
     });
     ledger.handed_back(&report.unprocessed);
+    // Runs still going at a shutdown deadline settle late (processed, or
+    // handed to the overflow handler): wait for them before counting.
+    wait_until(|| ledger.all_out());
     let (given, processed, back, over) = ledger.check();
     let dead = ledger.dead_count();
     println!("seed {seed}: {given} given = {processed} processed + {back} handed back + {over} overflowed + {dead} dead-lettered");

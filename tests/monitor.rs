@@ -465,3 +465,79 @@ fn a_check_in_progress_does_not_keep_an_engine_alive() {
     drop(release_tx); // the stall lets every later look through
     assert_eq!(monitor.task_count(), 1); // the engine is forgotten
 }
+
+/// A fake `/proc` and `/sys` under a temporary directory.
+struct FakeRoot(std::path::PathBuf);
+
+impl FakeRoot {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("buffered-task-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("proc/self")).unwrap();
+        FakeRoot(dir)
+    }
+    fn write(&self, path: &str, text: &str) -> &Self {
+        let file = self.0.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, text).unwrap();
+        self
+    }
+    fn limit(&self) -> u64 {
+        MemoryMonitor::builder()
+            .system_root(&self.0)
+            .limit_percent(50)
+            .probe(Dial::default())
+            .start()
+            .unwrap()
+            .limit()
+    }
+}
+
+impl Drop for FakeRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const GIB: u64 = 1 << 30;
+
+#[test]
+fn a_container_limit_counts_when_it_is_lower_than_the_machine() {
+    let meminfo = "MemTotal:       67108864 kB\nMemFree: 1 kB\n"; // 64 GiB
+                                                                  // cgroup v2: the group's own memory.max, and a lower one above it.
+    let v2 = FakeRoot::new("cgroup-v2");
+    v2.write("proc/meminfo", meminfo)
+        .write("proc/self/cgroup", "0::/app/worker\n")
+        .write("sys/fs/cgroup/cgroup.controllers", "cpu memory\n")
+        .write("sys/fs/cgroup/app/worker/memory.max", "max\n")
+        .write("sys/fs/cgroup/app/memory.max", &format!("{}\n", GIB));
+    assert_eq!(v2.limit(), GIB / 100 * 50);
+    // cgroup v1, as in a container: only the mount's own file.
+    let v1 = FakeRoot::new("cgroup-v1");
+    v1.write("proc/meminfo", meminfo)
+        .write("proc/self/cgroup", "4:memory:/docker/abc\n0::/\n")
+        .write(
+            "sys/fs/cgroup/memory/memory.limit_in_bytes",
+            &format!("{}\n", 512 << 20),
+        );
+    assert_eq!(v1.limit(), (512u64 << 20) / 100 * 50);
+    // Unlimited in both: the machine's memory.
+    let none = FakeRoot::new("cgroup-none");
+    none.write("proc/meminfo", meminfo)
+        .write("proc/self/cgroup", "4:memory:/\n")
+        .write(
+            "sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "9223372036854771712\n",
+        );
+    assert_eq!(none.limit(), 64 * GIB / 100 * 50);
+    // Nothing to read: 1 GiB.
+    let empty = FakeRoot::new("cgroup-empty");
+    assert_eq!(empty.limit(), buffered_task::FALLBACK_LIMIT);
+    // A container limit above the machine's memory does not raise it.
+    let high = FakeRoot::new("cgroup-high");
+    high.write("proc/meminfo", meminfo)
+        .write("proc/self/cgroup", "0::/\n")
+        .write("sys/fs/cgroup/cgroup.controllers", "memory\n")
+        .write("sys/fs/cgroup/memory.max", &format!("{}\n", 128 * GIB));
+    assert_eq!(high.limit(), 64 * GIB / 100 * 50);
+}

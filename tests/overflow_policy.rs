@@ -193,3 +193,67 @@ fn block_makes_init_wait_so_a_large_source_never_overflows() {
     assert_eq!(report.overflowed, 0);
     assert_eq!(ledger.check(), (20_000, 20_000, 0, 0));
 }
+
+#[test]
+fn try_and_timeout_forms_never_wait_longer_than_asked() {
+    let clock = buffered_task::ManualClock::new();
+    let gate = Gate::new();
+    let held = gate.clone();
+    let (started_tx, started) = unbounded();
+    let mut task = Script::new(move |_: &[u64], _: &()| {
+        let _ = started_tx.send(());
+        held.wait();
+        Outcome::Ok
+    });
+    let books = task.books();
+    let handle = Builder::new(task, ())
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .max_queue_len(1)
+        .overflow_policy(OverflowPolicy::Block)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .clock(&clock)
+        .start()
+        .unwrap();
+    books.push_back(&handle, vec![0]).unwrap();
+    recv(&started); // running
+    books.push_back(&handle, vec![1]).unwrap(); // the queue is at its bound
+    books.given(&[2, 3, 4, 5]);
+    for err in [
+        handle.try_buffer(vec![2], Priority::Back).unwrap_err(),
+        handle.try_buffer_one(3, Priority::Front).unwrap_err(),
+    ] {
+        assert!(matches!(err, BufferError::Full(_)), "{err:?}");
+        books.handed_back(&err.into_entries());
+    }
+    let waiters = [
+        (
+            4,
+            std::thread::spawn({
+                let h = handle.clone();
+                move || h.push_back_timeout(vec![4], Duration::from_secs(1))
+            }),
+        ),
+        (
+            5,
+            std::thread::spawn({
+                let h = handle.clone();
+                move || h.buffer_one_timeout(5, Priority::Back, Duration::from_secs(1))
+            }),
+        ),
+    ];
+    wait_until(|| handle.stats().blocked_callers == 2);
+    clock.advance(Duration::from_secs(1));
+    for (id, waiter) in waiters {
+        match waiter.join().unwrap() {
+            Err(BufferError::Timeout(v)) => {
+                assert_eq!(v, vec![id]);
+                books.handed_back(&v);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    gate.open();
+    books.finish(handle.shutdown_drain().unwrap());
+}

@@ -63,15 +63,32 @@ struct Leftovers<T> {
     dead: Vec<T>,
     dead_reason: Option<crate::retry::DeadLetterReason>,
     spent: Vec<T>,
+    /// Lines to log (the logger is user code too: never under the lock).
+    logs: Vec<(log::Level, String)>,
+}
+
+impl<T> Leftovers<T> {
+    fn empty() -> Self {
+        Leftovers {
+            overflow: Vec::new(),
+            reason: None,
+            dead: Vec::new(),
+            dead_reason: None,
+            spent: Vec::new(),
+            logs: Vec::new(),
+        }
+    }
 }
 
 impl<T: Send + 'static> Store<T> {
     /// Accounts worker `w`'s last batch and takes its next one, waiting for work
     /// if there is none. `None`: the engine has finished and the worker exits.
     ///
-    /// A failed batch's entries go back in the same step that takes the next
-    /// batch, so a retried batch is not merged with one that fails just after it.
-    /// `took`: how long the last run took, when adaptive concurrency needs it.
+    /// A failed batch's entries go back to the queue sealed (a batch of their
+    /// own); what is left to report (overflow, dead letters, log lines) is
+    /// reported before the next batch is taken, with the worker's slot marked
+    /// as in user code. `took`: how long the last run took, when adaptive
+    /// concurrency needs it.
     pub(crate) fn take(&self, w: usize, done: Done<T>, took: Option<Duration>) -> Option<Job<T>> {
         let job = self.take_locked(w, done, took);
         if job.is_some() && self.config.enforced() {
@@ -83,21 +100,16 @@ impl<T: Send + 'static> Store<T> {
     fn take_locked(&self, w: usize, done: Done<T>, took: Option<Duration>) -> Option<Job<T>> {
         let (mut st, leftovers) = self.account(w, done, took);
         self.wake_watchers(&mut st);
-        let job = self.start_next(&mut st, w);
         if let Some(leftovers) = leftovers {
-            if job.is_none() {
-                st.slots[w] = Slot::Reporting; // in user code until the next take
-            }
+            st.slots[w] = Slot::Reporting; // in user code until it is done
             drop(st);
             self.report_leftovers(leftovers);
-            if job.is_some() {
-                return job;
-            }
             st = self.lock();
             st.slots[w] = Slot::Free;
+            self.wake_watchers(&mut st); // a shutdown may wait for this slot
         }
-        if job.is_some() {
-            return job;
+        if let Some(job) = self.start_next(&mut st, w) {
+            return Some(job);
         }
         if self.config.natural() {
             drop(st);
@@ -168,9 +180,9 @@ impl<T: Send + 'static> Store<T> {
         };
         let mut st = self.lock();
         let buffered = intake.as_ref().map_or(0, |i| i.len());
-        let gen = match st.slots.get(w) {
-            Some(Slot::Run(run)) => run.gen,
-            _ => st.gen,
+        let (gen, stuck) = match st.slots.get(w) {
+            Some(Slot::Run(run)) => (run.gen, run.reported.then_some(*run)),
+            _ => (st.gen, None),
         };
         st.end_run(w, Slot::Free);
         let sampled = match (took, st.aimd.as_mut()) {
@@ -184,7 +196,7 @@ impl<T: Send + 'static> Store<T> {
                 self.wake_workers(&mut st); // room for more runs
             }
         }
-        let leftovers = match done {
+        let mut leftovers = match done {
             Done::Nothing => None,
             Done::Ok(n) => {
                 st.counters.processed += n;
@@ -192,7 +204,26 @@ impl<T: Send + 'static> Store<T> {
             }
             Done::Failed(s) => Some(self.apply(&mut st, *s, heap, buffered, gen)),
         };
+        if let Some(run) = stuck {
+            let line = self.stuck_returned(run, took);
+            leftovers
+                .get_or_insert_with(Leftovers::empty)
+                .logs
+                .push((log::Level::Warn, line));
+        }
         (st, leftovers)
+    }
+
+    /// The line that says a run the watchdog reported has returned.
+    fn stuck_returned(&self, run: Run, took: Option<Duration>) -> String {
+        let age = match took {
+            Some(took) => took,
+            None => self.clock().now().saturating_duration_since(run.started),
+        };
+        format!(
+            "{}: a stuck run of {} entries returned after {age:?}",
+            self.config.name, run.entries
+        )
     }
 
     /// Nothing to take now: looks again for a moment without the lock (more
@@ -243,6 +274,7 @@ impl<T: Send + 'static> Store<T> {
             None => self.born,
         };
         st.start_run(w, job.entries.len(), started, gen);
+        st.idle_since = None; // work runs: the idle poll counts afresh later
         Some(job)
     }
 
@@ -288,19 +320,7 @@ impl<T: Send + 'static> Store<T> {
         buffered: usize,
         gen: u64,
     ) -> Leftovers<T> {
-        if let Some(msg) = &s.panic {
-            log::error!(
-                "{}: run panicked on a batch, retrying it: {msg}",
-                self.config.name
-            );
-        }
-        if let Some(error) = &s.error {
-            log::warn!(
-                "{}: run failed, retrying {} entries: {error}",
-                self.config.name,
-                s.retried()
-            );
-        }
+        let logs = self.failure_logs(&s);
         self.add_heap(heap);
         let c = &mut st.counters;
         c.processed += s.processed;
@@ -337,12 +357,32 @@ impl<T: Send + 'static> Store<T> {
             dead: s.dead,
             dead_reason: Some(s.reason),
             spent: s.spent,
+            logs,
         }
+    }
+
+    /// The lines a failed run is logged with (later, outside the lock).
+    fn failure_logs(&self, s: &Settled<T>) -> Vec<(log::Level, String)> {
+        let name = &self.config.name;
+        let mut logs = Vec::new();
+        if let Some(msg) = &s.panic {
+            let line = format!("{name}: run panicked on a batch, retrying it: {msg}");
+            logs.push((log::Level::Error, line));
+        }
+        if let Some(error) = &s.error {
+            let n = s.retried();
+            let line = format!("{name}: run failed, retrying {n} entries: {error}");
+            logs.push((log::Level::Warn, line));
+        }
+        logs
     }
 
     /// Reports a failed run's overflow and dead letters, and drops its batch,
     /// outside the lock.
     fn report_leftovers(&self, l: Leftovers<T>) {
+        for (level, line) in l.logs {
+            log::log!(level, "{line}");
+        }
         if let Some(reason) = l.reason {
             self.report(l.overflow, reason);
         }

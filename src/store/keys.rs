@@ -3,11 +3,10 @@
 //! code), a failed hand-over is taken back out of it, and the entries it drops
 //! are reported as duplicates.
 
-use super::{Refusal, Store};
+use super::{Refusal, Store, Wait};
 use crate::intake::Entries;
 use crate::overflow::OverflowReason;
 use crate::task::Priority;
-use std::time::Instant;
 
 impl<T: Send + 'static> Store<T> {
     /// `buffer` and friends: into the back or front buffer.
@@ -15,10 +14,10 @@ impl<T: Send + 'static> Store<T> {
         &self,
         entries: Entries<T>,
         priority: Priority,
-        deadline: Option<Instant>,
+        wait: Wait,
     ) -> Result<(), (Refusal, Entries<T>)> {
         let Some(table) = &self.dedup else {
-            return self.hand_over_kept(entries, priority, deadline);
+            return self.hand_over_kept(entries, priority, wait);
         };
         let front = priority == Priority::Front;
         let all = entries.into_vec();
@@ -28,7 +27,7 @@ impl<T: Send + 'static> Store<T> {
             self.reporter.overflow(dups, OverflowReason::Duplicate);
             return Ok(());
         }
-        match self.hand_over_kept(Entries::Many(kept), priority, deadline) {
+        match self.hand_over_kept(Entries::Many(kept), priority, wait) {
             Ok(()) => {
                 self.reporter.overflow(dups, OverflowReason::Duplicate);
                 Ok(())
@@ -46,9 +45,10 @@ impl<T: Send + 'static> Store<T> {
         &self,
         entries: Vec<T>,
         priority: Priority,
+        wait: Wait,
     ) -> Result<(), (Refusal, Vec<T>)> {
         let Some(table) = &self.dedup else {
-            return self.push_kept(entries, priority);
+            return self.push_kept(entries, priority, wait);
         };
         let front = priority == Priority::Front;
         let keep = table.admit(&entries, front);
@@ -56,7 +56,7 @@ impl<T: Send + 'static> Store<T> {
         let result = if kept.is_empty() {
             Ok(())
         } else {
-            self.push_kept(kept, priority)
+            self.push_kept(kept, priority, wait)
         };
         match result {
             Ok(()) => {

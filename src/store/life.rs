@@ -53,9 +53,12 @@ impl<T> Finish<T> {
 }
 
 impl<T: Send + 'static> Store<T> {
-    /// Begins a shutdown: hand-overs fail from now on, the buffers join the
-    /// queue, `init` is told to stop. Fails if a shutdown already began.
-    pub(crate) fn close(&self, how: Close) -> Result<(), ControlError> {
+    /// Begins a shutdown: hand-overs fail from now on, `init` is told to stop;
+    /// to drain, the buffers join the queue (what a bounded queue cannot take
+    /// comes back, counted, for the caller to report once the shutdown is
+    /// done); to hand back, they stay where they are for `finish`. Fails if a
+    /// shutdown already began.
+    pub(crate) fn close(&self, how: Close) -> Result<Vec<T>, ControlError> {
         let (mut intake, mut st) = self.lock_both();
         if st.shut || st.phase == Phase::Finished {
             return Err(ControlError::Stopped);
@@ -69,12 +72,19 @@ impl<T: Send + 'static> Store<T> {
         }
         intake.closed = true;
         self.stopping.store(true, Ordering::Relaxed);
-        let overflow = self.queue_intake(intake, &mut st);
+        let overflow = match how {
+            Close::Drain => self.queue_intake(intake, &mut st),
+            Close::Return => Vec::new(),
+        };
         drop(st);
         self.room.bump(); // waiting hand-overs fail now
         self.nudge();
+        Ok(overflow)
+    }
+
+    /// Reports what a drain's `close` could not queue.
+    pub(crate) fn report_closed(&self, overflow: Vec<T>) {
         self.report(overflow, OverflowReason::Full);
-        Ok(())
     }
 
     /// Waits until nothing runs (and, to drain, nothing waits), or until
@@ -84,7 +94,11 @@ impl<T: Send + 'static> Store<T> {
         let mut st = self.lock();
         st.watchers += 1;
         let passed = loop {
-            let quiet = st.running == 0 && !st.init.running;
+            // Nothing runs, and no thread of the engine is in a handler.
+            let quiet = st.running == 0
+                && !st.init.running
+                && !st.coordinator_busy
+                && !st.slots.iter().any(|s| matches!(s, Slot::Reporting));
             // (The buffers were emptied by `close` and take nothing more.)
             let empty = st.held() == 0;
             let done = match how {
@@ -159,6 +173,8 @@ impl<T: Send + 'static> Store<T> {
         if let Some(table) = &self.dedup {
             table.clear();
         }
+        // The init thread ends once its run (if any) returns.
+        drop(self.init_requests.lock().take());
         let mut running = 0;
         let mut busy = Vec::new();
         for (w, slot) in st.slots.iter().enumerate() {

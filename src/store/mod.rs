@@ -95,7 +95,7 @@ use crate::settings::Config;
 use crate::stats::{Counters, DebugCount, Stats};
 use crate::task::{Feed, Priority};
 use crate::threads::{self, Role, WorkerHooks};
-use crate::unwind::catch;
+use crate::unwind::{catch, drop_quietly};
 use crossbeam_channel::Sender;
 use guard::Guard;
 use parking_lot::{Condvar, Mutex, MutexGuard};
@@ -103,6 +103,17 @@ use room::Room;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// How long a hand-over may wait for room under `Block`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// As long as it takes.
+    Forever,
+    /// Until this clock time (then `Timeout`).
+    Until(Instant),
+    /// Not at all (`Full` at once).
+    Never,
+}
 
 /// Why a hand-over was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,6 +255,8 @@ pub(crate) struct Store<T> {
     pub(crate) workers: WorkerHooks,
     /// Key de-duplication, if asked for (see `dedup`).
     dedup: Option<Box<dyn Table<T>>>,
+    /// Requests to the init thread; dropped by `finish`, which ends it.
+    init_requests: Mutex<Option<Sender<()>>>,
 }
 
 /// A lock on cache lines of its own: the callers' lock and the workers' lock
@@ -315,6 +328,7 @@ impl<T: Send + 'static> Store<T> {
             observer: parts.observer,
             workers: parts.workers,
             dedup: parts.dedup,
+            init_requests: Mutex::new(None),
         }
     }
 
@@ -372,6 +386,7 @@ impl<T: Send + 'static> Store<T> {
     /// (paid when the lock is released).
     fn wake_workers(&self, st: &mut State<T>) {
         self.work_added.fetch_add(1, Ordering::Release);
+        st.idle_since = None; // work came: the idle poll counts afresh later
         if st.idle == 0 {
             return;
         }
@@ -467,7 +482,7 @@ impl<T: Send + 'static> Store<T> {
         &self,
         intake: &mut MutexGuard<'_, Intake<T>>,
         n: usize,
-        deadline: Option<Instant>,
+        wait: Wait,
     ) -> Result<(), Refusal> {
         if intake.closed {
             return Err(Refusal::Stopped);
@@ -485,12 +500,17 @@ impl<T: Send + 'static> Store<T> {
                 Admit::Wait if timed_out => return Err(Refusal::Timeout),
                 Admit::Wait => {
                     // A worker or the coordinator must not wait for the workers.
-                    if matches!(
-                        threads::role_in(self.id),
-                        Some(Role::Worker(_) | Role::Coordinator)
-                    ) {
-                        return Err(Refusal::Full);
-                    }
+                    let engine = threads::on_monitor()
+                        || matches!(
+                            threads::role_in(self.id),
+                            Some(Role::Worker(_) | Role::Coordinator)
+                        );
+                    let deadline = match wait {
+                        _ if engine => return Err(Refusal::Full),
+                        Wait::Never => return Err(Refusal::Full),
+                        Wait::Forever => None,
+                        Wait::Until(at) => Some(at),
+                    };
                     let clock = self.clock();
                     timed_out = MutexGuard::unlocked(intake, || ticket.wait(clock, deadline));
                     if intake.closed {
@@ -558,7 +578,7 @@ impl<T: Send + 'static> Store<T> {
         &self,
         entries: Entries<T>,
         priority: Priority,
-        deadline: Option<Instant>,
+        wait: Wait,
     ) -> Result<(), (Refusal, Entries<T>)> {
         let heap = match (&self.weigher, &entries) {
             (None, _) => 0,
@@ -566,7 +586,7 @@ impl<T: Send + 'static> Store<T> {
             (Some(_), Entries::Many(v)) => self.weigh(v),
         };
         let mut intake = self.intake.lock();
-        if let Err(refusal) = self.admit(&mut intake, entries.len(), deadline) {
+        if let Err(refusal) = self.admit(&mut intake, entries.len(), wait) {
             return Err((refusal, entries));
         }
         let batch = self.config.max_batch_size;
@@ -593,10 +613,15 @@ impl<T: Send + 'static> Store<T> {
 
     /// `push_back` / `push_front`: straight into the queue (after the key
     /// table: see `keys`).
-    fn push_kept(&self, entries: Vec<T>, priority: Priority) -> Result<(), (Refusal, Vec<T>)> {
+    fn push_kept(
+        &self,
+        entries: Vec<T>,
+        priority: Priority,
+        wait: Wait,
+    ) -> Result<(), (Refusal, Vec<T>)> {
         let heap = self.weigh(&entries);
         let mut intake = self.intake.lock();
-        if let Err(refusal) = self.admit(&mut intake, entries.len(), None) {
+        if let Err(refusal) = self.admit(&mut intake, entries.len(), wait) {
             return Err((refusal, entries));
         }
         self.add_heap(heap);
@@ -698,8 +723,12 @@ impl<T: Send + 'static> Store<T> {
     }
 
     /// Sheds the back half of the queue (to the overflow handler) and bounds it.
+    /// Refused once a shutdown has begun: what is left is the shutdown's.
     pub(crate) fn shrink(&self) -> Result<(), ShrinkError> {
         let mut st = self.control()?;
+        if st.phase != Phase::Open {
+            return Err(ShrinkError::Stopped);
+        }
         let shed = st.queue.shrink().map_err(|_| ShrinkError::MinimumSize)?;
         st.counters.overflow_shrink += shed.len() as u64;
         st.init.shed = true;
@@ -752,42 +781,84 @@ impl<T: Send + 'static> Store<T> {
     }
 }
 
+impl<T> Drop for Store<T> {
+    /// The user's closures are user values: their drops run contained.
+    fn drop(&mut self) {
+        drop_quietly("the weigher", self.weigher.take());
+        drop_quietly("the batch observer", self.observer.take());
+        drop_quietly("the dedup key function", self.dedup.take());
+        let hooks = std::mem::take(&mut self.workers);
+        drop_quietly("the worker hooks", hooks);
+    }
+}
+
 impl<T: Send + 'static> Feed<T> for Store<T> {
-    /// An `init` chunk: into the back of the queue. Under an enforced bound it
-    /// waits for room first (unless the engine is stopping); it is never refused.
+    /// An `init` chunk: into the back of the queue. Under an enforced bound
+    /// (`Reject` or `Block`) it goes in as room appears, in pieces if it is
+    /// larger than the room, waiting in between (unless the engine is
+    /// stopping); it is never refused.
     fn feed(&self, chunk: Vec<T>) {
-        let chunk = self.drop_duplicates(chunk, Priority::Back);
-        if chunk.is_empty() {
-            return;
+        let mut chunk = self.drop_duplicates(chunk, Priority::Back);
+        // Weighed whole, before any lock (the weigher is user code); the heap
+        // count is approximate while the pieces go in.
+        self.add_heap(self.weigh(&chunk));
+        while !chunk.is_empty() {
+            let mut intake = self.intake.lock();
+            let room = if self.config.enforced() {
+                self.wait_room(&mut intake)
+            } else {
+                usize::MAX
+            };
+            let piece = if chunk.len() > room {
+                let rest = chunk.split_off(room);
+                std::mem::replace(&mut chunk, rest)
+            } else {
+                std::mem::take(&mut chunk)
+            };
+            let st = self.lock();
+            drop(intake);
+            self.queue_piece(st, piece);
         }
-        let heap = self.weigh(&chunk);
-        let mut intake = self.intake.lock();
-        if self.config.enforced() {
-            loop {
-                let ticket = self.room.ticket();
-                if intake.closed || self.admission(&intake, chunk.len()) != Admit::Wait {
-                    break;
-                }
-                let clock = self.clock();
-                MutexGuard::unlocked(&mut intake, || ticket.wait(clock, None));
+    }
+}
+
+impl<T: Send + 'static> Store<T> {
+    /// Under an enforced bound, waits until there is room for at least one
+    /// entry; returns how much (all of it once the engine is stopping).
+    fn wait_room(&self, intake: &mut MutexGuard<'_, Intake<T>>) -> usize {
+        loop {
+            let ticket = self.room.ticket(); // registered before looking
+            if intake.closed {
+                return usize::MAX;
             }
+            let room = {
+                let st = self.state.lock();
+                let bound = st.queue.max_len().unwrap_or(usize::MAX);
+                bound.saturating_sub(intake.len() + st.held())
+            };
+            if room > 0 {
+                return room;
+            }
+            let clock = self.clock();
+            MutexGuard::unlocked(intake, || ticket.wait(clock, None));
         }
-        let mut st = self.lock();
-        drop(intake);
-        st.counters.accepted += chunk.len() as u64;
+    }
+
+    /// Queues a piece of an `init` chunk (the state lock held).
+    fn queue_piece(&self, mut st: Guard<'_, T>, piece: Vec<T>) {
+        st.counters.accepted += piece.len() as u64;
         if st.phase == Phase::Finished {
-            st.counters.overflow_shutdown += chunk.len() as u64;
+            st.counters.overflow_shutdown += piece.len() as u64;
             drop(st);
-            self.reporter.overflow(chunk, OverflowReason::Shutdown);
+            self.report(piece, OverflowReason::Shutdown);
             return;
         }
-        self.add_heap(heap);
         let now = self.clock().now();
         let overflow = if self.config.enforced() {
-            st.queue.push_back_unbounded(chunk, now);
+            st.queue.push_back_unbounded(piece, now);
             Vec::new()
         } else {
-            st.queue.push_back(chunk, now)
+            st.queue.push_back(piece, now)
         };
         st.counters.overflow_full += overflow.len() as u64;
         self.wake_workers(&mut st);

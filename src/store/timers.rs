@@ -32,7 +32,9 @@ impl<T: Send + 'static> Store<T> {
         st.coordinator_busy = true; // the handler is user code
         drop(st);
         self.report(overflow, OverflowReason::Full);
-        self.lock().coordinator_busy = false;
+        let mut st = self.lock();
+        st.coordinator_busy = false;
+        self.wake_watchers(&mut st); // a shutdown may wait for it
     }
 
     /// Moves retries whose backoff has passed to the ready list and wakes
@@ -42,7 +44,9 @@ impl<T: Send + 'static> Store<T> {
         let retries = st.retries.as_mut()?;
         retries.wake(now);
         let due = retries.next_due();
-        self.wake_workers(&mut st);
+        if retries.ready_groups() > 0 {
+            self.wake_workers(&mut st);
+        }
         due
     }
 
@@ -104,10 +108,31 @@ impl<T: Send + 'static> Store<T> {
 
     /// The first `init` run, at start: marked running before any shutdown can
     /// begin, so a shutdown waits for it (and a drain runs what it streams).
-    pub(crate) fn first_init(&self) {
+    /// `requests` reaches the init thread; `finish` drops it, which ends that
+    /// thread whoever else is stuck.
+    pub(crate) fn first_init(&self, requests: crossbeam_channel::Sender<()>) {
         let mut st = self.lock();
         st.init.running = true;
         st.idle_since = None;
+        drop(st);
+        if requests.send(()).is_err() {
+            log::error!("{}: the init thread is gone", self.config.name);
+        }
+        *self.init_requests.lock() = Some(requests);
+    }
+
+    /// Asks the init thread for a run (marked running by `init_decision`).
+    pub(crate) fn request_init(&self) {
+        let sent = match &*self.init_requests.lock() {
+            Some(requests) => requests.send(()).is_ok(),
+            None => false,
+        };
+        if !sent {
+            // Finished (or the thread is gone): the run will not happen.
+            let mut st = self.lock();
+            st.init.running = false;
+            self.wake_watchers(&mut st);
+        }
     }
 
     /// The coordinator finished a round at clock time `now`.

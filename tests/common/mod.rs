@@ -175,6 +175,16 @@ impl Ledger {
         self.dead.lock().len()
     }
 
+    /// Whether as many ids have left as were given (a run that outlived a
+    /// shutdown deadline may still be on its way out).
+    pub fn all_out(&self) -> bool {
+        let out = self.processed.lock().len()
+            + self.handed_back.lock().len()
+            + self.overflowed.lock().len()
+            + self.dead.lock().len();
+        out >= self.given.lock().len()
+    }
+
     /// Panics unless given = processed + handed back + overflowed + dead-lettered,
     /// with no id counted twice. Returns (given, processed, handed back,
     /// overflowed); see `dead_count` for the last.
