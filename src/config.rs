@@ -454,7 +454,12 @@ impl<K: Task> Builder<K> {
             config.overflow_policy = OverflowPolicy::DropNewest;
         }
         let parts = Parts {
-            reporter: Reporter::new(config.name.clone(), overflow, dead_letter),
+            reporter: Reporter::new(
+                config.name.clone(),
+                overflow,
+                dead_letter,
+                config.clock.clone(),
+            ),
             rules: retry.map(|(policy, same)| Rules { policy, same }),
             weigher,
             observer,

@@ -4,10 +4,15 @@
 //! The reporter is called by whichever thread holds such entries (a caller
 //! whose flush overflowed, a worker whose run spent its attempts, the thread that
 //! stops the engine), always after the store's lock is released. Counting is
-//! done by the store, in the same step that takes the entries out.
+//! done by the store, in the same step that takes the entries out. Its warn
+//! lines are rate-limited: under a sustained overload, one line a second per
+//! engine and kind, saying how many entries went since the last.
 
+use crate::clock::Clock;
 use crate::retry::{DeadLetterHandler, DeadLetterReason};
 use crate::unwind::{catch, drop_quietly};
+use parking_lot::Mutex;
+use std::time::{Duration, Instant};
 
 /// Why entries left the engine without being processed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -78,11 +83,48 @@ pub type OverflowHandler<T> = Box<dyn Fn(Vec<T>, OverflowReason) + Send + Sync +
 /// Reports how many heap bytes one entry owns, for memory accounting.
 pub type Weigher<T> = Box<dyn Fn(&T) -> usize + Send + Sync + 'static>;
 
-/// Logs entries that leave unprocessed and hands them to the handlers.
+/// At most one warn line per this long per engine and kind (overflow, dead
+/// letters); the next says how many entries went since.
+pub(crate) const LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// A rate limit for one kind of warn line: the first goes out, then one per
+/// `LOG_EVERY` with the count of entries since the last.
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    /// Entries (and events) not logged since the last line.
+    quiet_entries: u64,
+    quiet_events: u64,
+}
+
+impl Throttle {
+    /// Counts `n` entries; returns the (entries, events) a line should report
+    /// now, or `None` to keep quiet.
+    fn note(&mut self, n: usize, now: Instant) -> Option<(u64, u64)> {
+        self.quiet_entries += n as u64;
+        self.quiet_events += 1;
+        if self
+            .last
+            .is_some_and(|at| now.saturating_duration_since(at) < LOG_EVERY)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        let said = (self.quiet_entries, self.quiet_events);
+        (self.quiet_entries, self.quiet_events) = (0, 0);
+        Some(said)
+    }
+}
+
+/// Logs entries that leave unprocessed (rate-limited) and hands them to the
+/// handlers.
 pub(crate) struct Reporter<T> {
     name: String,
     overflow: Option<OverflowHandler<T>>,
     dead_letter: Option<DeadLetterHandler<T>>,
+    clock: Clock,
+    overflow_log: Mutex<Throttle>,
+    dead_log: Mutex<Throttle>,
 }
 
 impl<T> Reporter<T> {
@@ -90,11 +132,30 @@ impl<T> Reporter<T> {
         name: String,
         overflow: Option<OverflowHandler<T>>,
         dead_letter: Option<DeadLetterHandler<T>>,
+        clock: Clock,
     ) -> Self {
         Reporter {
             name,
             overflow,
             dead_letter,
+            clock,
+            overflow_log: Mutex::new(Throttle::default()),
+            dead_log: Mutex::new(Throttle::default()),
+        }
+    }
+
+    /// A warn line, at most one per `LOG_EVERY` for this kind.
+    fn warn(&self, throttle: &Mutex<Throttle>, n: usize, what: std::fmt::Arguments<'_>) {
+        let said = throttle.lock().note(n, self.clock.now());
+        if let Some((entries, events)) = said {
+            if events > 1 {
+                log::warn!(
+                    "{}: {what} ({entries} entries in {events} events since the last such line)",
+                    self.name
+                );
+            } else {
+                log::warn!("{}: {what}", self.name);
+            }
         }
     }
 
@@ -104,10 +165,11 @@ impl<T> Reporter<T> {
         if entries.is_empty() {
             return;
         }
-        log::warn!(
-            "{}: {} entries left the engine unprocessed ({reason})",
-            self.name,
-            entries.len()
+        let n = entries.len();
+        self.warn(
+            &self.overflow_log,
+            n,
+            format_args!("{n} entries left the engine unprocessed ({reason})"),
         );
         match &self.overflow {
             Some(handler) => {
@@ -125,10 +187,11 @@ impl<T> Reporter<T> {
         if entries.is_empty() {
             return;
         }
-        log::warn!(
-            "{}: {} entries dead-lettered ({reason})",
-            self.name,
-            entries.len()
+        let n = entries.len();
+        self.warn(
+            &self.dead_log,
+            n,
+            format_args!("{n} entries dead-lettered ({reason})"),
         );
         match &self.dead_letter {
             Some(handler) => {

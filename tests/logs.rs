@@ -1,0 +1,88 @@
+//! Log hygiene: under a sustained overload, one warn line a second per engine
+//! for overflow (and for dead letters), each saying how many went since.
+
+mod common;
+use buffered_task::{Builder, FlushInterval, ManualClock, Outcome, Priority, RetryPolicy};
+use common::*;
+use parking_lot::Mutex;
+use std::time::Duration;
+
+static LINES: Mutex<Vec<(log::Level, String)>> = Mutex::new(Vec::new());
+
+struct Capture;
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        LINES
+            .lock()
+            .push((record.level(), record.args().to_string()));
+    }
+    fn flush(&self) {}
+}
+
+fn warns(engine: &str, about: &str) -> Vec<String> {
+    LINES
+        .lock()
+        .iter()
+        .filter(|(l, m)| *l == log::Level::Warn && m.starts_with(engine) && m.contains(about))
+        .map(|(_, m)| m.clone())
+        .collect()
+}
+
+#[test]
+fn overflow_and_dead_letter_lines_are_rate_limited() {
+    static CAPTURE: Capture = Capture;
+    let _ = log::set_logger(&CAPTURE);
+    log::set_max_level(log::LevelFilter::Trace);
+    let clock = ManualClock::new();
+    let (task, held) = held::<u32>();
+    let handle = Builder::new(task, ())
+        .name("flooded")
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .max_queue_len(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .clock(&clock)
+        .start()
+        .unwrap();
+    handle.push_back(vec![0, 1]).unwrap(); // 0 runs (held), 1 fills the queue
+    recv(&held.started);
+    for i in 2..1002 {
+        handle.push_back(vec![i]).unwrap(); // each overflows
+    }
+    assert_eq!(handle.stats().overflowed_full, 1000);
+    assert_eq!(
+        warns("flooded", "unprocessed").len(),
+        1,
+        "one line for 1000 events"
+    );
+    clock.advance(Duration::from_secs(1));
+    handle.push_back(vec![5000]).unwrap();
+    let lines = warns("flooded", "unprocessed");
+    assert_eq!(lines.len(), 2);
+    assert!(
+        lines[1].contains("(1000 entries in 1000 events since the last such line)"),
+        "{}",
+        lines[1]
+    );
+    held.gate.open();
+    handle.shutdown_drain().unwrap();
+
+    let dead = Builder::new(Script::new(|_: &[u32], _: &()| Outcome::Retry), ())
+        .name("doomed")
+        .max_batch_size(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .clock(&clock)
+        .retry_policy(RetryPolicy::new(1))
+        .start()
+        .unwrap();
+    dead.buffer((0..200).collect(), Priority::Back).unwrap();
+    dead.flush().unwrap();
+    wait_until(|| dead.stats().dead_lettered == 200);
+    assert_eq!(warns("doomed", "dead-lettered").len(), 1);
+    dead.shutdown_drain().unwrap();
+}
