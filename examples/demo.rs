@@ -1,165 +1,301 @@
-//! A simulated block indexer: a backlog of blocks streamed by `init`, new blocks
-//! arriving at the chain head (front priority), and a `run` that calls a slow,
-//! unreliable "RPC node": some blocks fail and are retried, and now and then the
-//! fetch code panics. Live progress every 250 ms, then a summary.
+//! A simulated block indexer: a backlog of old blocks streamed by `init`, new
+//! blocks arriving at the chain head with front priority, and a `run` that calls a
+//! slow, unreliable "RPC node": some blocks fail and are retried, and now and then
+//! the fetch code panics (the engine catches it and retries the batch).
+//!
+//! Everything shown comes from `handle.stats()`, except the two domain counts the
+//! engine cannot know: head blocks and backlog blocks are counted apart, with the
+//! time each head block waited from arrival to indexed, so front priority is
+//! visible: head blocks are indexed within a batch or two of arriving while the
+//! backlog drains behind them.
+//!
+//! The engine's own log lines show through `env_logger` (`RUST_LOG` to change the
+//! level). Ctrl-C (or SIGTERM) stops the engine with `shutdown_timeout`: it drains
+//! for half a second, then hands back what did not start, and the summary counts it.
 //!
 //! `cargo run --release --example demo`
 
-use buffered_task::{Builder, Outcome, Priority, Sink, Task};
+use buffered_task::{
+    Builder, Handle, Outcome, Priority, RetryPolicy, ShutdownReport, Sink, Stats, Task,
+};
+use crossbeam_channel::{select, tick};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use parking_lot::Mutex;
 use rand::Rng;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BACKLOG: u64 = 100_000;
 const HEAD_BLOCKS: u64 = 2_000;
 
+/// A block to index: old (backlog) or new at the chain head, with when it arrived.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Block {
+    Backlog(u64),
+    Head(u64, Instant),
+}
+
+impl Block {
+    fn number(&self) -> u64 {
+        match self {
+            Block::Backlog(number) | Block::Head(number, _) => *number,
+        }
+    }
+}
+
+/// What only the task knows: which kind of block was indexed, and how long head
+/// blocks waited.
 #[derive(Default)]
-struct Counters {
-    indexed: AtomicU64,
-    retried: AtomicU64,
-    panics: AtomicU64,
-    calls: AtomicU64,
+struct Progress {
+    backlog: AtomicU64,
+    head: AtomicU64,
+    head_waits: Mutex<Vec<Duration>>,
 }
 
 struct Indexer {
-    counters: Arc<Counters>,
+    progress: Arc<Progress>,
 }
 
 impl Task for Indexer {
-    type Entry = u64; // a block number
+    type Entry = Block;
     type State = ();
 
-    fn init(&self, sink: &mut Sink<u64>, _: &()) {
+    fn init(&self, sink: &mut Sink<Block>, _: &()) {
         // The backlog: every block not indexed yet, oldest first.
-        for block in 0..BACKLOG {
-            if !sink.push(block) {
+        for number in 0..BACKLOG {
+            if !sink.push(Block::Backlog(number)) {
                 return; // shutting down
             }
         }
     }
 
-    fn run(&self, blocks: &[u64], _: &()) -> Outcome<u64, ()> {
+    fn run(&self, blocks: &[Block], _: &()) -> Outcome<Block, ()> {
         let mut rng = rand::thread_rng();
-        self.counters.calls.fetch_add(1, Ordering::Relaxed);
         // One round trip to the node: 2–6 ms.
         std::thread::sleep(Duration::from_micros(rng.gen_range(2_000..6_000)));
         if rng.gen_ratio(1, 200) {
-            self.counters.panics.fetch_add(1, Ordering::Relaxed);
-            panic!("decoder bug on block {}", blocks[0]);
+            panic!("decoder bug on block {}", blocks[0].number());
         }
         // About 2% of blocks come back with a "header not found" error.
-        let failed: Vec<u64> = blocks
-            .iter()
-            .copied()
-            .filter(|_| rng.gen_ratio(1, 50))
-            .collect();
-        let done = (blocks.len() - failed.len()) as u64;
-        self.counters.indexed.fetch_add(done, Ordering::Relaxed);
+        let mut failed = Vec::new();
+        for block in blocks {
+            if rng.gen_ratio(1, 50) {
+                failed.push(*block);
+                continue;
+            }
+            match block {
+                Block::Backlog(_) => {
+                    self.progress.backlog.fetch_add(1, Ordering::Relaxed);
+                }
+                Block::Head(_, arrived) => {
+                    self.progress.head.fetch_add(1, Ordering::Relaxed);
+                    self.progress.head_waits.lock().push(arrived.elapsed());
+                }
+            }
+        }
         if failed.is_empty() {
             Outcome::Ok
         } else {
-            self.counters
-                .retried
-                .fetch_add(failed.len() as u64, Ordering::Relaxed);
             Outcome::RetryEntries(failed)
         }
     }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // One short line per panic instead of the default report.
-    std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<String>()
-            .cloned()
-            .unwrap_or_default();
-        eprintln!("  (run panicked: {msg}; the batch will be retried)");
-    }));
+/// Lines from `env_logger`, written above the progress bars instead of through them.
+struct AboveBars(MultiProgress);
 
-    let counters = Arc::new(Counters::default());
+impl Write for AboveBars {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.suspend(|| std::io::stderr().write_all(buf))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+struct Bars {
+    backlog: ProgressBar,
+    head: ProgressBar,
+    engine: ProgressBar,
+}
+
+impl Bars {
+    fn new(multi: &MultiProgress) -> Self {
+        let style = ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos:>7}/{len} {msg}")
+            .expect("a valid template")
+            .progress_chars("=> ");
+        let bar = |len: u64, prefix: &'static str| {
+            let bar = multi.add(ProgressBar::new(len));
+            bar.set_style(style.clone());
+            bar.set_prefix(prefix);
+            bar
+        };
+        let engine = multi.add(ProgressBar::new_spinner());
+        engine.set_style(
+            ProgressStyle::with_template("{prefix:>8} {msg}").expect("a valid template"),
+        );
+        engine.set_prefix("engine");
+        Bars {
+            backlog: bar(BACKLOG, "backlog"),
+            head: bar(HEAD_BLOCKS, "head"),
+            engine,
+        }
+    }
+
+    fn show(&self, progress: &Progress, stats: &Stats) {
+        self.backlog
+            .set_position(progress.backlog.load(Ordering::Relaxed));
+        self.head
+            .set_position(progress.head.load(Ordering::Relaxed));
+        let waits = progress.head_waits.lock();
+        if let Some(last) = waits.last() {
+            self.head.set_message(format!("last waited {last:.1?}"));
+        }
+        drop(waits);
+        self.engine.set_message(format!(
+            "buffered {:>5}  queued {:>6}  running {}  processed {:>6}  retried {:>5}  panics {:>3}  oldest wait {:.0?}",
+            stats.buffered,
+            stats.queued,
+            stats.running,
+            stats.processed,
+            stats.retried,
+            stats.panicked,
+            stats.oldest_wait.unwrap_or_default(),
+        ));
+    }
+
+    fn finish(&self) {
+        self.backlog.finish();
+        self.head.finish();
+        self.engine.finish();
+    }
+}
+
+/// The chain head: a new block every half millisecond or so, at the front.
+fn follow_head(handle: Handle<Block>) {
+    for number in BACKLOG..BACKLOG + HEAD_BLOCKS {
+        if handle
+            .buffer_one(Block::Head(number, Instant::now()), Priority::Front)
+            .is_err()
+        {
+            return; // the engine stopped (Ctrl-C)
+        }
+        if number % 10 == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let multi = MultiProgress::new();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Pipe(Box::new(AboveBars(multi.clone()))))
+        .init();
+    // The engine logs each panic it catches; the default hook would add a backtrace.
+    std::panic::set_hook(Box::new(|_| {}));
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
+    ctrlc::set_handler(move || {
+        let _ = stop_tx.try_send(());
+    })?;
+
+    let progress = Arc::new(Progress::default());
     let handle = Builder::new(
         Indexer {
-            counters: counters.clone(),
+            progress: progress.clone(),
         },
         (),
     )
     .name("indexer")
     .max_batch_size(25)
     .max_concurrency(8)
-    .flush_interval(Duration::from_millis(100))
-    .poll(false)
+    .flush_interval(Duration::from_millis(50))
+    .poll(false) // the backlog is streamed once
+    // Failed blocks wait out a backoff, then go ahead of the queue: a head block
+    // that failed does not wait behind the whole backlog.
+    .retry_policy(RetryPolicy::new(10).backoff(Duration::from_millis(10), Duration::from_secs(1)))
+    .dead_letter_handler(|blocks, reason| {
+        log::error!("gave up on {} blocks: {reason}", blocks.len())
+    })
     .start()?;
 
+    let bars = Bars::new(&multi);
     let start = Instant::now();
-    let head_done = Arc::new(AtomicBool::new(false));
-    std::thread::scope(|scope| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        // The chain head: new blocks every millisecond, indexed before the backlog.
-        let head = handle.clone();
-        let head_flag = head_done.clone();
-        scope.spawn(move || {
-            for block in BACKLOG..BACKLOG + HEAD_BLOCKS {
-                if head.buffer_one(block, Priority::Front).is_err() {
-                    break;
-                }
-                if block % 20 == 0 {
-                    std::thread::sleep(Duration::from_millis(1));
+    let head = std::thread::spawn({
+        let handle = handle.clone();
+        move || follow_head(handle)
+    });
+    let ticks = tick(Duration::from_millis(100));
+    let total = BACKLOG + HEAD_BLOCKS;
+    let interrupted = loop {
+        select! {
+            recv(ticks) -> _ => {
+                let stats = handle.stats();
+                bars.show(&progress, &stats);
+                if stats.processed + stats.dead_lettered >= total {
+                    break false;
                 }
             }
-            head_flag.store(true, Ordering::Relaxed);
-        });
-
-        let total = BACKLOG + HEAD_BLOCKS;
-        loop {
-            std::thread::sleep(Duration::from_millis(250));
-            let count = handle.debug_count()?;
-            let indexed = counters.indexed.load(Ordering::Relaxed);
-            println!(
-                "{:>6.2}s  indexed {:>7}/{total}  retried {:>5}  panics {:>3}  waiting {:>7}  running {:>2}",
-                start.elapsed().as_secs_f64(),
-                indexed,
-                counters.retried.load(Ordering::Relaxed),
-                counters.panics.load(Ordering::Relaxed),
-                count.waiting,
-                count.running,
-            );
-            if indexed >= total && head_done.load(Ordering::Relaxed) {
-                return Ok(());
-            }
+            recv(stop_rx) -> _ => break true,
         }
-    })
-    .map_err(|e| e.to_string())?;
+    };
+    let report = if interrupted {
+        // Drain for half a second, then hand back what did not start: a real
+        // indexer would find those blocks again through `init` on its next start.
+        log::warn!("interrupted: draining for 500 ms, then stopping");
+        handle.shutdown_timeout(Duration::from_millis(500))?
+    } else {
+        handle.shutdown_drain()?
+    };
+    head.join().map_err(|_| "the head thread panicked")?;
+    bars.show(&progress, &handle.stats());
+    bars.finish();
+    summary(&progress, &handle.stats(), &report, start.elapsed());
+    if !interrupted {
+        let stats = handle.stats();
+        assert_eq!(
+            stats.processed + stats.dead_lettered,
+            total,
+            "every block accounted for"
+        );
+    }
+    Ok(())
+}
 
-    let report = handle.shutdown_drain()?;
-    let elapsed = start.elapsed();
-    let indexed = counters.indexed.load(Ordering::Relaxed);
+fn summary(progress: &Progress, stats: &Stats, report: &ShutdownReport<Block>, took: Duration) {
+    let mut waits = progress.head_waits.lock().clone();
+    waits.sort();
+    let at = |q: f64| {
+        waits
+            .get(((waits.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or_default()
+    };
     println!();
-    println!("summary");
-    println!("  blocks indexed     {indexed}");
+    println!("summary (from handle.stats())");
+    println!("  blocks processed   {}", stats.processed);
     println!(
-        "  run calls          {}",
-        counters.calls.load(Ordering::Relaxed)
+        "    backlog          {}",
+        progress.backlog.load(Ordering::Relaxed)
     );
     println!(
-        "  blocks retried     {}",
-        counters.retried.load(Ordering::Relaxed)
+        "    head             {}  (arrival to indexed: p50 {:.1?}, p99 {:.1?}, max {:.1?})",
+        progress.head.load(Ordering::Relaxed),
+        at(0.5),
+        at(0.99),
+        at(1.0)
     );
-    println!(
-        "  panics survived    {}",
-        counters.panics.load(Ordering::Relaxed)
-    );
-    println!("  left unprocessed   {}", report.unprocessed.len());
+    println!("  blocks retried     {}", stats.retried);
+    println!("  panics caught      {}", stats.panicked);
+    println!("  dead-lettered      {}", stats.dead_lettered);
+    println!("  handed back        {}", report.unprocessed.len());
+    println!("  still running      {}", report.still_running);
     println!("  overflowed         {}", report.overflowed);
     println!(
         "  elapsed            {:.2}s ({:.0} blocks/s)",
-        elapsed.as_secs_f64(),
-        indexed as f64 / elapsed.as_secs_f64()
+        took.as_secs_f64(),
+        stats.processed as f64 / took.as_secs_f64()
     );
-    assert_eq!(
-        indexed,
-        BACKLOG + HEAD_BLOCKS,
-        "every block indexed exactly once"
-    );
-    Ok(())
 }

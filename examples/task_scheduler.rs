@@ -1,119 +1,199 @@
-//! The original module's second example, in Rust: a scheduler whose entries are
-//! jobs due at a given time. `run` executes the due ones, retries failures up to
-//! `max_retries`, and hands the not-yet-due ones back with `RetryEntries`.
+//! The original module's second example, in Rust: a scheduler of jobs due at given
+//! times. A timer thread holds the jobs that are not due yet and buffers each one
+//! when its time comes (it waits on a channel with a deadline, so a new job that is
+//! due sooner is seen at once; `run` never waits for anything). The engine runs the
+//! due jobs; a job that fails is retried by the [`RetryPolicy`] with a growing
+//! backoff, and after its last attempt goes to the dead-letter handler.
 //!
 //! `cargo run --example task_scheduler`
 
-use buffered_task::{Builder, Outcome, Priority, Task};
-use std::sync::{mpsc, Arc};
+use buffered_task::{Builder, DeadLetterReason, Handle, Outcome, Priority, RetryPolicy, Task};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Shared, so a job can be handed back for a retry by cloning it.
+/// A job's work: `Err` asks for another attempt.
 type JobFn = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// A job, compared by id (the retry policy matches retried entries by equality).
 #[derive(Clone)]
 struct Job {
-    at: Instant,
+    id: u64,
     name: &'static str,
-    run: JobFn,
-    retries: u32,
+    work: JobFn,
+}
+
+impl PartialEq for Job {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+/// How each job ended, for `main` to wait on.
+enum Ended {
+    Done(&'static str),
+    GaveUp(&'static str, DeadLetterReason),
 }
 
 struct Scheduler {
-    finished: mpsc::SyncSender<&'static str>,
-}
-
-struct Limits {
-    max_retries: u32,
+    ended: Sender<Ended>,
 }
 
 impl Task for Scheduler {
     type Entry = Job;
-    type State = Limits;
+    type State = ();
 
-    fn run(&self, jobs: &[Job], limits: &Limits) -> Outcome<Job, Limits> {
-        // `run` sees the batch by reference; a job that must run again is cloned
-        // (cheap: the closure is shared) and handed back with `RetryEntries`.
-        let now = Instant::now();
-        let mut again = Vec::new();
-        for job in jobs {
-            if job.at > now {
-                again.push(job.clone());
-                continue;
+    fn run(&self, jobs: &[Job], _: &()) -> Outcome<Job, ()> {
+        // One job per batch (`max_batch_size(1)`), so an error is that job's.
+        let job = &jobs[0];
+        match (job.work)() {
+            Ok(()) => {
+                let _ = self.ended.send(Ended::Done(job.name));
+                Outcome::Ok
             }
-            match (job.run)() {
-                Ok(()) => {
-                    let _ = self.finished.send(job.name);
-                }
-                Err(err) if job.retries < limits.max_retries => {
-                    println!("{}: failed ({err}), retry {}", job.name, job.retries + 1);
-                    again.push(Job {
-                        retries: job.retries + 1,
-                        ..job.clone()
-                    });
-                }
-                Err(err) => {
-                    println!("{}: failed ({err}), giving up", job.name);
-                    let _ = self.finished.send(job.name);
-                }
+            Err(error) => {
+                println!(
+                    "{}: failed ({error}); the retry policy will try again",
+                    job.name
+                );
+                Outcome::fail(error)
             }
-        }
-        if again.is_empty() {
-            Outcome::Ok
-        } else {
-            // Nothing here is due yet: wait a little instead of spinning.
-            if again.len() == jobs.len() {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Outcome::RetryEntries(again)
         }
     }
 }
 
-fn hello() -> Result<(), String> {
-    println!("Hello from the future!");
-    Ok(())
-}
-
-fn flaky() -> Result<(), String> {
-    Err("the remote end is down".to_string())
-}
-
-fn report() -> Result<(), String> {
-    println!("Report sent.");
-    Ok(())
+/// Holds the jobs that are not due and buffers each when its time comes. Ends
+/// when `incoming` is closed and every job has been handed over.
+fn timer(incoming: Receiver<(Instant, Job)>, engine: Handle<Job>) {
+    let mut waiting: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
+    let mut jobs = HashMap::new();
+    let mut open = true;
+    loop {
+        let next = waiting.peek().map(|Reverse((at, _))| *at);
+        let received = match (next, open) {
+            (None, false) => return,
+            (None, true) => incoming.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            (Some(at), true) => incoming.recv_deadline(at),
+            (Some(at), false) => {
+                // No job can come any more: just wait for the next due time.
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                Err(RecvTimeoutError::Timeout)
+            }
+        };
+        match received {
+            Ok((at, job)) => {
+                waiting.push(Reverse((at, job.id)));
+                jobs.insert(job.id, job);
+            }
+            Err(RecvTimeoutError::Disconnected) => open = false,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        // Everything due now goes to the engine, at the front of its queue.
+        let now = Instant::now();
+        while let Some(Reverse((at, id))) = waiting.peek().copied() {
+            if at > now {
+                break;
+            }
+            waiting.pop();
+            let job = jobs.remove(&id).expect("every waiting id has its job");
+            if engine.buffer_one(job, Priority::Front).is_err() {
+                return; // the engine stopped
+            }
+        }
+    }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let (finished, done) = mpsc::sync_channel(16);
-    let handle = Builder::new(Scheduler { finished }, Limits { max_retries: 3 })
+    let (ended_tx, ended) = crossbeam_channel::unbounded();
+    let gave_up = ended_tx.clone();
+    let handle = Builder::new(Scheduler { ended: ended_tx }, ())
         .name("task-scheduler")
         .poll(false)
-        .flush_interval(Duration::from_millis(100))
-        .max_batch_size(10)
-        .max_concurrency(5)
+        .flush_interval(Duration::from_millis(10))
+        .max_batch_size(1)
+        .max_concurrency(4)
+        // At most 4 attempts per job, 50 ms before the second, doubling.
+        .retry_policy(
+            RetryPolicy::new(4).backoff(Duration::from_millis(50), Duration::from_secs(1)),
+        )
+        .dead_letter_handler(move |jobs: Vec<Job>, reason| {
+            for job in jobs {
+                let _ = gave_up.send(Ended::GaveUp(job.name, reason.clone()));
+            }
+        })
         .start()?;
 
-    let start = Instant::now();
-    let schedule = |after_ms: u64, name: &'static str, f: fn() -> Result<(), String>| {
-        let job = Job {
-            at: start + Duration::from_millis(after_ms),
-            name,
-            run: Arc::new(f),
-            retries: 0,
-        };
-        handle
-            .buffer(vec![job], Priority::Back)
-            .map_err(|e| e.to_string())
-    };
-    schedule(300, "hello", hello)?;
-    schedule(100, "flaky", flaky)?;
-    schedule(500, "report", report)?;
+    let (schedule, incoming) = crossbeam_channel::unbounded();
+    let timer_thread = std::thread::spawn({
+        let engine = handle.clone();
+        move || timer(incoming, engine)
+    });
 
-    for _ in 0..3 {
-        let name = done.recv_timeout(Duration::from_secs(10))?;
-        println!("finished: {name} after {:?}", start.elapsed());
+    // A job that works on its third try.
+    let tries = Arc::new(AtomicU32::new(0));
+    let warming_up: JobFn = Arc::new(move || match tries.fetch_add(1, Ordering::Relaxed) {
+        0 | 1 => Err("the cache is still warming up".to_string()),
+        _ => {
+            println!("warm-up: cache ready");
+            Ok(())
+        }
+    });
+    let start = Instant::now();
+    let jobs: [(u64, &'static str, JobFn); 4] = [
+        (
+            300,
+            "hello",
+            Arc::new(|| {
+                println!("hello: Hello from the future!");
+                Ok(())
+            }),
+        ),
+        (
+            100,
+            "flaky",
+            Arc::new(|| Err("the remote end is down".to_string())),
+        ),
+        (50, "warm-up", warming_up),
+        (
+            500,
+            "report",
+            Arc::new(|| {
+                println!("report: sent");
+                Ok(())
+            }),
+        ),
+    ];
+    for (id, (after_ms, name, work)) in (0u64..).zip(jobs) {
+        schedule.send((
+            start + Duration::from_millis(after_ms),
+            Job { id, name, work },
+        ))?;
     }
-    handle.shutdown_drain()?;
+    drop(schedule); // no more jobs: the timer ends once it has handed all over
+
+    for _ in 0..4 {
+        match ended.recv_timeout(Duration::from_secs(10))? {
+            Ended::Done(name) => println!("finished: {name} at {:?}", start.elapsed()),
+            Ended::GaveUp(name, reason) => {
+                println!("gave up: {name} at {:?} ({reason})", start.elapsed())
+            }
+        }
+    }
+    timer_thread
+        .join()
+        .map_err(|_| "the timer thread panicked")?;
+    let report = handle.shutdown_drain()?;
+    let stats = handle.stats();
+    println!(
+        "processed {}, retried {}, dead-lettered {}, unprocessed {}",
+        stats.processed,
+        stats.retried,
+        stats.dead_lettered,
+        report.unprocessed.len()
+    );
+    assert_eq!((stats.processed, stats.dead_lettered), (3, 1));
     Ok(())
 }

@@ -83,8 +83,8 @@ pub type OverflowHandler<T> = Box<dyn Fn(Vec<T>, OverflowReason) + Send + Sync +
 /// Reports how many heap bytes one entry owns, for memory accounting.
 pub type Weigher<T> = Box<dyn Fn(&T) -> usize + Send + Sync + 'static>;
 
-/// At most one warn line per this long per engine and kind (overflow, dead
-/// letters); the next says how many entries went since.
+/// At most one line per this long per engine and kind (overflow, dead letters,
+/// failed runs, panicked runs); the next says how many entries went since.
 pub(crate) const LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// A rate limit for one kind of warn line: the first goes out, then one per
@@ -125,6 +125,16 @@ pub(crate) struct Reporter<T> {
     clock: Clock,
     overflow_log: Mutex<Throttle>,
     dead_log: Mutex<Throttle>,
+    failed_log: Mutex<Throttle>,
+    panicked_log: Mutex<Throttle>,
+}
+
+/// A run that did not succeed, for its (rate-limited) log line.
+pub(crate) enum Trouble {
+    /// It panicked, with this message.
+    Panicked(String),
+    /// It failed with this error.
+    Failed(crate::task::RunError),
 }
 
 impl<T> Reporter<T> {
@@ -141,21 +151,58 @@ impl<T> Reporter<T> {
             clock,
             overflow_log: Mutex::new(Throttle::default()),
             dead_log: Mutex::new(Throttle::default()),
+            failed_log: Mutex::new(Throttle::default()),
+            panicked_log: Mutex::new(Throttle::default()),
         }
     }
 
     /// A warn line, at most one per `LOG_EVERY` for this kind.
     fn warn(&self, throttle: &Mutex<Throttle>, n: usize, what: std::fmt::Arguments<'_>) {
+        self.say(log::Level::Warn, throttle, n, what);
+    }
+
+    /// A line at `level`, at most one per `LOG_EVERY` for this kind.
+    fn say(
+        &self,
+        level: log::Level,
+        throttle: &Mutex<Throttle>,
+        n: usize,
+        what: std::fmt::Arguments<'_>,
+    ) {
+        if !log::log_enabled!(level) {
+            return;
+        }
         let said = throttle.lock().note(n, self.clock.now());
         if let Some((entries, events)) = said {
             if events > 1 {
-                log::warn!(
+                log::log!(
+                    level,
                     "{}: {what} ({entries} entries in {events} events since the last such line)",
                     self.name
                 );
             } else {
-                log::warn!("{}: {what}", self.name);
+                log::log!(level, "{}: {what}", self.name);
             }
+        }
+    }
+
+    /// A run that did not succeed, on `n` entries (retried or dead-lettered; the
+    /// dead letters have their own line): a panic at error, a failure at warn,
+    /// each kind rate-limited.
+    pub(crate) fn run_trouble(&self, trouble: &Trouble, n: usize) {
+        match trouble {
+            Trouble::Panicked(msg) => self.say(
+                log::Level::Error,
+                &self.panicked_log,
+                n,
+                format_args!("run panicked on a batch of {n}: {msg}"),
+            ),
+            Trouble::Failed(error) => self.say(
+                log::Level::Warn,
+                &self.failed_log,
+                n,
+                format_args!("run failed on {n} entries: {error}"),
+            ),
         }
     }
 

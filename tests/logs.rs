@@ -1,5 +1,6 @@
-//! Log hygiene: under a sustained overload, one warn line a second per engine
-//! for overflow (and for dead letters), each saying how many went since.
+//! Log hygiene: under a sustained overload, one line a second per engine for
+//! overflow, dead letters, failed runs and panicked runs, each saying how many
+//! went since.
 
 mod common;
 use buffered_task::{Builder, FlushInterval, ManualClock, Outcome, Priority, RetryPolicy};
@@ -23,10 +24,14 @@ impl log::Log for Capture {
 }
 
 fn warns(engine: &str, about: &str) -> Vec<String> {
+    lines(log::Level::Warn, engine, about)
+}
+
+fn lines(level: log::Level, engine: &str, about: &str) -> Vec<String> {
     LINES
         .lock()
         .iter()
-        .filter(|(l, m)| *l == log::Level::Warn && m.starts_with(engine) && m.contains(about))
+        .filter(|(l, m)| *l == level && m.starts_with(engine) && m.contains(about))
         .map(|(_, m)| m.clone())
         .collect()
 }
@@ -85,4 +90,52 @@ fn overflow_and_dead_letter_lines_are_rate_limited() {
     wait_until(|| dead.stats().dead_lettered == 200);
     assert_eq!(warns("doomed", "dead-lettered").len(), 1);
     dead.shutdown_drain().unwrap();
+}
+
+#[test]
+fn failed_and_panicked_run_lines_are_rate_limited() {
+    static CAPTURE: Capture = Capture;
+    let _ = log::set_logger(&CAPTURE);
+    log::set_max_level(log::LevelFilter::Trace);
+    quiet_panics();
+    let clock = ManualClock::new();
+    let engine = |name: &str, run: fn(&[u32]) -> Outcome<u32, ()>| {
+        Builder::new(Script::new(move |b: &[u32], _: &()| run(b)), ())
+            .name(name)
+            .max_batch_size(1)
+            .max_concurrency(1)
+            .flush_interval(FlushInterval::Never)
+            .poll(false)
+            .clock(&clock)
+            .retry_policy(RetryPolicy::new(2).backoff(Duration::ZERO, Duration::ZERO))
+            .start()
+            .unwrap()
+    };
+    let failing = engine("failing", |_| Outcome::fail("the node is down"));
+    let panicking = engine("panicking", |_| panic!("decoder bug"));
+    for handle in [&failing, &panicking] {
+        handle.buffer((0..100).collect(), Priority::Back).unwrap();
+        handle.flush().unwrap();
+        wait_until(|| handle.stats().dead_lettered == 100);
+    }
+    // 100 runs failed (and 100 more dead-lettered): one line each so far.
+    assert_eq!(warns("failing", "run failed").len(), 1);
+    assert_eq!(
+        lines(log::Level::Error, "panicking", "run panicked").len(),
+        1
+    );
+    clock.advance(Duration::from_secs(1));
+    failing.buffer(vec![7], Priority::Back).unwrap();
+    failing.flush().unwrap();
+    wait_until(|| failing.stats().dead_lettered == 101);
+    let said = warns("failing", "run failed");
+    assert_eq!(said.len(), 2, "{said:?}");
+    // 99 more first attempts and 100 last ones, one entry each, then entry 7.
+    assert!(
+        said[1].contains("(200 entries in 200 events since"),
+        "{}",
+        said[1]
+    );
+    failing.shutdown_drain().unwrap();
+    panicking.shutdown_drain().unwrap();
 }

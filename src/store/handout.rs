@@ -4,7 +4,7 @@
 
 use super::guard::Guard;
 use super::{Phase, Run, Slot, State, Store};
-use crate::overflow::OverflowReason;
+use crate::overflow::{OverflowReason, Trouble};
 use crate::retry::Settled;
 use crate::unwind::drop_quietly;
 use std::sync::atomic::Ordering;
@@ -63,8 +63,11 @@ struct Leftovers<T> {
     dead: Vec<T>,
     dead_reason: Option<crate::retry::DeadLetterReason>,
     spent: Vec<T>,
-    /// Lines to log (the logger is user code too: never under the lock).
-    logs: Vec<(log::Level, String)>,
+    /// How the run failed, for its log line, with how many entries go back
+    /// (the logger is user code too: never called under the lock).
+    logs: Vec<(Trouble, usize)>,
+    /// The line that says a stuck run returned (rare: not rate-limited).
+    stuck: Option<String>,
 }
 
 impl<T> Leftovers<T> {
@@ -76,6 +79,7 @@ impl<T> Leftovers<T> {
             dead_reason: None,
             spent: Vec::new(),
             logs: Vec::new(),
+            stuck: None,
         }
     }
 }
@@ -206,10 +210,7 @@ impl<T: Send + 'static> Store<T> {
         };
         if let Some(run) = stuck {
             let line = self.stuck_returned(run, took);
-            leftovers
-                .get_or_insert_with(Leftovers::empty)
-                .logs
-                .push((log::Level::Warn, line));
+            leftovers.get_or_insert_with(Leftovers::empty).stuck = Some(line);
         }
         (st, leftovers)
     }
@@ -358,21 +359,19 @@ impl<T: Send + 'static> Store<T> {
             dead_reason: Some(s.reason),
             spent: s.spent,
             logs,
+            stuck: None,
         }
     }
 
-    /// The lines a failed run is logged with (later, outside the lock).
-    fn failure_logs(&self, s: &Settled<T>) -> Vec<(log::Level, String)> {
-        let name = &self.config.name;
+    /// What a failed run is logged with (later, outside the lock).
+    fn failure_logs(&self, s: &Settled<T>) -> Vec<(Trouble, usize)> {
         let mut logs = Vec::new();
+        let failed = s.retried() + s.dead.len();
         if let Some(msg) = &s.panic {
-            let line = format!("{name}: run panicked on a batch, retrying it: {msg}");
-            logs.push((log::Level::Error, line));
+            logs.push((Trouble::Panicked(msg.clone()), failed));
         }
         if let Some(error) = &s.error {
-            let n = s.retried();
-            let line = format!("{name}: run failed, retrying {n} entries: {error}");
-            logs.push((log::Level::Warn, line));
+            logs.push((Trouble::Failed(error.clone()), failed));
         }
         logs
     }
@@ -380,8 +379,11 @@ impl<T: Send + 'static> Store<T> {
     /// Reports a failed run's overflow and dead letters, and drops its batch,
     /// outside the lock.
     fn report_leftovers(&self, l: Leftovers<T>) {
-        for (level, line) in l.logs {
-            log::log!(level, "{line}");
+        if let Some(line) = &l.stuck {
+            log::warn!("{line}");
+        }
+        for (trouble, n) in &l.logs {
+            self.reporter.run_trouble(trouble, *n);
         }
         if let Some(reason) = l.reason {
             self.report(l.overflow, reason);
