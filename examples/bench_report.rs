@@ -4,6 +4,11 @@
 //! `cargo run --release --example bench_report`
 //!
 //! Sizes can be scaled down with `BENCH_SCALE` (e.g. `0.1`) for a quick look.
+//!
+//! `cargo run --release --example bench_report -- --scaling [--workers=1,2,4,8,16]
+//! [--work-us=1]` instead measures how throughput grows with the number of
+//! workers, for a fixed busy cost per entry, against plain threads doing the same
+//! work with no engine (see the README's Scaling section).
 
 #[path = "../benches/common/mod.rs"]
 mod common;
@@ -38,6 +43,10 @@ fn main() {
             .and_then(|out| String::from_utf8(out.stdout).ok())
             .and_then(|s| s.trim().parse().ok())
     };
+    if std::env::args().any(|a| a == "--scaling") {
+        scaling(n);
+        return;
+    }
     let bytes_per_u64 = memory("--memory-only");
     let bytes_per_u64_dedup = memory("--memory-dedup");
 
@@ -57,6 +66,7 @@ fn main() {
         _ => None,
     };
     let single_b = single_baseline(single_n, 4, 500, 2);
+    let (single_mv, mv_cpu_ns) = single_mutex_vec(single_n, 4, 500, 2);
 
     let init_n = n(20_000_000);
     let init_c = init_crate(init_n, 500, 2);
@@ -109,6 +119,11 @@ fn main() {
         meps(single_n, single_c),
         Some(meps(single_n, single_b)),
     );
+    row(
+        "single: the same, mutex-guarded Vec",
+        meps(single_n, single_c),
+        Some(meps(single_n, single_mv)),
+    );
     row("init: 20 M streamed", meps(init_n, init_c), None);
     row(
         "retry: every batch once",
@@ -130,8 +145,9 @@ fn main() {
         "cpu work: {per_entry_us:.1} µs per entry; 1 worker; the ratio columns: rayon inside / engine alone, then limit / rayon inside"
     );
     println!(
-        "single: producer CPU per buffer_one call: {}",
-        cpu_ns.map_or("n/a".into(), |v| format!("{v:.0} ns"))
+        "single: producer CPU per buffer_one call: {}; per push into a mutex-guarded Vec: {}",
+        cpu_ns.map_or("n/a".into(), |v| format!("{v:.0} ns")),
+        mv_cpu_ns.map_or("n/a".into(), |v| format!("{v:.0} ns"))
     );
     println!("bulk, natural batching: mean batch {nat_mean:.1} of 500 (the ratio column is against ticked bulk)");
     println!("latency, full batch into an idle engine: p50 {full_p50:.1} µs, p99 {full_p99:.1} µs");
@@ -146,13 +162,15 @@ fn main() {
         bytes_per_u64_dedup.map_or("n/a".into(), |v| format!("{v:.2}"))
     );
     println!(
-        "{{\"bulk\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2},\"natural_meps\":{:.2},\"natural_mean_batch\":{:.1}}},\"single\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2},\"cpu_ns_per_call\":{},\"process_cpu_ns_per_call\":{}}},\"init\":{{\"crate_meps\":{:.2}}},\"retry\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2}}},\"latency\":{{\"full_batch_p50_us\":{:.1},\"full_batch_p99_us\":{:.1},\"idle_single_p50_us\":{:.1},\"idle_single_p99_us\":{:.1},\"partial_p99_us\":{:.1},\"partial_over_tick_p99_us\":{:.1}}},\"memory\":{{\"bytes_per_u64\":{},\"bytes_per_u64_dedup\":{}}},\"dedup\":{{\"bulk_meps\":{:.2},\"bulk_off_meps\":{:.2}}},\"rayon\":{{\"engine_meps\":{:.3},\"engine_rayon_meps\":{:.3},\"par_iter_meps\":{:.3},\"work_us\":{:.2}}},\"scale\":{}}}",
+        "{{\"bulk\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2},\"natural_meps\":{:.2},\"natural_mean_batch\":{:.1}}},\"single\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2},\"mutex_vec_meps\":{:.2},\"mutex_vec_cpu_ns\":{},\"cpu_ns_per_call\":{},\"process_cpu_ns_per_call\":{}}},\"init\":{{\"crate_meps\":{:.2}}},\"retry\":{{\"crate_meps\":{:.2},\"baseline_meps\":{:.2}}},\"latency\":{{\"full_batch_p50_us\":{:.1},\"full_batch_p99_us\":{:.1},\"idle_single_p50_us\":{:.1},\"idle_single_p99_us\":{:.1},\"partial_p99_us\":{:.1},\"partial_over_tick_p99_us\":{:.1}}},\"memory\":{{\"bytes_per_u64\":{},\"bytes_per_u64_dedup\":{}}},\"dedup\":{{\"bulk_meps\":{:.2},\"bulk_off_meps\":{:.2}}},\"rayon\":{{\"engine_meps\":{:.3},\"engine_rayon_meps\":{:.3},\"par_iter_meps\":{:.3},\"work_us\":{:.2}}},\"scale\":{}}}",
         meps(bulk_n, bulk_c),
         meps(bulk_n, bulk_b),
         meps(bulk_n, bulk_nat),
         nat_mean,
         meps(single_n, single_c),
         meps(single_n, single_b),
+        meps(single_n, single_mv),
+        mv_cpu_ns.map_or("null".into(), |v| format!("{v:.1}")),
         cpu_ns.map_or("null".into(), |v| format!("{v:.1}")),
         process_ns.map_or("null".into(), |v| format!("{v:.1}")),
         meps(init_n, init_c),
@@ -173,5 +191,56 @@ fn main() {
         meps(cpu_n, cpu_limit),
         per_entry_us,
         scale
+    );
+}
+
+/// `--scaling`: throughput against the number of workers, for a fixed busy cost
+/// per entry (and for none: the engine's own ceiling), the engine against plain
+/// threads sharing the same batches through one atomic index.
+fn scaling(n: impl Fn(u64) -> u64) {
+    let arg = |name: &str| std::env::args().find_map(|a| a.strip_prefix(name).map(str::to_string));
+    let workers: Vec<usize> = arg("--workers=")
+        .map(|w| w.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 4]);
+    let work_us: f64 = arg("--work-us=")
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(1.0);
+    let batch = 500;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rounds = busy_rounds_for(work_us);
+    println!("scaling: {work_us} µs of busy work per entry ({rounds} rounds), batch {batch}, {cores} cores here");
+    println!(
+        "{:>7} {:>12} {:>12} {:>8} {:>9} | {:>12} {:>12} {:>8}",
+        "workers",
+        "engine M/s",
+        "threads M/s",
+        "ratio",
+        "speedup",
+        "no work M/s",
+        "threads M/s",
+        "ratio"
+    );
+    let mut json = Vec::new();
+    let mut first = None;
+    for &w in &workers {
+        let total = n(1_000_000);
+        let engine = meps(total, scaling_crate(total, batch, w, rounds));
+        let threads = meps(total, scaling_threads(total, batch, w, rounds));
+        let bare = n(20_000_000);
+        let engine0 = meps(bare, scaling_crate(bare, batch, w, 0));
+        let threads0 = meps(bare, scaling_threads(bare, batch, w, 0));
+        let speedup = engine / *first.get_or_insert(engine);
+        println!(
+            "{w:>7} {engine:>12.2} {threads:>12.2} {:>7.2}x {speedup:>8.2}x | {engine0:>12.1} {threads0:>12.1} {:>7.2}x",
+            engine / threads,
+            engine0 / threads0
+        );
+        json.push(format!(
+            "{{\"workers\":{w},\"engine_meps\":{engine:.3},\"threads_meps\":{threads:.3},\"nowork_engine_meps\":{engine0:.1},\"nowork_threads_meps\":{threads0:.1}}}"
+        ));
+    }
+    println!(
+        "{{\"scaling\":{{\"work_us\":{work_us},\"cores\":{cores},\"rows\":[{}]}}}}",
+        json.join(",")
     );
 }

@@ -183,6 +183,7 @@ impl<T: Send + 'static> Handle<T> {
     /// # Errors
     ///
     /// As [`Handle::buffer`], with the entry.
+    #[inline]
     pub fn buffer_one(&self, entry: T, priority: Priority) -> Result<(), BufferError<T>> {
         self.hand_over_one(entry, priority, Wait::Forever)
     }
@@ -212,6 +213,7 @@ impl<T: Send + 'static> Handle<T> {
         self.hand_over_one(entry, priority, Wait::Until(deadline))
     }
 
+    #[inline(always)]
     fn hand_over_one(
         &self,
         entry: T,

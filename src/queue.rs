@@ -415,6 +415,7 @@ impl<T> Pile<T> {
         self.len
     }
 
+    #[inline]
     pub(crate) fn push_one(&mut self, entry: T, batch: usize) {
         match self.chunks.last_mut() {
             Some(last) if last.len() < batch => last.push(entry),

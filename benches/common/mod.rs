@@ -505,9 +505,15 @@ pub fn rss() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// This thread's CPU time (Linux: utime + stime of /proc/thread-self/stat, in
-/// clock ticks of 10 ms, so only runs of a second or more give useful figures).
+/// This thread's CPU time (Linux: the first field of /proc/thread-self/schedstat,
+/// in nanoseconds; where that is missing, utime + stime of
+/// /proc/thread-self/stat, in clock ticks of 10 ms).
 pub fn thread_cpu() -> Option<Duration> {
+    if let Ok(stat) = std::fs::read_to_string("/proc/thread-self/schedstat") {
+        if let Some(ns) = stat.split_whitespace().next().and_then(|f| f.parse().ok()) {
+            return Some(Duration::from_nanos(ns));
+        }
+    }
     let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
     let after = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -600,5 +606,151 @@ pub fn cpu_par_iter(total: u64) -> Duration {
     let start = Instant::now();
     let sum: u64 = entries.par_iter().map(|&e| cpu_work(e)).sum();
     std::hint::black_box(sum);
+    start.elapsed()
+}
+
+// ---------------------------------------------------------------------------
+// A second baseline for single hand-overs: the least a buffer can be, a
+// mutex-guarded `Vec` that producers push into and swap out whole when it holds
+// a batch, sent over a channel to a fixed pool of workers.
+
+/// Wall time, and the producers' CPU nanoseconds per push (where measurable).
+pub fn single_mutex_vec(
+    total: u64,
+    threads: u64,
+    batch: usize,
+    conc: usize,
+) -> (Duration, Option<f64>) {
+    let buffer = parking_lot::Mutex::new(Vec::<u64>::with_capacity(batch));
+    let (jobs, job_rx) = unbounded::<Vec<u64>>();
+    let count = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..conc)
+        .map(|_| {
+            let (job_rx, count) = (job_rx.clone(), count.clone());
+            thread::spawn(move || {
+                for job in job_rx.iter() {
+                    std::hint::black_box(job.iter().sum::<u64>());
+                    count.fetch_add(job.len() as u64, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let per = total / threads;
+    let start = Instant::now();
+    let cpu: Vec<Option<Duration>> = thread::scope(|s| {
+        let joins: Vec<_> = (0..threads)
+            .map(|t| {
+                let (buffer, jobs) = (&buffer, jobs.clone());
+                s.spawn(move || {
+                    let cpu0 = thread_cpu();
+                    for i in t * per..(t + 1) * per {
+                        let mut b = buffer.lock();
+                        b.push(i);
+                        if b.len() >= batch {
+                            let full = std::mem::replace(&mut *b, Vec::with_capacity(batch));
+                            drop(b);
+                            jobs.send(full).unwrap();
+                        }
+                    }
+                    thread_cpu()?.checked_sub(cpu0?)
+                })
+            })
+            .collect();
+        joins.into_iter().map(|j| j.join().unwrap()).collect()
+    });
+    jobs.send(std::mem::take(&mut *buffer.lock())).unwrap();
+    drop(jobs);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(count.load(Ordering::Relaxed), per * threads);
+    let cpu_ns: Option<f64> = cpu
+        .into_iter()
+        .try_fold(0.0, |acc, c| Some(acc + c?.as_nanos() as f64));
+    (elapsed, cpu_ns.map(|ns| ns / (per * threads) as f64))
+}
+
+// ---------------------------------------------------------------------------
+// Scaling: a fixed busy cost per entry, 1..N workers, the engine against plain
+// threads that share the same batches through one atomic index (no engine at
+// all: the most the machine gives).
+
+/// Busy work: `iters` rounds of a mixing loop the optimiser cannot skip.
+pub fn busy(entry: u64, iters: u64) -> u64 {
+    let mut h = entry ^ 0x9E37_79B9_7F4A_7C15;
+    for i in 0..iters {
+        h = (h ^ i).wrapping_mul(0x100_0000_01B3).rotate_left(17);
+    }
+    std::hint::black_box(h)
+}
+
+/// How many `busy` rounds take `us` microseconds on this machine (the best of
+/// several timings, so a busy machine does not inflate it).
+pub fn busy_rounds_for(us: f64) -> u64 {
+    let rounds = 1_000_000;
+    let best = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            busy(1, rounds);
+            t.elapsed()
+        })
+        .min()
+        .unwrap();
+    ((rounds as f64 * us * 1e-6 / best.as_secs_f64()) as u64).max(1)
+}
+
+/// Runs `busy(e, rounds)` on every entry of each batch.
+pub struct Busy {
+    pub rounds: u64,
+    pub count: Arc<AtomicU64>,
+}
+
+impl Task for Busy {
+    type Entry = u64;
+    type State = ();
+    fn run(&self, batch: &[u64], _: &()) -> Outcome<u64, ()> {
+        for &e in batch {
+            busy(e, self.rounds);
+        }
+        self.count.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Outcome::Ok
+    }
+}
+
+/// `total` entries of `rounds` busy work through an engine of `workers`.
+pub fn scaling_crate(total: u64, batch: usize, workers: usize, rounds: u64) -> Duration {
+    let count = Arc::new(AtomicU64::new(0));
+    let task = Busy {
+        rounds,
+        count: count.clone(),
+    };
+    let handle = engine(task, batch, workers, ());
+    let start = Instant::now();
+    for entries in chunks(total, batch as u64) {
+        handle.buffer(entries, Priority::Back).unwrap();
+    }
+    handle.shutdown_drain().unwrap();
+    let elapsed = start.elapsed();
+    assert_eq!(count.load(Ordering::Relaxed), total);
+    elapsed
+}
+
+/// The same work on `workers` plain threads taking batches by an atomic index.
+pub fn scaling_threads(total: u64, batch: usize, workers: usize, rounds: u64) -> Duration {
+    let batches: Vec<Vec<u64>> = chunks(total, batch as u64).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let start = Instant::now();
+    thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(b) = batches.get(i) else { return };
+                for &e in b {
+                    busy(e, rounds);
+                }
+            });
+        }
+    });
     start.elapsed()
 }

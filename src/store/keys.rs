@@ -10,6 +10,7 @@ use crate::task::Priority;
 
 impl<T: Send + 'static> Store<T> {
     /// `buffer` and friends: into the back or front buffer.
+    #[inline(always)]
     pub(crate) fn hand_over(
         &self,
         entries: Entries<T>,

@@ -222,26 +222,29 @@ pub(crate) struct Store<T> {
     /// The callers' lock: taken before `state` when both are needed.
     intake: Padded<Mutex<Intake<T>>>,
     state: Padded<Mutex<State<T>>>,
+    // What other threads write (condition variables, counters) sits on cache
+    // lines of its own, away from the settings every hand-over reads: sharing a
+    // line with them made each `buffer_one` wait for another core's write.
     /// Workers wait here for batches.
-    work: Condvar,
+    work: Padded<Condvar>,
     /// Shutdowns wait here for the engine to settle.
-    settled: Condvar,
+    settled: Padded<Condvar>,
     /// A manual clock's `advance` waits here for the coordinator's round.
-    rounds: Condvar,
+    rounds: Padded<Condvar>,
     /// `Block` hand-overs and `init` chunks wait here for room.
-    room: Room,
+    room: Padded<Room>,
     stopping: Arc<AtomicBool>,
-    heap: AtomicI64,
+    heap: Padded<AtomicI64>,
     /// The number of idle workers (`State::idle`), written under the state lock,
     /// read under the callers' lock by natural batching: a hand-over that sees
     /// an idle worker moves the buffers into the queue at once. A worker counts
     /// itself idle while it still holds the callers' lock (see `handout`), so a
     /// hand-over either sees it idle or comes after it looked at the buffers.
-    idle_workers: AtomicUsize,
+    idle_workers: Padded<AtomicUsize>,
     /// Moves on whenever work is added (under the state lock); an idle worker
     /// spins on it a moment before it sleeps (see `handout`). Only a hint: the
     /// worker then looks under the lock.
-    work_added: AtomicU64,
+    work_added: Padded<AtomicU64>,
     nudge: Sender<()>,
     pub(crate) config: Config,
     pub(crate) id: u64,
@@ -259,8 +262,9 @@ pub(crate) struct Store<T> {
     init_requests: Mutex<Option<Sender<()>>>,
 }
 
-/// A lock on cache lines of its own: the callers' lock and the workers' lock
-/// must not share one (each unlock would then wait for the other side's core).
+/// A value on cache lines of its own: the callers' lock and the workers' lock
+/// must not share one (each unlock would then wait for the other side's core),
+/// nor what other threads write share one with what a hand-over reads.
 #[repr(align(128))]
 struct Padded<L>(L);
 
@@ -311,14 +315,14 @@ impl<T: Send + 'static> Store<T> {
             born: config.clock.now(),
             intake: Padded(Mutex::new(Intake::new())),
             state: Padded(Mutex::new(state)),
-            work: Condvar::new(),
-            settled: Condvar::new(),
-            rounds: Condvar::new(),
-            room: Room::default(),
+            work: Padded(Condvar::new()),
+            settled: Padded(Condvar::new()),
+            rounds: Padded(Condvar::new()),
+            room: Padded(Room::default()),
             stopping: Arc::new(AtomicBool::new(false)),
-            heap: AtomicI64::new(0),
-            work_added: AtomicU64::new(0),
-            idle_workers: AtomicUsize::new(0),
+            heap: Padded(AtomicI64::new(0)),
+            work_added: Padded(AtomicU64::new(0)),
+            idle_workers: Padded(AtomicUsize::new(0)),
             nudge,
             config,
             id,
@@ -574,6 +578,7 @@ impl<T: Send + 'static> Store<T> {
 
     /// `buffer` and friends: into the back or front buffer (after the key
     /// table, if any, has dropped duplicates: see `keys`).
+    #[inline]
     fn hand_over_kept(
         &self,
         entries: Entries<T>,
