@@ -316,9 +316,10 @@ impl PgQueue {
         }
     }
 
-    /// As `run`, for fenced (so repeatable) calls: repeated once on a fresh
-    /// connection when the connection broke under the first attempt.
-    fn run_fenced<R>(
+    /// As `run`, for calls that are safe to repeat (fenced settles, reads):
+    /// repeated once on a fresh connection when the connection broke under the
+    /// first attempt.
+    fn run_repeatable<R>(
         &mut self,
         mut f: impl FnMut(&mut Conn) -> Result<R, postgres::Error>,
     ) -> Result<R, PgError> {
@@ -563,7 +564,7 @@ impl PgQueue {
         let (ids, tokens) = split(leases);
         let queue = self.config.queue.clone();
         let archive = self.config.archive;
-        let rows = self.run_fenced(|c| {
+        let rows = self.run_repeatable(|c| {
             let st = c.statement(Sql::Ack { archive })?;
             c.client.execute(&st, &[&queue, &ids, &tokens])
         })?;
@@ -722,7 +723,7 @@ impl PgQueue {
         let ((done, retried, buried, inserted), inserted_keys) = if add_rows {
             self.run_commit(f)?
         } else {
-            self.run_fenced(f)?
+            self.run_repeatable(f)?
         };
         let asked = s.done.len() + s.again.len() + s.bury.len();
         let settled = self.settled(asked, (done + retried + buried) as u64, "settled");
@@ -751,7 +752,7 @@ impl PgQueue {
         }
         let (ids, tokens) = split(leases);
         let queue = self.config.queue.clone();
-        let rows = self.run_fenced(|c| {
+        let rows = self.run_repeatable(|c| {
             let st = c.statement(Sql::Release)?;
             c.client.execute(&st, &[&queue, &ids, &tokens])
         })?;
@@ -772,7 +773,7 @@ impl PgQueue {
         let (ids, tokens) = split(leases);
         let queue = self.config.queue.clone();
         let lease = self.config.lease_secs();
-        self.run_fenced(|c| {
+        self.run_repeatable(|c| {
             let st = c.statement(Sql::Extend)?;
             c.client.execute(&st, &[&queue, &ids, &tokens, &lease])
         })
@@ -785,7 +786,7 @@ impl PgQueue {
     ///
     /// [`PgError::Db`].
     pub fn lease_left(&mut self, id: i64) -> Result<Option<f64>, PgError> {
-        let row = self.run(|c| {
+        let row = self.run_repeatable(|c| {
             c.client.query_opt(
                 &format!(
                     "SELECT extract(epoch FROM lease_until - now())::float8 FROM {TABLE}
@@ -805,7 +806,7 @@ impl PgQueue {
     /// [`PgError::NotInstalled`], [`PgError::Db`].
     pub fn counts(&mut self) -> Result<(i64, i64, i64), PgError> {
         let queue = self.config.queue.clone();
-        let row = self.run(|c| {
+        let row = self.run_repeatable(|c| {
             c.client.query_one(
                 &format!(
                     "SELECT count(*) FILTER (WHERE state = 'ready'),
@@ -825,7 +826,7 @@ impl PgQueue {
     ///
     /// [`PgError::Db`].
     pub fn last_error(&mut self, id: i64) -> Result<Option<String>, PgError> {
-        let row = self.run(|c| {
+        let row = self.run_repeatable(|c| {
             c.client.query_opt(
                 &format!("SELECT last_error FROM {TABLE} WHERE id = $1"),
                 &[&id],
@@ -867,7 +868,7 @@ impl PgQueue {
     /// [`PgError::Db`].
     pub fn archived(&mut self) -> Result<i64, PgError> {
         let queue = self.config.queue.clone();
-        let row = self.run(|c| {
+        let row = self.run_repeatable(|c| {
             c.client.query_one(
                 &format!("SELECT count(*) FROM {TABLE}_archive WHERE queue = $1"),
                 &[&queue],
@@ -876,13 +877,13 @@ impl PgQueue {
         Ok(row.get(0))
     }
 
-    /// Runs `f` with the connection's client (reconnecting first if needed), for
-    /// the operations in `ops`.
+    /// Runs `f` (a read, or a statement safe to repeat) with the connection's
+    /// client, reconnecting first if needed, for the operations in `ops`.
     pub(crate) fn with_client<R>(
         &mut self,
-        f: impl FnOnce(&mut Client) -> Result<R, postgres::Error>,
+        mut f: impl FnMut(&mut Client) -> Result<R, postgres::Error>,
     ) -> Result<R, PgError> {
-        self.run(|c| f(&mut c.client))
+        self.run_repeatable(|c| f(&mut c.client))
     }
 
     /// As `with_client`, for a call that commits durably even under relaxed

@@ -171,9 +171,11 @@ fn a_poison_row_that_crashes_its_workers_goes_dead_with_the_reason() {
     let queue = format!("poison-{}", std::process::id());
     let done = done_table(&queue);
     let mut admin = fresh_queue(&queue, &done);
+    // A row's attempts are set when it is enqueued.
+    let mut admin3 = PgQueue::connect(&url(), QueueConfig::new(&queue).max_attempts(3)).unwrap();
     let mut rows = payloads(0, 20);
     rows.insert(7, NewRow::new(POISON.to_le_bytes().to_vec()));
-    admin.enqueue(&rows).unwrap();
+    admin3.enqueue(&rows).unwrap();
     // One row per claim (so the poison row's crashes spend no other row's
     // attempts), 3 attempts, 300 ms leases, no backoff.
     let start = Instant::now();
