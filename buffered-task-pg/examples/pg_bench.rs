@@ -22,7 +22,10 @@ use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-const PROCESSES: usize = 4;
+/// Worker processes (PG_BENCH_PROCESSES, default 4).
+fn processes() -> usize {
+    env("PG_BENCH_PROCESSES", 4).max(1)
+}
 
 fn url() -> String {
     std::env::var("DATABASE_URL")
@@ -50,8 +53,9 @@ fn main() {
         _ => vec!["sync", "async"],
     };
     println!(
-        "{PROCESSES} processes; batched: claim {} rows, ack by {}; {rows} rows a round \
+        "{} processes; batched: claim {} rows, ack by {}; {rows} rows a round \
          (naive: {naive_rows}); {rounds} rounds, medians",
+        processes(),
         env("PG_BENCH_CLAIM", 2000),
         env("PG_BENCH_ACK", 500)
     );
@@ -105,7 +109,7 @@ fn run(mode: &str, commit: &str, rows: usize) -> f64 {
     admin.vacuum().unwrap();
     let exe = std::env::current_exe().unwrap();
     let start = Instant::now();
-    let mut children: Vec<_> = (0..PROCESSES)
+    let mut children: Vec<_> = (0..processes())
         .map(|_| {
             Command::new(&exe)
                 .args(["--worker", mode, &queue, commit])
@@ -129,8 +133,12 @@ fn worker(mode: &str, queue: &str, relaxed: bool) {
             let mut q = PgQueue::connect(&url(), config).expect("connect");
             let chunk = env("PG_BENCH_CLAIM", 2000) as i64;
             let ack = env("PG_BENCH_ACK", 500).max(1);
+            let (mut claiming, mut acking) = (Duration::ZERO, Duration::ZERO);
+            let start = Instant::now();
             loop {
+                let t = Instant::now();
                 let claimed = q.claim(chunk).unwrap();
+                claiming += t.elapsed();
                 if claimed.is_empty() {
                     break;
                 }
@@ -138,8 +146,18 @@ fn worker(mode: &str, queue: &str, relaxed: bool) {
                     for c in batch {
                         sum = sum.wrapping_add(c.payload[0] as u64);
                     }
+                    let t = Instant::now();
                     q.ack(&leases(batch)).unwrap();
+                    acking += t.elapsed();
                 }
+            }
+            if std::env::var("PG_BENCH_PROFILE").is_ok() {
+                eprintln!(
+                    "worker: {:.2}s, claims {:.2}s, acks {:.2}s",
+                    start.elapsed().as_secs_f64(),
+                    claiming.as_secs_f64(),
+                    acking.as_secs_f64()
+                );
             }
         }
         _ => {

@@ -369,10 +369,12 @@ impl PgQueue {
     pub fn vacuum(&mut self) -> Result<(), PgError> {
         let timeout_ms = self.config().statement_timeout.as_millis();
         self.with_client(|c| {
-            c.batch_execute(&format!(
-                "SET statement_timeout = 0; VACUUM (ANALYZE) {TABLE}; \
-                 SET statement_timeout = {timeout_ms}"
-            ))
+            // One statement per call: VACUUM cannot run in a multi-statement
+            // (implicit transaction) batch.
+            c.batch_execute("SET statement_timeout = 0")?;
+            let vacuumed = c.batch_execute(&format!("VACUUM (ANALYZE) {TABLE}"));
+            c.batch_execute(&format!("SET statement_timeout = {timeout_ms}"))?;
+            vacuumed
         })
     }
 }

@@ -81,6 +81,15 @@ pub(crate) fn install_sql() -> String {
     )
 }
 
+/// The fence of every settle: the row (`j`) is the one of the lease (`l`: id and
+/// token) and is still leased. Written so that no partial index can serve it
+/// (`coalesce` hides the state from the planner's predicate proof): the way in
+/// is the primary key, one lookup per lease. Left to itself the planner took
+/// the leased index and read every leased row of the queue (and every dead
+/// index entry) for each settle: 2 to 12 ms per 500 rows instead of 1.5.
+pub(crate) const FENCE: &str =
+    "j.id = l.id AND j.claims = l.token AND coalesce(j.state = 'leased', false) AND j.queue = $1";
+
 /// Exponential backoff from the row's attempts: base $b, cap $c (seconds),
 /// drawn between half and all of it. The exponent is capped, so no attempt
 /// count overflows it.
@@ -96,6 +105,8 @@ fn backoff(base: &str, cap: &str) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Sql {
     /// $1 queue, $2 limit, $3 owner, $4 lease (s) → id, payload, attempts, claims.
+    /// The locked rows are updated through their `ctid` (the lock holds it
+    /// still): no second descent of the primary key per row.
     Claim,
     /// $1 queue, $2 backoff base, $3 cap → (back to ready, to dead).
     Reap,
@@ -119,7 +130,7 @@ impl Sql {
         match self {
             Sql::Claim => format!(
                 "WITH picked AS (
-                    SELECT id FROM {TABLE}
+                    SELECT ctid FROM {TABLE}
                     WHERE queue = $1 AND state = 'ready' AND run_after <= now()
                     ORDER BY priority, run_after, id
                     LIMIT $2
@@ -128,7 +139,7 @@ impl Sql {
                  SET state = 'leased', owner = $3, attempts = j.attempts + 1,
                      claims = j.claims % 2147483647 + 1,
                      lease_until = now() + make_interval(secs => $4), updated_at = now()
-                 FROM picked WHERE j.id = picked.id
+                 FROM picked WHERE j.ctid = picked.ctid
                  RETURNING j.id, j.payload, j.attempts, j.claims"
             ),
             Sql::Reap => format!(
@@ -161,7 +172,7 @@ impl Sql {
             Sql::Ack { archive } => {
                 let delete = format!(
                     "DELETE FROM {TABLE} j USING unnest($2::int8[], $3::int4[]) AS l(id, token)
-                     WHERE j.id = l.id AND j.claims = l.token AND j.state = 'leased' AND j.queue = $1"
+                     WHERE {FENCE}"
                 );
                 if archive {
                     format!(
@@ -181,12 +192,12 @@ impl Sql {
                  SET state = 'ready', attempts = greatest(j.attempts - 1, 0), owner = NULL,
                      lease_until = NULL, run_after = now(), updated_at = now()
                  FROM unnest($2::int8[], $3::int4[]) AS l(id, token)
-                 WHERE j.id = l.id AND j.claims = l.token AND j.state = 'leased' AND j.queue = $1"
+                 WHERE {FENCE}"
             ),
             Sql::Extend => format!(
                 "UPDATE {TABLE} j SET lease_until = now() + make_interval(secs => $4)
                  FROM unnest($2::int8[], $3::int4[]) AS l(id, token)
-                 WHERE j.id = l.id AND j.claims = l.token AND j.state = 'leased' AND j.queue = $1"
+                 WHERE {FENCE}"
             ),
             Sql::Enqueue => format!(
                 "WITH ins AS ({insert}),
@@ -239,7 +250,7 @@ fn insert_sql(queue: &str, payloads: &str, keys: &str, prio: &str, max: &str, fi
 /// $12 payloads, $13 keys, $14 priorities, $15 max attempts, $16 channel.
 /// Returns the counts done, again, buried, inserted, and the inserted keys.
 fn settle_sql(archive: bool) -> String {
-    let fence = "j.id = l.id AND j.claims = l.token AND j.state = 'leased' AND j.queue = $1";
+    let fence = FENCE;
     let done = if archive {
         format!(
             "gone AS (DELETE FROM {TABLE} j USING unnest($2::int8[], $3::int4[]) AS l(id, token)
