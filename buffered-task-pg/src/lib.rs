@@ -41,9 +41,7 @@ mod queue;
 mod sql;
 mod task;
 
-pub use config::{
-    leases, Claimed, Enqueued, Lease, NewRow, QueueConfig, Settled, MAX_QUEUE_NAME,
-};
+pub use config::{leases, Claimed, Enqueued, Lease, NewRow, QueueConfig, Settled, MAX_QUEUE_NAME};
 pub use error::PgError;
 pub use leases::{Leases, PgHeartbeat};
 pub use listen::PgListener;

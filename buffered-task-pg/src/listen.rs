@@ -119,7 +119,9 @@ fn run<T: Send + 'static>(
                     wait = Duration::from_millis(100);
                 }
                 Err(e) => {
-                    throttle.warn(|| format!("listener: reconnect failed ({e}); polling covers the gap"));
+                    throttle.warn(|| {
+                        format!("listener: reconnect failed ({e}); polling covers the gap")
+                    });
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
             }

@@ -415,7 +415,10 @@ impl QueueStats {
         }
         metrics::gauge!("buffered_task_pg_dead_tuples", "queue" => q.clone())
             .set(self.health.dead_tuples as f64);
-        metrics::gauge!("buffered_task_pg_oldest_transaction_seconds", "queue" => q)
-            .set(self.health.oldest_transaction.map_or(0.0, |(d, _)| d.as_secs_f64()));
+        metrics::gauge!("buffered_task_pg_oldest_transaction_seconds", "queue" => q).set(
+            self.health
+                .oldest_transaction
+                .map_or(0.0, |(d, _)| d.as_secs_f64()),
+        );
     }
 }

@@ -339,8 +339,9 @@ impl PgQueue {
     /// [`PgError::Db`].
     pub fn install(&mut self) -> Result<(), PgError> {
         self.run(|c| {
-            let version: Option<String> = c.client.query_one(SCHEMA_CHECK, &[])?.get(0);
-            if version.as_deref() == Some(SCHEMA_VERSION) {
+            let row = c.client.query_one(SCHEMA_CHECK, &[])?;
+            let (version, no_old_index): (Option<String>, bool) = (row.get(0), row.get(1));
+            if version.as_deref() == Some(SCHEMA_VERSION) && no_old_index {
                 return Ok(());
             }
             let mut tx = c.client.transaction()?;
@@ -408,15 +409,13 @@ impl PgQueue {
             let st = c.statement(sql)?;
             if relaxed {
                 // The session commits asynchronously; this transaction must not.
-                c.client.batch_execute(&format!(
-                    "BEGIN; SET LOCAL synchronous_commit = '{level}'"
-                ))?;
+                c.client
+                    .batch_execute(&format!("BEGIN; SET LOCAL synchronous_commit = '{level}'"))?;
             }
             let result = match request {
-                Some(r) => c.client.query_one(
-                    &st,
-                    &[&queue, &payloads, &keys, &prios, &max, &channel, &r],
-                ),
+                Some(r) => c
+                    .client
+                    .query_one(&st, &[&queue, &payloads, &keys, &prios, &max, &channel, &r]),
                 None => c
                     .client
                     .query_one(&st, &[&queue, &payloads, &keys, &prios, &max, &channel]),
@@ -480,7 +479,8 @@ impl PgQueue {
         let now = Instant::now();
         if self.reap_due.map_or(true, |due| now >= due) {
             self.reap()?;
-            let every = (self.config.lease / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+            let every =
+                (self.config.lease / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
             self.reap_due = Some(now + every);
         }
         let queue = self.config.queue.clone();
@@ -545,9 +545,8 @@ impl PgQueue {
         if lost > 0 {
             self.lost += lost;
             let q = self.config.queue.clone();
-            self.throttle.warn(|| {
-                format!("{q}: {lost} of {asked} rows not {what}: their lease was lost")
-            });
+            self.throttle
+                .warn(|| format!("{q}: {lost} of {asked} rows not {what}: their lease was lost"));
         }
         Settled { rows, lost }
     }

@@ -12,8 +12,12 @@ pub(crate) const TABLE: &str = "buffered_task_jobs";
 /// the comment in place does nothing (no DDL, no lock).
 pub(crate) const SCHEMA_VERSION: &str = "buffered-task-pg schema 2";
 
+/// The comment, and whether an index of schema 1 is there (an older version's
+/// `install` re-creates them: its dedup index counts dead rows).
 pub(crate) const SCHEMA_CHECK: &str =
-    "SELECT obj_description(to_regclass('buffered_task_jobs'), 'pg_class')";
+    "SELECT obj_description(to_regclass('buffered_task_jobs'), 'pg_class'),
+            to_regclass('buffered_task_jobs_dedup') IS NULL
+                AND to_regclass('buffered_task_jobs_ready') IS NULL";
 
 /// Creates, or brings up to date, every table and index. Runs under an
 /// advisory lock, in one transaction.
@@ -233,7 +237,14 @@ const SUMMARY: &str = "SELECT count(*) AS n,
     array_agg(dedup_key) FILTER (WHERE dedup_key IS NOT NULL) AS keys FROM ins";
 
 /// Inserts rows from arrays; a key held by a live row is skipped.
-fn insert_sql(queue: &str, payloads: &str, keys: &str, prio: &str, max: &str, filter: &str) -> String {
+fn insert_sql(
+    queue: &str,
+    payloads: &str,
+    keys: &str,
+    prio: &str,
+    max: &str,
+    filter: &str,
+) -> String {
     format!(
         "INSERT INTO {TABLE} (queue, payload, dedup_key, priority, max_attempts)
          SELECT {queue}, u.p, u.k, u.pr, {max}

@@ -93,6 +93,16 @@ impl Drop for PgRow {
     }
 }
 
+/// What a batch's settle writes.
+#[derive(Default)]
+struct Decided {
+    done: Vec<Lease>,
+    again: Vec<Lease>,
+    error: String,
+    bury: Vec<(Lease, String)>,
+    add: Vec<NewRow>,
+}
+
 /// A [`PgTask`]'s counters, from [`PgProbe::counters`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -359,7 +369,7 @@ impl<H: RowHandler> PgTask<H> {
         }
     }
 
-    fn decide(&self, batch: &[PgRow]) -> (Vec<Lease>, Vec<Lease>, String, Vec<(Lease, String)>, Vec<NewRow>) {
+    fn decide(&self, batch: &[PgRow]) -> Decided {
         let mut items = Vec::with_capacity(batch.len());
         let mut decoded = Vec::with_capacity(batch.len());
         let mut bury = Vec::new();
@@ -373,7 +383,10 @@ impl<H: RowHandler> PgTask<H> {
             }
         }
         if items.is_empty() {
-            return (Vec::new(), Vec::new(), String::new(), bury, Vec::new());
+            return Decided {
+                bury,
+                ..Decided::default()
+            };
         }
         let outcome =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handler.run(&items)))
@@ -389,18 +402,27 @@ impl<H: RowHandler> PgTask<H> {
             let retry: HashSet<i64> = retry.iter().copied().collect();
             decoded.iter().partition(|l| !retry.contains(&l.id))
         };
+        let mut d = Decided {
+            bury,
+            ..Decided::default()
+        };
         match outcome {
-            RowOutcome::Done => (decoded, Vec::new(), String::new(), bury, Vec::new()),
-            RowOutcome::Retry(error) => (Vec::new(), decoded, error, bury, Vec::new()),
+            RowOutcome::Done => d.done = decoded,
+            RowOutcome::Retry(error) => {
+                d.again = decoded;
+                d.error = error;
+            }
             RowOutcome::RetryRows(retry, error) => {
-                let (done, again) = split(&retry);
-                (done, again, error, bury, Vec::new())
+                (d.done, d.again) = split(&retry);
+                d.error = error;
             }
             RowOutcome::RetryRowsAndAdd { retry, error, add } => {
-                let (done, again) = split(&retry);
-                (done, again, error, bury, add)
+                (d.done, d.again) = split(&retry);
+                d.error = error;
+                d.add = add;
             }
         }
+        d
     }
 
     /// Settles on this worker's connection; a lost connection is retried (each
@@ -418,9 +440,8 @@ impl<H: RowHandler> PgTask<H> {
                         && !matches!(e, PgError::CommitUnknown(_))
                         && start.elapsed() < self.patience =>
                 {
-                    self.core.warn(|| {
-                        format!("settling {rows} rows: connection lost ({e}); retrying")
-                    });
+                    self.core
+                        .warn(|| format!("settling {rows} rows: connection lost ({e}); retrying"));
                 }
                 Err(e) => {
                     self.core
@@ -428,7 +449,9 @@ impl<H: RowHandler> PgTask<H> {
                         .settle_failures
                         .fetch_add(1, Ordering::Relaxed);
                     self.core.warn(|| {
-                        format!("settling {rows} rows failed ({e}); they come back after their lease")
+                        format!(
+                            "settling {rows} rows failed ({e}); they come back after their lease"
+                        )
                     });
                     return;
                 }
@@ -473,13 +496,13 @@ impl<H: RowHandler> Task for PgTask<H> {
         // the batch. A failed settle leaves the rows leased; once the engine
         // drops them their leases are no longer extended, and they come back
         // when the lease expires, so nothing is lost.
-        let (done, again, error, bury, add) = self.decide(batch);
+        let d = self.decide(batch);
         self.settle(&Settle {
-            done: &done,
-            again: &again,
-            error: &error,
-            bury: &bury,
-            add: &add,
+            done: &d.done,
+            again: &d.again,
+            error: &d.error,
+            bury: &d.bury,
+            add: &d.add,
         });
         Outcome::Ok
     }

@@ -103,7 +103,10 @@ fn the_engine_drains_the_table_every_row_done_once() {
     });
     handle.shutdown_drain().unwrap();
     let c = probe.counters();
-    assert_eq!((c.done, c.buried, c.lost, c.settle_failures), (1_999, 1, 0, 0));
+    assert_eq!(
+        (c.done, c.buried, c.lost, c.settle_failures),
+        (1_999, 1, 0, 0)
+    );
     assert_eq!(probe.in_flight(), 0);
     // Every decodable row was done exactly once (failed and panicking attempts
     // were retried through the table); 13 is dead.

@@ -327,7 +327,11 @@ fn a_server_crash_mid_work_loses_no_acknowledged_row() {
         "the enqueuer failed"
     );
     let acknowledged = acknowledged.join().unwrap();
-    assert_eq!(acknowledged.len() as u64, ROWS, "every row acknowledged in the end");
+    assert_eq!(
+        acknowledged.len() as u64,
+        ROWS,
+        "every row acknowledged in the end"
+    );
     wait_for(Duration::from_secs(120), "every row done", || {
         count_done(&done).is_ok_and(|n| n >= ROWS as i64)
     });
@@ -401,7 +405,11 @@ fn assert_exactly_once(done: &str, from: u64, to: u64) {
         .unwrap();
     let (count, distinct, outside): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
     let n = (to - from) as i64;
-    assert_eq!((count, distinct, outside), (n, n, 0), "done: rows, distinct, strays");
+    assert_eq!(
+        (count, distinct, outside),
+        (n, n, 0),
+        "done: rows, distinct, strays"
+    );
 }
 
 fn worker_command(args: &[&str]) -> Command {
@@ -446,10 +454,8 @@ struct LogDir(std::path::PathBuf);
 
 impl LogDir {
     fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "buffered-task-pg-{test}-{}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("buffered-task-pg-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         LogDir(dir)
@@ -490,7 +496,10 @@ impl Server {
         let cluster = match std::env::var("PG_CLUSTER") {
             Ok(v) => {
                 let mut it = v.split_whitespace();
-                (it.next()?.to_string(), it.next().unwrap_or("main").to_string())
+                (
+                    it.next()?.to_string(),
+                    it.next().unwrap_or("main").to_string(),
+                )
             }
             Err(_) => {
                 let version = std::fs::read_dir("/etc/postgresql")
@@ -500,7 +509,11 @@ impl Server {
                 (version, "main".to_string())
             }
         };
-        if Command::new("pg_ctlcluster").arg("--help").output().is_err() {
+        if Command::new("pg_ctlcluster")
+            .arg("--help")
+            .output()
+            .is_err()
+        {
             println!("  skipped: no pg_ctlcluster to restart the server with");
             return None;
         }
@@ -601,7 +614,9 @@ fn worker(args: &[String]) {
             max.parse().unwrap(),
             *forever == "1",
         ),
-        ["once", url, queue, lease] => once(url, queue, Duration::from_millis(lease.parse().unwrap())),
+        ["once", url, queue, lease] => {
+            once(url, queue, Duration::from_millis(lease.parse().unwrap()))
+        }
         ["engine", url, queue, lease] => {
             engine(url, queue, Duration::from_millis(lease.parse().unwrap()))
         }
@@ -663,10 +678,7 @@ fn drain(
                         std::thread::sleep(Duration::from_millis(20)); // rows in someone's lease
                         continue;
                     }
-                    if claimed
-                        .iter()
-                        .any(|c| decode_u64(&c.payload) == Ok(POISON))
-                    {
+                    if claimed.iter().any(|c| decode_u64(&c.payload) == Ok(POISON)) {
                         std::process::abort();
                     }
                     let values: Vec<i64> = claimed

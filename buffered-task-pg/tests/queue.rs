@@ -215,7 +215,10 @@ fn a_stale_batch_of_the_same_connection_is_fenced() {
 
 #[test]
 fn an_expired_lease_comes_back_and_the_late_ack_touches_nothing() {
-    let config = |c: QueueConfig| c.lease(Duration::ZERO).backoff(Duration::ZERO, Duration::ZERO);
+    let config = |c: QueueConfig| {
+        c.lease(Duration::ZERO)
+            .backoff(Duration::ZERO, Duration::ZERO)
+    };
     let mut slow = queue("lease", config);
     let mut other = PgQueue::connect(&url(), config(QueueConfig::new(name("lease")))).unwrap();
     slow.enqueue(&rows(1)).unwrap();
@@ -353,7 +356,10 @@ fn the_heartbeat_extends_only_the_leases_in_flight() {
     assert_eq!(back[0].id, claimed[2].id);
     assert_eq!(other.ack(&leases(&back)).unwrap().rows, 1);
     std::thread::sleep(Duration::from_millis(1500)); // past the original lease
-    assert!(other.claim(3).unwrap().is_empty(), "a lease in flight ran out");
+    assert!(
+        other.claim(3).unwrap().is_empty(),
+        "a lease in flight ran out"
+    );
     drop(beat);
     assert_eq!(q.ack(&leases(&claimed[..2])).unwrap().rows, 2);
     assert_eq!(q.counts().unwrap(), (0, 0, 0));
@@ -389,7 +395,7 @@ fn dead_rows_give_up_their_dedup_key_and_skips_are_reported() {
     assert_eq!((skipped.inserted, skipped.skipped), (0, vec![0]));
     let c = q.claim(1).unwrap();
     assert_eq!(q.enqueue(&[keyed("k")]).unwrap().skipped, vec![0]); // leased holds it too
-    q.bury(&leases(&c), "broken").unwrap();
+    assert_eq!(q.bury(&leases(&c), "broken").unwrap().rows, 1);
     let again = q.enqueue(&[keyed("k")]).unwrap();
     assert_eq!((again.inserted, again.skipped), (1, vec![]));
     assert_eq!(q.counts().unwrap(), (1, 0, 1));
@@ -429,7 +435,9 @@ fn dead_rows_are_listed_requeued_and_discarded() {
     assert_eq!(page[0].attempts, 1);
     let rest = q.dead_rows(page[2].id, 10).unwrap();
     assert_eq!(rest.len(), 2);
-    let r = q.requeue_dead(Select::Ids(&[page[0].id, page[1].id])).unwrap();
+    let r = q
+        .requeue_dead(Select::Ids(&[page[0].id, page[1].id]))
+        .unwrap();
     assert_eq!(r.requeued, 2);
     assert_eq!(q.discard_dead(Select::Ids(&[page[2].id])).unwrap(), 1);
     assert_eq!(q.counts().unwrap(), (2, 0, 2));
@@ -522,4 +530,60 @@ fn a_64_character_queue_name_enqueues_and_claims() {
     assert_eq!(c.len(), 2);
     assert_eq!(q.ack(&leases(&c)).unwrap().rows, 2);
     q.purge().unwrap();
+}
+
+/// A table of schema 1 (no priority, no claim count, a dedup index that counts
+/// dead rows) is brought up to date by `install`, rows kept; an older
+/// version's `install` re-creating its indexes is undone by the next one.
+#[test]
+fn install_migrates_a_schema_1_table() {
+    let schema = format!("bt_migrate_{}", std::process::id());
+    let mut s = sql();
+    s.batch_execute(&format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};
+         CREATE TABLE {schema}.buffered_task_jobs (
+            id bigserial PRIMARY KEY, queue text NOT NULL, payload bytea NOT NULL,
+            dedup_key text,
+            state text NOT NULL DEFAULT 'ready' CHECK (state IN ('ready', 'leased', 'dead')),
+            attempts int NOT NULL DEFAULT 0, max_attempts int NOT NULL,
+            run_after timestamptz NOT NULL DEFAULT now(), lease_until timestamptz,
+            owner text, last_error text,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now());
+         CREATE UNIQUE INDEX buffered_task_jobs_dedup ON {schema}.buffered_task_jobs
+            (queue, dedup_key) WHERE dedup_key IS NOT NULL;
+         CREATE INDEX buffered_task_jobs_ready ON {schema}.buffered_task_jobs
+            (queue, run_after, id) WHERE state = 'ready';
+         INSERT INTO {schema}.buffered_task_jobs (queue, payload, dedup_key, state, max_attempts)
+            VALUES ('m', 'x', 'k', 'dead', 3), ('m', 'y', NULL, 'ready', 3);"
+    ))
+    .unwrap();
+    let mut config = common::pg_config();
+    config.options(&format!("-c search_path={schema}"));
+    let mut q = PgQueue::connect_with(config, QueueConfig::new("m")).unwrap();
+    q.install().unwrap();
+    assert_eq!(q.counts().unwrap(), (1, 0, 1), "rows kept");
+    // The dead row no longer holds its key.
+    assert_eq!(q.enqueue(&[keyed("k")]).unwrap().inserted, 1);
+    let c = q.claim(5).unwrap();
+    assert_eq!(c.len(), 2);
+    assert_eq!(q.ack(&leases(&c)).unwrap().rows, 2);
+    // An older version's install puts its dedup index back; ours removes it.
+    s.batch_execute(&format!(
+        "CREATE UNIQUE INDEX buffered_task_jobs_dedup ON {schema}.buffered_task_jobs
+            (queue, dedup_key) WHERE dedup_key IS NOT NULL"
+    ))
+    .unwrap();
+    q.install().unwrap();
+    let old: bool = s
+        .query_one(
+            &format!("SELECT to_regclass('{schema}.buffered_task_jobs_dedup') IS NOT NULL"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(!old);
+    drop(q);
+    s.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .unwrap();
 }
