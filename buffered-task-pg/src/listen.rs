@@ -150,7 +150,12 @@ fn run<T: Send + 'static>(
                     Ok(Some(_)) => wake(&engine),
                     Ok(None) => break, // the timeout passed
                     Err(e) => {
-                        throttle.warn(|| format!("listener: connection lost ({e}); reconnecting"));
+                        throttle.warn(|| {
+                            format!(
+                                "listener: connection lost ({}); reconnecting",
+                                PgError::Db(e)
+                            )
+                        });
                         broken = true;
                         break;
                     }

@@ -275,6 +275,9 @@ fn a_server_restart_mid_run_loses_nothing_and_strands_nothing() {
     // Quietly: the logs of a restart are a few lines, not a flood.
     let bytes = logs.total_bytes();
     println!("  worker logs: {bytes} bytes");
+    if std::env::var("SHOW_WORKER_LOGS").is_ok() {
+        logs.print();
+    }
     assert!(bytes < 64 * 1024, "{bytes} bytes of worker logs");
     drop_table(&done);
     drop_table(&engine_done);
@@ -465,6 +468,14 @@ impl LogDir {
         std::fs::File::create(self.0.join(name)).unwrap()
     }
 
+    fn print(&self) {
+        for e in std::fs::read_dir(&self.0).unwrap() {
+            let path = e.unwrap().path();
+            println!("--- {}", path.display());
+            println!("{}", std::fs::read_to_string(&path).unwrap_or_default());
+        }
+    }
+
     fn total_bytes(&self) -> u64 {
         std::fs::read_dir(&self.0)
             .unwrap()
@@ -603,6 +614,9 @@ impl Drop for Server {
 // ------------------------------------------------------------- the workers
 
 fn worker(args: &[String]) {
+    // The crate's own warnings go to the worker's stderr (the restart test
+    // measures them: rate-limited, they stay small).
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match a.as_slice() {
         ["drain", url, queue, threads, claim, lease, max, forever] => drain(
