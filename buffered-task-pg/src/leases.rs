@@ -100,7 +100,7 @@ impl PgHeartbeat {
         leases: &Leases,
         interval: Duration,
     ) -> Result<Self, PgError> {
-        if interval.is_zero() || config.lease < interval * 3 {
+        if interval.is_zero() || interval.checked_mul(3).map_or(true, |t| config.lease < t) {
             return Err(PgError::HeartbeatTooSlow);
         }
         let name = format!("{}-heartbeat", config.queue);

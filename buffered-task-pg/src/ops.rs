@@ -296,7 +296,7 @@ impl PgQueue {
                 leased: r.get(2),
                 expired: r.get(3),
                 dead: r.get(4),
-                oldest_ready_age: age.map(|s| Duration::from_secs_f64(s.max(0.0))),
+                oldest_ready_age: age.and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok()),
                 lost_leases: r.get(6),
                 attempts,
                 health: Health::default(),
@@ -350,7 +350,7 @@ impl PgQueue {
                 autovacuum: r.get(3),
                 oldest_transaction: secs
                     .zip(pid)
-                    .map(|(s, p)| (Duration::from_secs_f64(s.max(0.0)), p)),
+                    .and_then(|(s, p)| Some((Duration::try_from_secs_f64(s.max(0.0)).ok()?, p))),
                 xmin_age: r.get(6),
                 warnings: Vec::new(),
             })

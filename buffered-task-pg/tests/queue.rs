@@ -338,6 +338,8 @@ fn the_heartbeat_extends_only_the_leases_in_flight() {
         Duration::from_millis(400),
     );
     assert!(matches!(too_slow, Err(PgError::HeartbeatTooSlow)));
+    let absurd = PgHeartbeat::start(&url(), QueueConfig::new("x"), &in_flight, Duration::MAX);
+    assert!(matches!(absurd, Err(PgError::HeartbeatTooSlow)));
     let beat = PgHeartbeat::start(
         &url(),
         config(QueueConfig::new(name("heartbeat"))),
