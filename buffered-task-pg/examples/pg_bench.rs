@@ -134,6 +134,12 @@ fn worker(mode: &str, queue: &str, relaxed: bool) {
             let chunk = env("PG_BENCH_CLAIM", 2000) as i64;
             let ack = env("PG_BENCH_ACK", 500).max(1);
             let (mut claiming, mut acking) = (Duration::ZERO, Duration::ZERO);
+            // The server process's CPU time (same machine), to see where the
+            // time goes whatever else runs.
+            let backend = q.backend_pid().unwrap();
+            let server_before = cpu_secs(&format!("/proc/{backend}/stat"));
+            let client_before = cpu_secs("/proc/self/stat");
+            let mut rows = 0usize;
             let start = Instant::now();
             loop {
                 let t = Instant::now();
@@ -142,6 +148,7 @@ fn worker(mode: &str, queue: &str, relaxed: bool) {
                 if claimed.is_empty() {
                     break;
                 }
+                rows += claimed.len();
                 for batch in claimed.chunks(ack) {
                     for c in batch {
                         sum = sum.wrapping_add(c.payload[0] as u64);
@@ -152,11 +159,16 @@ fn worker(mode: &str, queue: &str, relaxed: bool) {
                 }
             }
             if std::env::var("PG_BENCH_PROFILE").is_ok() {
+                let server = cpu_secs(&format!("/proc/{backend}/stat")) - server_before;
+                let client = cpu_secs("/proc/self/stat") - client_before;
                 eprintln!(
-                    "worker: {:.2}s, claims {:.2}s, acks {:.2}s",
+                    "worker: {rows} rows in {:.2}s (claims {:.2}s, acks {:.2}s); CPU per row: \
+                     server {:.1} µs, client {:.1} µs",
                     start.elapsed().as_secs_f64(),
                     claiming.as_secs_f64(),
-                    acking.as_secs_f64()
+                    acking.as_secs_f64(),
+                    server * 1e6 / rows.max(1) as f64,
+                    client * 1e6 / rows.max(1) as f64,
                 );
             }
         }
@@ -188,6 +200,22 @@ fn worker(mode: &str, queue: &str, relaxed: bool) {
         }
     }
     std::hint::black_box(sum);
+}
+
+/// User + system CPU seconds of a process, from its `/proc/<pid>/stat` (0 when
+/// unreadable: another machine, another system).
+fn cpu_secs(stat: &str) -> f64 {
+    let Ok(text) = std::fs::read_to_string(stat) else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses): utime and stime
+    // are the 12th and 13th, in clock ticks (100 per second on Linux).
+    let after = text.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields
+        .get(11..13)
+        .map_or(0, |f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum());
+    ticks as f64 / 100.0
 }
 
 struct Signal(Mutex<mpsc::Sender<Instant>>);

@@ -201,6 +201,17 @@ impl PgQueue {
         self.open().map(drop)
     }
 
+    /// The server process of the current connection (connecting first if
+    /// needed): for diagnostics, e.g. its CPU time or `pg_stat_activity`.
+    ///
+    /// # Errors
+    ///
+    /// [`PgError::Db`].
+    pub fn backend_pid(&mut self) -> Result<i32, PgError> {
+        let row = self.run_repeatable(|c| c.client.query_one("SELECT pg_backend_pid()", &[]))?;
+        Ok(row.get(0))
+    }
+
     /// Whether a connection is open (it may still turn out broken).
     pub fn is_connected(&self) -> bool {
         self.conn.as_ref().is_some_and(|c| !c.client.is_closed())
