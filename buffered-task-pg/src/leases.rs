@@ -2,8 +2,9 @@
 //! those alive.
 
 use crate::config::{Lease, QueueConfig};
-use crate::error::{PgError, Throttle};
+use crate::error::PgError;
 use crate::queue::{parse_url, PgQueue};
+use crate::throttle::Throttle;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

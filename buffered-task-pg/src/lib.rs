@@ -40,6 +40,7 @@ mod ops;
 mod queue;
 mod sql;
 mod task;
+mod throttle;
 
 pub use config::{leases, Claimed, Enqueued, Lease, NewRow, QueueConfig, Settled, MAX_QUEUE_NAME};
 pub use error::PgError;

@@ -4,8 +4,9 @@
 //! and the listener asks for a claim after every (re)connection.
 
 use crate::config::notify_channel;
-use crate::error::{PgError, Throttle};
+use crate::error::PgError;
 use crate::queue::{harden, parse_url};
+use crate::throttle::Throttle;
 use buffered_task::WeakHandle;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};

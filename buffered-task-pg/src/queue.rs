@@ -2,8 +2,9 @@
 //! statement once, and runs each step of a row's life.
 
 use crate::config::{notify_channel, Claimed, Enqueued, Lease, NewRow, QueueConfig, Settled};
-use crate::error::{is_connection_error, PgError, Throttle};
+use crate::error::{is_connection_error, PgError};
 use crate::sql::{install_sql, Sql, SCHEMA_CHECK, SCHEMA_VERSION, TABLE};
+use crate::throttle::Throttle;
 use postgres::{Client, NoTls, Statement};
 use std::collections::{HashMap, HashSet};
 use std::fmt;

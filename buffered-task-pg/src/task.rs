@@ -3,10 +3,11 @@
 //! own worker.
 
 use crate::config::{Claimed, Lease, NewRow, QueueConfig};
-use crate::error::{PgError, Throttle};
+use crate::error::PgError;
 use crate::leases::{Leases, PgHeartbeat};
 use crate::ops::QueueStats;
 use crate::queue::{parse_url, PgQueue, Settle, SettleReport};
+use crate::throttle::Throttle;
 use buffered_task::{worker_index, Builder, Outcome, OverflowReason, Sink, Task};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
