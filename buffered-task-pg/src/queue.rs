@@ -60,6 +60,7 @@ pub struct PgQueue {
     throttle: Throttle,
     reap_due: Option<Instant>,
     reconnects: u64,
+    ever_connected: bool,
     lost: u64,
 }
 
@@ -156,6 +157,7 @@ impl PgQueue {
             throttle: Throttle::new(Duration::from_secs(10)),
             reap_due: None,
             reconnects: 0,
+            ever_connected: false,
             lost: 0,
         }
     }
@@ -243,9 +245,10 @@ impl PgQueue {
                             self.failures
                         );
                     }
-                    if self.next_try.is_some() || self.failures > 0 {
+                    if self.ever_connected {
                         self.reconnects += 1;
                     }
+                    self.ever_connected = true;
                     self.failures = 0;
                     self.next_try = None;
                     self.conn = Some(conn);

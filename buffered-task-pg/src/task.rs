@@ -467,7 +467,17 @@ impl<H: RowHandler> Task for PgTask<H> {
 
     fn init(&self, sink: &mut Sink<PgRow>, _: &()) {
         self.core.maintain();
-        let claimed = lock(&self.core.other).claim(self.claim_chunk);
+        let claimed = {
+            let mut q = lock(&self.core.other);
+            match q.claim(self.claim_chunk) {
+                // Most often a connection that broke while idle (a server
+                // restart): nothing was claimed, and the next poll may be far
+                // off, so claim again at once on a new connection. (Had the
+                // claim committed, its rows come back after their lease.)
+                Err(e) if e.is_connection() => q.claim(self.claim_chunk),
+                other => other,
+            }
+        };
         match claimed {
             Ok(rows) => {
                 self.core

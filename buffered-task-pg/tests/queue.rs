@@ -589,3 +589,43 @@ fn install_migrates_a_schema_1_table() {
     s.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .unwrap();
 }
+
+/// Defect 6 (without a restart): a connection the server dropped is replaced
+/// on the next call; a settle on it does not fail, it is repeated once on the
+/// new connection (it is fenced); a claim's error says what happened.
+#[test]
+fn a_dropped_connection_is_replaced_and_a_settle_on_it_goes_through() {
+    let mut q = queue("reconnect", |c| c);
+    q.enqueue(&rows(4)).unwrap();
+    let c = q.claim(4).unwrap();
+    let mut killer = sql();
+    let kill = |killer: &mut postgres::Client, pid: i32| {
+        killer
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .unwrap();
+        wait_for(Duration::from_secs(30), "the backend to go", || {
+            killer
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                    &[&pid],
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+                == 0
+        });
+    };
+    let pid = q.backend_pid().unwrap();
+    kill(&mut killer, pid);
+    assert_eq!(q.ack(&leases(&c[..2])).unwrap().rows, 2);
+    assert_eq!(q.reconnects(), 1);
+    assert_ne!(q.backend_pid().unwrap(), pid);
+    // A claim is not repeated (it is not fenced): its error names the cause,
+    // and the next call reconnects.
+    let pid = q.backend_pid().unwrap();
+    kill(&mut killer, pid);
+    let e = q.claim(1).unwrap_err();
+    assert!(e.is_connection(), "{e}");
+    assert_eq!(q.ack(&leases(&c[2..])).unwrap().rows, 2);
+    assert_eq!(q.reconnects(), 2);
+    assert_eq!(q.counts().unwrap(), (0, 0, 0));
+}
