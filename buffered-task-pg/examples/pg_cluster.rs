@@ -6,8 +6,8 @@
 //! `cargo run --release -p buffered-task-pg --example pg_cluster -- [processes] [rows]`
 //! (uses DATABASE_URL, default `host=127.0.0.1 user=postgres dbname=test`).
 
-use buffered_task::{Builder, FlushInterval};
-use buffered_task_pg::{PgListener, PgQueue, PgTask, QueueConfig, RowHandler, RowOutcome};
+use buffered_task::FlushInterval;
+use buffered_task_pg::{NewRow, PgListener, PgQueue, PgTask, QueueConfig, RowHandler, RowOutcome};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -68,8 +68,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ))?;
 
     println!("seeding {rows} rows into queue {queue}");
-    let payloads: Vec<(Vec<u8>, Option<String>)> = (0..rows)
-        .map(|i| (i.to_le_bytes().to_vec(), None))
+    let payloads: Vec<NewRow> = (0..rows)
+        .map(|i| NewRow::new(i.to_le_bytes().to_vec()))
         .collect();
     for chunk in payloads.chunks(20_000) {
         admin.enqueue(chunk)?;
@@ -130,7 +130,8 @@ fn worker(queue: &str) -> Result<(), Box<dyn std::error::Error>> {
     let config =
         QueueConfig::new(queue).backoff(Duration::from_millis(100), Duration::from_secs(1));
     let task = PgTask::new(&url(), config, handler, 2 * 2 * 200)?;
-    let handle = Builder::new(task, ())
+    let handle = task
+        .builder()
         .name("cluster")
         .max_batch_size(200)
         .max_concurrency(2)

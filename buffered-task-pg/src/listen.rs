@@ -3,7 +3,10 @@
 //! while the listener is reconnecting is lost), so polling stays the safety net,
 //! and the listener asks for a claim after every (re)connection.
 
-use crate::queue::{notify_channel, PgError};
+use crate::config::notify_channel;
+use crate::error::PgError;
+use crate::queue::{harden, parse_url};
+use crate::throttle::Throttle;
 use buffered_task::WeakHandle;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
@@ -44,9 +47,10 @@ impl PgListener {
         if tokio::runtime::Handle::try_current().is_ok() {
             return Err(PgError::InsideTokioRuntime);
         }
-        let config: postgres::Config = url
-            .parse()
-            .map_err(|e: postgres::Error| PgError::BadConnectionString(e.to_string()))?;
+        let config = harden(parse_url(url)?);
+        if queue.is_empty() || queue.contains('\0') {
+            return Err(PgError::BadConfig(format!("bad queue name {queue:?}")));
+        }
         let channel = notify_channel(queue);
         let first = listen(&config, &channel)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -97,16 +101,28 @@ fn run<T: Send + 'static>(
 ) {
     let mut client = Some(first);
     let mut wait = Duration::from_millis(100);
+    let mut throttle = Throttle::new(Duration::from_secs(10));
     while !stop.load(Ordering::SeqCst) {
         let Some(c) = client.as_mut() else {
-            std::thread::sleep(wait); // reconnect backoff
+            // The reconnect backoff, in short steps so a stop is seen quickly.
+            let mut left = wait;
+            while !left.is_zero() && !stop.load(Ordering::SeqCst) {
+                let step = left.min(Duration::from_millis(20));
+                std::thread::sleep(step);
+                left = left.saturating_sub(step);
+            }
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
             match listen(&config, &channel) {
                 Ok(c) => {
                     client = Some(c);
                     wait = Duration::from_millis(100);
                 }
                 Err(e) => {
-                    log::warn!("listener: reconnect failed ({e}); polling covers the gap");
+                    throttle.warn(|| {
+                        format!("listener: reconnect failed ({e}); polling covers the gap")
+                    });
                     wait = (wait * 2).min(Duration::from_secs(5));
                 }
             }
@@ -135,7 +151,12 @@ fn run<T: Send + 'static>(
                     Ok(Some(_)) => wake(&engine),
                     Ok(None) => break, // the timeout passed
                     Err(e) => {
-                        log::warn!("listener: connection lost ({e}); reconnecting");
+                        throttle.warn(|| {
+                            format!(
+                                "listener: connection lost ({}); reconnecting",
+                                PgError::Db(e)
+                            )
+                        });
                         broken = true;
                         break;
                     }

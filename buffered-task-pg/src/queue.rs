@@ -1,147 +1,67 @@
-//! The table, and the SQL for each step of a row's life.
+//! One connection to a shared queue: it reconnects by itself, prepares each
+//! statement once, and runs each step of a row's life.
 
-use postgres::{Client, NoTls};
+use crate::config::{notify_channel, Claimed, Enqueued, Lease, NewRow, QueueConfig, Settled};
+use crate::error::{is_connection_error, PgError};
+use crate::sql::{install_sql, Sql, SCHEMA_CHECK, SCHEMA_VERSION, TABLE};
+use crate::throttle::Throttle;
+use postgres::{Client, NoTls, Statement};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// What went wrong talking to PostgreSQL.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum PgError {
-    /// The connection string could not be parsed.
-    BadConnectionString(String),
-    /// A blocking client cannot run inside a tokio runtime.
-    InsideTokioRuntime,
-    /// The queue's table is missing: call [`PgQueue::install`] first.
-    NotInstalled,
-    /// An error from the server or the connection (a lost connection included):
-    /// nothing was settled by the failed call, so no row is lost; retry it.
-    Db(postgres::Error),
-    /// The operating system refused to start a thread.
-    Io(String),
-    /// A heartbeat must beat at least three times per lease.
-    HeartbeatTooSlow,
-}
+/// First wait before a reconnection after a failed one; it doubles up to
+/// [`MAX_RECONNECT_WAIT`].
+const FIRST_RECONNECT_WAIT: Duration = Duration::from_millis(50);
+/// Longest wait before a reconnection: a call never waits longer than this
+/// (plus the connect timeout) for a connection.
+const MAX_RECONNECT_WAIT: Duration = Duration::from_secs(2);
+/// Connect timeout when the connection string sets none.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-impl fmt::Display for PgError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PgError::BadConnectionString(e) => write!(f, "bad connection string: {e}"),
-            PgError::InsideTokioRuntime => f.write_str(
-                "the blocking PostgreSQL client cannot be used inside a tokio runtime; \
-                 call it from a plain thread (e.g. tokio::task::spawn_blocking)",
-            ),
-            PgError::NotInstalled => {
-                f.write_str("the queue table does not exist; call PgQueue::install() first")
-            }
-            PgError::Db(e) => write!(f, "database error: {e}"),
-            PgError::Io(e) => write!(f, "could not start a thread: {e}"),
-            PgError::HeartbeatTooSlow => {
-                f.write_str("the lease must be at least three heartbeat intervals")
-            }
-        }
-    }
-}
-
-impl std::error::Error for PgError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            PgError::Db(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-impl From<postgres::Error> for PgError {
-    fn from(e: postgres::Error) -> Self {
-        // 42P01: undefined_table.
-        if e.code().map(|c| c.code()) == Some("42P01") {
-            PgError::NotInstalled
-        } else {
-            PgError::Db(e)
-        }
-    }
-}
-
-/// Settings of one logical queue.
-#[derive(Debug, Clone)]
-pub struct QueueConfig {
-    pub(crate) queue: String,
-    pub(crate) lease: Duration,
-    pub(crate) max_attempts: i32,
-    pub(crate) backoff_base: Duration,
-    pub(crate) backoff_cap: Duration,
-    pub(crate) archive: bool,
-}
-
-impl QueueConfig {
-    /// A queue named `queue`, with defaults: lease 60 s, 25 attempts, backoff
-    /// from 1 s doubling to at most 1 h (with jitter).
-    pub fn new(queue: impl Into<String>) -> Self {
-        QueueConfig {
-            queue: queue.into(),
-            lease: Duration::from_secs(60),
-            max_attempts: 25,
-            backoff_base: Duration::from_secs(1),
-            backoff_cap: Duration::from_secs(3600),
-            archive: false,
-        }
-    }
-
-    /// How long a claim holds its rows before another process may take them.
-    pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
-        self
-    }
-
-    /// Attempts before a row goes to `dead` (at least 1).
-    pub fn max_attempts(mut self, n: i32) -> Self {
-        self.max_attempts = n.max(1);
-        self
-    }
-
-    /// Keep acknowledged rows in `buffered_task_jobs_archive` (with the time they
-    /// were done) instead of deleting them. Default: off.
-    pub fn archive(mut self, archive: bool) -> Self {
-        self.archive = archive;
-        self
-    }
-
-    /// The backoff after the first failed attempt, doubling up to `cap`; each wait
-    /// is drawn between half and all of that.
-    pub fn backoff(mut self, base: Duration, cap: Duration) -> Self {
-        self.backoff_base = base;
-        self.backoff_cap = cap.max(base);
-        self
-    }
-}
-
-/// A claimed row.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claimed {
-    /// The row's id.
-    pub id: i64,
-    /// The payload, as enqueued.
-    pub payload: Vec<u8>,
-    /// Attempts so far, this one included.
-    pub attempts: i32,
-}
-
-/// How a settling call went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Settled {
-    /// Rows written.
-    pub rows: u64,
-    /// Rows asked for whose lease was lost (another process holds them now).
-    pub lost: u64,
-}
-
-/// One connection to a shared queue, with its own owner token.
-pub struct PgQueue {
+/// An open connection and the statements prepared on it.
+struct Conn {
     client: Client,
+    prepared: HashMap<Sql, Statement>,
+}
+
+impl Conn {
+    fn statement(&mut self, sql: Sql) -> Result<Statement, postgres::Error> {
+        if let Some(s) = self.prepared.get(&sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(&sql.text())?;
+        self.prepared.insert(sql, s.clone());
+        Ok(s)
+    }
+}
+
+/// A connection to a shared queue, with its own owner name (written into the
+/// rows it claims, for diagnostics; the fence of every settle is the claim's
+/// token, see [`Lease`]).
+///
+/// It reconnects by itself: a call that finds the connection broken (the server
+/// restarted, crashed, or dropped it) reconnects first, waiting between failed
+/// attempts (from 50 ms, doubling to 2 s) so that a caller in a loop is paced,
+/// and logging at most one warning per 10 s. Settles (acks, retries, burials,
+/// releases, extensions) are repeated once on a fresh connection when the
+/// connection breaks under them: they are fenced, so repeating one is safe.
+pub struct PgQueue {
+    conn: Option<Conn>,
+    pg: postgres::Config,
     config: QueueConfig,
     owner: String,
+    channel: String,
+    /// The `synchronous_commit` level an enqueue commits with.
+    durable_level: String,
+    failures: u32,
+    next_try: Option<Instant>,
+    throttle: Throttle,
+    reap_due: Option<Instant>,
+    reconnects: u64,
+    ever_connected: bool,
+    lost: u64,
 }
 
 impl fmt::Debug for PgQueue {
@@ -149,6 +69,7 @@ impl fmt::Debug for PgQueue {
         f.debug_struct("PgQueue")
             .field("queue", &self.config.queue)
             .field("owner", &self.owner)
+            .field("connected", &self.conn.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -167,212 +88,533 @@ fn new_owner() -> String {
     )
 }
 
-const TABLE: &str = "buffered_task_jobs";
+/// Parses a connection string: key=value pairs or a `postgres://` URL.
+pub(crate) fn parse_url(url: &str) -> Result<postgres::Config, PgError> {
+    url.parse()
+        .map_err(|e: postgres::Error| PgError::BadConnectionString(e.to_string()))
+}
+
+/// Fills in what a connection string left unset: a connect timeout and TCP
+/// keepalives, so that no connection attempt or dead peer blocks for ever.
+pub(crate) fn harden(mut pg: postgres::Config) -> postgres::Config {
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(CONNECT_TIMEOUT);
+    }
+    pg.keepalives(true);
+    pg.keepalives_idle(Duration::from_secs(30));
+    pg
+}
 
 impl PgQueue {
-    /// Connects (without TLS) and takes a fresh owner token.
+    /// Connects (without TLS); `url` is a `key=value` string or a
+    /// `postgres://` URL.
     ///
     /// # Errors
     ///
     /// [`PgError::InsideTokioRuntime`] when called inside a tokio runtime;
-    /// [`PgError::BadConnectionString`]; [`PgError::Db`] when the server cannot be
-    /// reached.
+    /// [`PgError::BadConnectionString`]; [`PgError::BadConfig`];
+    /// [`PgError::Db`] when the server cannot be reached.
     pub fn connect(url: &str, config: QueueConfig) -> Result<Self, PgError> {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(PgError::InsideTokioRuntime);
-        }
-        let parsed: postgres::Config = url
-            .parse()
-            .map_err(|e: postgres::Error| PgError::BadConnectionString(e.to_string()))?;
-        let mut client = parsed.connect(NoTls)?;
-        // A commit lost in a server crash loses the whole transaction - a claim
-        // (the row stays ready), or an ack with the effects written in it (the row
-        // runs again, the effects are written once) - so waiting for the WAL flush
-        // buys nothing here.
-        client.batch_execute("SET synchronous_commit = off")?;
-        Ok(PgQueue {
-            client,
-            config,
-            owner: new_owner(),
-        })
+        Self::connect_with(parse_url(url)?, config)
     }
 
-    /// This connection's owner token (written into the rows it claims).
+    /// Connects with a parsed configuration (e.g. one with extra `options`).
+    ///
+    /// # Errors
+    ///
+    /// As [`PgQueue::connect`].
+    pub fn connect_with(pg: postgres::Config, config: QueueConfig) -> Result<Self, PgError> {
+        let mut q = Self::lazy(pg, config)?;
+        q.open()?;
+        Ok(q)
+    }
+
+    /// A queue handle that connects on its first call (no I/O here).
+    ///
+    /// # Errors
+    ///
+    /// [`PgError::BadConnectionString`], [`PgError::BadConfig`].
+    pub fn connect_lazily(url: &str, config: QueueConfig) -> Result<Self, PgError> {
+        Self::lazy(parse_url(url)?, config)
+    }
+
+    pub(crate) fn lazy(pg: postgres::Config, config: QueueConfig) -> Result<Self, PgError> {
+        config.validate()?;
+        Ok(Self::lazy_valid(pg, config))
+    }
+
+    /// As `lazy`, for settings already validated.
+    pub(crate) fn lazy_valid(pg: postgres::Config, config: QueueConfig) -> Self {
+        PgQueue {
+            conn: None,
+            pg: harden(pg),
+            channel: notify_channel(&config.queue),
+            config,
+            owner: new_owner(),
+            durable_level: "on".to_string(),
+            failures: 0,
+            next_try: None,
+            throttle: Throttle::new(Duration::from_secs(10)),
+            reap_due: None,
+            reconnects: 0,
+            ever_connected: false,
+            lost: 0,
+        }
+    }
+
+    /// This connection's owner name (written into the rows it claims).
     pub fn owner(&self) -> &str {
         &self.owner
     }
 
-    /// Uses `owner` as the token, so several connections of one process can
-    /// settle each other's claims.
+    /// Uses `owner` as the name written into claimed rows.
     pub fn with_owner(mut self, owner: &str) -> Self {
         self.owner = owner.to_string();
         self
     }
 
-    /// Creates the table and its indexes if they do not exist. Idempotent, and safe
-    /// to run from many processes at once (serialised by an advisory lock).
+    /// The queue's settings.
+    pub fn config(&self) -> &QueueConfig {
+        &self.config
+    }
+
+    /// Reconnections made since this handle was created.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    /// Leases given to settles of this handle that found their row gone or
+    /// taken (see [`Settled::lost`]), in total.
+    pub fn lost(&self) -> u64 {
+        self.lost
+    }
+
+    /// Closes the connection; the next call opens a new one.
+    pub fn disconnect(&mut self) {
+        self.conn = None;
+    }
+
+    /// Opens the connection now if none is open (waiting out the backoff after
+    /// a failed attempt).
+    ///
+    /// # Errors
+    ///
+    /// [`PgError::Db`] when the server cannot be reached.
+    pub fn ensure_connected(&mut self) -> Result<(), PgError> {
+        self.open().map(drop)
+    }
+
+    /// The server process of the current connection (connecting first if
+    /// needed): for diagnostics, e.g. its CPU time or `pg_stat_activity`.
+    ///
+    /// # Errors
+    ///
+    /// [`PgError::Db`].
+    pub fn backend_pid(&mut self) -> Result<i32, PgError> {
+        let row = self.run_repeatable(|c| c.client.query_one("SELECT pg_backend_pid()", &[]))?;
+        Ok(row.get(0))
+    }
+
+    /// Whether a connection is open (it may still turn out broken).
+    pub fn is_connected(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| !c.client.is_closed())
+    }
+
+    /// Opens the connection if there is none, waiting out the backoff after a
+    /// failed attempt.
+    fn open(&mut self) -> Result<&mut Conn, PgError> {
+        if self.conn.as_ref().is_some_and(|c| c.client.is_closed()) {
+            self.conn = None;
+        }
+        if self.conn.is_none() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                return Err(PgError::InsideTokioRuntime);
+            }
+            if let Some(at) = self.next_try {
+                let now = Instant::now();
+                if at > now {
+                    std::thread::sleep(at - now); // at most MAX_RECONNECT_WAIT
+                }
+            }
+            match self.new_connection() {
+                Ok(conn) => {
+                    if self.failures > 0 {
+                        log::info!(
+                            "{}: reconnected after {} failed attempts",
+                            self.config.queue,
+                            self.failures
+                        );
+                    }
+                    if self.ever_connected {
+                        self.reconnects += 1;
+                    }
+                    self.ever_connected = true;
+                    self.failures = 0;
+                    self.next_try = None;
+                    self.conn = Some(conn);
+                }
+                Err(e) => {
+                    self.failures = self.failures.saturating_add(1);
+                    let wait = FIRST_RECONNECT_WAIT
+                        .saturating_mul(1 << self.failures.min(10))
+                        .min(MAX_RECONNECT_WAIT);
+                    self.next_try = Some(Instant::now() + wait);
+                    let (queue, failures) = (self.config.queue.clone(), self.failures);
+                    self.throttle.warn(|| {
+                        format!("{queue}: cannot connect ({e}); attempt {failures}, retrying")
+                    });
+                    return Err(e);
+                }
+            }
+        }
+        Ok(self.conn.as_mut().expect("just opened"))
+    }
+
+    fn new_connection(&mut self) -> Result<Conn, PgError> {
+        let mut client = self.pg.connect(NoTls)?;
+        let current = match client.simple_query("SHOW synchronous_commit")?.first() {
+            Some(postgres::SimpleQueryMessage::Row(r)) => r.get(0).unwrap_or("on").to_string(),
+            _ => "on".to_string(),
+        };
+        let timeout_ms = self.config.statement_timeout.as_millis();
+        let mut setup = format!("SET statement_timeout = {timeout_ms};");
+        self.durable_level = if current == "off" {
+            "on".to_string()
+        } else {
+            current.clone()
+        };
+        if self.config.relaxed_settles {
+            setup.push_str("SET synchronous_commit = off;");
+        } else if current == "off" {
+            // An enqueue that returned Ok must be on disk, whatever the server's
+            // default says.
+            setup.push_str("SET synchronous_commit = on;");
+        }
+        client.batch_execute(&setup)?;
+        Ok(Conn {
+            client,
+            prepared: HashMap::new(),
+        })
+    }
+
+    /// Runs `f` on the connection; a broken connection is dropped (the next call
+    /// reconnects).
+    fn run<R>(
+        &mut self,
+        f: impl FnOnce(&mut Conn) -> Result<R, postgres::Error>,
+    ) -> Result<R, PgError> {
+        let conn = self.open()?;
+        match f(conn) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                if is_connection_error(&e) {
+                    self.conn = None;
+                    // Reconnect at once the first time (the server may be
+                    // back already); the backoff starts with a failed attempt.
+                    self.next_try = None;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// As `run`, for a call whose last statement commits: a connection lost
+    /// under it leaves the outcome unknown.
+    fn run_commit<R>(
+        &mut self,
+        f: impl FnOnce(&mut Conn) -> Result<R, postgres::Error>,
+    ) -> Result<R, PgError> {
+        self.open()?; // a failure here sent nothing
+        match self.run(f) {
+            Err(PgError::Db(e)) if e.as_db_error().is_none() => Err(PgError::CommitUnknown(e)),
+            other => other,
+        }
+    }
+
+    /// As `run`, for calls that are safe to repeat (fenced settles, reads):
+    /// repeated once on a fresh connection when the connection broke under the
+    /// first attempt.
+    fn run_repeatable<R>(
+        &mut self,
+        mut f: impl FnMut(&mut Conn) -> Result<R, postgres::Error>,
+    ) -> Result<R, PgError> {
+        match self.run(&mut f) {
+            Err(e) if e.is_connection() => self.run(f),
+            other => other,
+        }
+    }
+
+    /// Creates the tables and indexes if they do not exist, or brings an older
+    /// schema up to date. Idempotent, and safe to run from many processes at once
+    /// (serialised by an advisory lock); with the schema in place it writes and
+    /// locks nothing.
     ///
     /// # Errors
     ///
     /// [`PgError::Db`].
     pub fn install(&mut self) -> Result<(), PgError> {
-        let mut tx = self.client.transaction()?;
-        tx.execute("SELECT pg_advisory_xact_lock(7384512093)", &[])?;
-        tx.batch_execute(&format!(
-            "CREATE TABLE IF NOT EXISTS {TABLE} (
-                id bigserial PRIMARY KEY,
-                queue text NOT NULL,
-                payload bytea NOT NULL,
-                dedup_key text,
-                state text NOT NULL DEFAULT 'ready' CHECK (state IN ('ready', 'leased', 'dead')),
-                attempts int NOT NULL DEFAULT 0,
-                max_attempts int NOT NULL,
-                run_after timestamptz NOT NULL DEFAULT now(),
-                lease_until timestamptz,
-                owner text,
-                last_error text,
-                created_at timestamptz NOT NULL DEFAULT now(),
-                updated_at timestamptz NOT NULL DEFAULT now()
-            );
-            CREATE UNIQUE INDEX IF NOT EXISTS {TABLE}_dedup
-                ON {TABLE} (queue, dedup_key) WHERE dedup_key IS NOT NULL;
-            CREATE INDEX IF NOT EXISTS {TABLE}_ready
-                ON {TABLE} (queue, run_after, id) WHERE state = 'ready';
-            CREATE INDEX IF NOT EXISTS {TABLE}_leased
-                ON {TABLE} (queue, lease_until) WHERE state = 'leased';
-            -- Every row is written twice and deleted: vacuum early and often, or
-            -- dead tuples pile up ahead of the ready rows and every claim wades
-            -- through them (seen here: 6.6 M dead tuples, claims 5x slower).
-            ALTER TABLE {TABLE} SET (autovacuum_vacuum_scale_factor = 0.01,
-                                     autovacuum_vacuum_threshold = 1000,
-                                     autovacuum_vacuum_cost_delay = 0);
-            CREATE TABLE IF NOT EXISTS {TABLE}_archive (
-                id bigint PRIMARY KEY,
-                queue text NOT NULL,
-                payload bytea NOT NULL,
-                dedup_key text,
-                attempts int NOT NULL,
-                created_at timestamptz NOT NULL,
-                done_at timestamptz NOT NULL DEFAULT now()
-            );"
-        ))?;
-        tx.commit()?;
+        self.run(|c| {
+            let row = c.client.query_one(SCHEMA_CHECK, &[])?;
+            let (version, no_old_index): (Option<String>, bool) = (row.get(0), row.get(1));
+            if version.as_deref() == Some(SCHEMA_VERSION) && no_old_index {
+                return Ok(());
+            }
+            let mut tx = c.client.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock(7384512093)", &[])?;
+            tx.batch_execute(&install_sql())?;
+            tx.commit()
+        })?;
+        // Statements prepared before a schema change may be stale.
+        if let Some(c) = self.conn.as_mut() {
+            c.prepared.clear();
+        }
         Ok(())
     }
 
-    /// Inserts rows (payload, optional dedup key; a key already in the queue is
-    /// skipped) and notifies listeners, in one transaction. Returns how many rows
-    /// were inserted.
+    /// Inserts rows and notifies listeners, in one statement. A row whose dedup
+    /// key a `ready` or `leased` row holds is skipped, and reported in
+    /// [`Enqueued::skipped`]; dead rows do not hold their key.
+    ///
+    /// An `Ok` means the rows are on disk (the commit waits for it, even with
+    /// [`QueueConfig::relaxed_settles`] or a server whose default does not).
     ///
     /// # Errors
     ///
-    /// [`PgError::NotInstalled`], [`PgError::Db`]: then nothing was inserted.
-    pub fn enqueue(&mut self, rows: &[(Vec<u8>, Option<String>)]) -> Result<u64, PgError> {
-        let mut tx = self.client.transaction()?;
-        let inserted = insert(&mut tx, &self.config, rows)?;
-        tx.commit()?;
-        Ok(inserted)
+    /// [`PgError::NotInstalled`]; [`PgError::Db`]: nothing was inserted;
+    /// [`PgError::CommitUnknown`]: the connection broke with the commit in
+    /// flight, so the rows may be there. Repeating an enqueue is safe with
+    /// dedup keys (a row already there is skipped), or through
+    /// [`PgQueue::enqueue_request`].
+    pub fn enqueue(&mut self, rows: &[NewRow]) -> Result<Enqueued, PgError> {
+        self.insert_rows(rows, None)
     }
 
-    /// Claims up to `n` rows: ready rows whose backoff has passed, and leased rows
-    /// whose lease expired (a crashed or stalled process's work comes back). Each
-    /// claim counts as an attempt.
+    /// As [`PgQueue::enqueue`], idempotent by `request`: the request id is
+    /// recorded with the rows in the same transaction, and a request id already
+    /// recorded for this queue inserts nothing ([`Enqueued::duplicate_request`]).
+    /// So after any error, [`PgError::CommitUnknown`] included, repeating the
+    /// call with the same id inserts the rows exactly once. Request ids are kept
+    /// until [`PgQueue::prune_requests`] removes them.
+    ///
+    /// # Errors
+    ///
+    /// As [`PgQueue::enqueue`].
+    pub fn enqueue_request(&mut self, request: &str, rows: &[NewRow]) -> Result<Enqueued, PgError> {
+        self.insert_rows(rows, Some(request))
+    }
+
+    fn insert_rows(&mut self, rows: &[NewRow], request: Option<&str>) -> Result<Enqueued, PgError> {
+        if rows.is_empty() && request.is_none() {
+            return Ok(Enqueued::default());
+        }
+        let payloads: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
+        let keys: Vec<Option<&str>> = rows.iter().map(|r| r.dedup_key.as_deref()).collect();
+        let prios: Vec<i16> = rows.iter().map(|r| r.priority).collect();
+        let queue = self.config.queue.clone();
+        let channel = self.channel.clone();
+        let max = self.config.max_attempts;
+        let relaxed = self.config.relaxed_settles;
+        let level = self.durable_level.clone();
+        let (n, inserted_keys, duplicate) = self.run_commit(|c| {
+            let sql = if request.is_some() {
+                Sql::EnqueueRequest
+            } else {
+                Sql::Enqueue
+            };
+            let st = c.statement(sql)?;
+            if relaxed {
+                // The session commits asynchronously; this transaction must not.
+                c.client
+                    .batch_execute(&format!("BEGIN; SET LOCAL synchronous_commit = '{level}'"))?;
+            }
+            let result = match request {
+                Some(r) => c
+                    .client
+                    .query_one(&st, &[&queue, &payloads, &keys, &prios, &max, &channel, &r]),
+                None => c
+                    .client
+                    .query_one(&st, &[&queue, &payloads, &keys, &prios, &max, &channel]),
+            };
+            let row = match result {
+                Ok(row) => row,
+                Err(e) => {
+                    if relaxed && !c.client.is_closed() {
+                        let _ = c.client.batch_execute("ROLLBACK");
+                    }
+                    return Err(e);
+                }
+            };
+            if relaxed {
+                c.client.batch_execute("COMMIT")?;
+            }
+            let n: i64 = row.get(0);
+            let keys: Option<Vec<String>> = row.get(1);
+            let duplicate = request.is_some() && row.get::<_, bool>(2);
+            Ok((n, keys.unwrap_or_default(), duplicate))
+        })?;
+        Ok(Enqueued {
+            inserted: n as u64,
+            skipped: skipped(rows, &inserted_keys, duplicate),
+            duplicate_request: duplicate,
+        })
+    }
+
+    /// Removes the records of enqueue requests older than `older_than` (after
+    /// that, repeating such a request inserts its rows again).
+    ///
+    /// # Errors
+    ///
+    /// [`PgError::Db`].
+    pub fn prune_requests(&mut self, older_than: Duration) -> Result<u64, PgError> {
+        let queue = self.config.queue.clone();
+        let secs = older_than.as_secs_f64().min(1e10);
+        self.run(|c| {
+            c.client.execute(
+                "DELETE FROM buffered_task_requests
+                 WHERE queue = $1 AND created_at < now() - make_interval(secs => $2)",
+                &[&queue, &secs],
+            )
+        })
+    }
+
+    /// Claims up to `n` rows: ready rows whose backoff has passed, lowest
+    /// priority first, then oldest. Each claim counts as an attempt and gets a
+    /// new token (see [`Lease`]).
+    ///
+    /// Before claiming (at most every quarter lease, from 50 ms to 5 s), rows
+    /// whose lease expired are taken back: an expired lease counts as an
+    /// attempt, so such a row backs off like a failed one, or goes to `dead`
+    /// with a reason saying so once its attempts are spent (a row that crashes
+    /// its worker cannot take down worker after worker).
     ///
     /// # Errors
     ///
     /// [`PgError::NotInstalled`], [`PgError::Db`]: then nothing was claimed.
     pub fn claim(&mut self, n: i64) -> Result<Vec<Claimed>, PgError> {
-        let rows = self.client.query(
-            &format!(
-                "WITH ready AS (
-                    SELECT id FROM {TABLE}
-                    WHERE queue = $1 AND state = 'ready' AND run_after <= now()
-                    ORDER BY run_after, id
-                    LIMIT $2
-                    FOR UPDATE SKIP LOCKED
-                 ), expired AS (
-                    SELECT id FROM {TABLE}
-                    WHERE queue = $1 AND state = 'leased' AND lease_until < now()
-                    ORDER BY lease_until
-                    LIMIT $2
-                    FOR UPDATE SKIP LOCKED
-                 ), picked AS (
-                    SELECT id FROM (SELECT id FROM expired UNION ALL SELECT id FROM ready) u
-                    LIMIT $2
-                 )
-                 UPDATE {TABLE} j
-                 SET state = 'leased', owner = $3, attempts = j.attempts + 1,
-                     lease_until = now() + make_interval(secs => $4), updated_at = now()
-                 FROM picked WHERE j.id = picked.id
-                 RETURNING j.id, j.payload, j.attempts"
-            ),
-            &[
-                &self.config.queue,
-                &n,
-                &self.owner,
-                &self.config.lease.as_secs_f64(),
-            ],
-        )?;
+        let now = Instant::now();
+        if self.reap_due.map_or(true, |due| now >= due) {
+            self.reap()?;
+            let every =
+                (self.config.lease / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+            self.reap_due = Some(now + every);
+        }
+        let queue = self.config.queue.clone();
+        let owner = self.owner.clone();
+        let lease = self.config.lease_secs();
+        let n = n.max(0);
+        let rows = self.run(|c| {
+            let st = c.statement(Sql::Claim)?;
+            c.client.query(&st, &[&queue, &n, &owner, &lease])
+        })?;
         let mut claimed: Vec<Claimed> = rows
             .iter()
-            .map(|r| Claimed {
-                id: r.get(0),
-                payload: r.get(1),
-                attempts: r.get(2),
+            .map(|r| {
+                let id = r.get(0);
+                Claimed {
+                    id,
+                    payload: r.get(1),
+                    attempts: r.get(2),
+                    lease: Lease {
+                        id,
+                        token: r.get(3),
+                    },
+                }
             })
             .collect();
         claimed.sort_by_key(|c| c.id);
         Ok(claimed)
     }
 
-    fn settled(&self, asked: usize, rows: u64, what: &str) -> Settled {
+    /// Takes back rows whose lease expired (see [`PgQueue::claim`], which calls
+    /// this). Returns (rows back to `ready`, rows gone to `dead`).
+    ///
+    /// # Errors
+    ///
+    /// [`PgError::NotInstalled`], [`PgError::Db`].
+    pub fn reap(&mut self) -> Result<(u64, u64), PgError> {
+        let queue = self.config.queue.clone();
+        let (base, cap) = self.backoff_secs();
+        let (ready, dead): (i64, i64) = self.run(|c| {
+            let st = c.statement(Sql::Reap)?;
+            let row = c.client.query_one(&st, &[&queue, &base, &cap])?;
+            Ok((row.get(0), row.get(1)))
+        })?;
+        if ready + dead > 0 {
+            let q = self.config.queue.clone();
+            self.throttle.warn(|| {
+                format!("{q}: {ready} rows came back after their lease expired, {dead} went dead")
+            });
+        }
+        Ok((ready as u64, dead as u64))
+    }
+
+    fn backoff_secs(&self) -> (f64, f64) {
+        (
+            self.config.backoff_base.as_secs_f64(),
+            self.config.backoff_cap.as_secs_f64(),
+        )
+    }
+
+    fn settled(&mut self, asked: usize, rows: u64, what: &str) -> Settled {
         let lost = (asked as u64).saturating_sub(rows);
         if lost > 0 {
-            log::warn!(
-                "{}: {lost} of {asked} rows not {what}: their lease was lost",
-                self.config.queue
-            );
+            self.lost += lost;
+            let q = self.config.queue.clone();
+            self.throttle
+                .warn(|| format!("{q}: {lost} of {asked} rows not {what}: their lease was lost"));
         }
         Settled { rows, lost }
     }
 
-    /// Deletes done rows this connection still holds.
+    /// Deletes done rows, fenced by their leases.
     ///
     /// # Errors
     ///
     /// [`PgError::Db`]: nothing was settled; the rows come back after their lease.
-    pub fn ack(&mut self, ids: &[i64]) -> Result<Settled, PgError> {
-        let rows = self
-            .client
-            .execute(&ack_sql(self.config.archive), &[&ids, &self.owner])?;
-        Ok(self.settled(ids.len(), rows, "acknowledged"))
+    pub fn ack(&mut self, leases: &[Lease]) -> Result<Settled, PgError> {
+        if leases.is_empty() {
+            return Ok(Settled::default());
+        }
+        let (ids, tokens) = split(leases);
+        let queue = self.config.queue.clone();
+        let archive = self.config.archive;
+        let rows = self.run_repeatable(|c| {
+            let st = c.statement(Sql::Ack { archive })?;
+            c.client.execute(&st, &[&queue, &ids, &tokens])
+        })?;
+        Ok(self.settled(leases.len(), rows, "acknowledged"))
     }
 
-    /// Deletes done rows this connection still holds and, in the same transaction,
-    /// lets `effects` write the results for exactly the rows that were deleted:
-    /// a row whose lease was lost is not passed, so its effect is never written
-    /// twice (exactly-once effect).
+    /// Deletes done rows and, in the same transaction, lets `effects` write the
+    /// results for exactly the rows that were deleted: a row whose lease was lost
+    /// is not passed, so its effect is never written twice (exactly-once effect).
     ///
     /// # Errors
     ///
     /// [`PgError::Db`] from the delete or from `effects`: the transaction rolls
-    /// back, nothing is settled, the rows come back after their lease.
+    /// back, nothing is settled, the rows come back after their lease;
+    /// [`PgError::CommitUnknown`]: repeat the call (it is fenced).
     pub fn ack_with(
         &mut self,
-        ids: &[i64],
+        leases: &[Lease],
         effects: impl FnOnce(&mut postgres::Transaction<'_>, &[i64]) -> Result<(), postgres::Error>,
     ) -> Result<Settled, PgError> {
-        let owner = self.owner.clone();
+        let (ids, tokens) = split(leases);
+        let queue = self.config.queue.clone();
         let archive = self.config.archive;
-        let mut tx = self.client.transaction()?;
-        let owned: Vec<i64> = tx
-            .query(&ack_sql(archive), &[&ids, &owner])?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        effects(&mut tx, &owned)?;
-        tx.commit()?;
-        Ok(self.settled(ids.len(), owned.len() as u64, "acknowledged"))
+        let owned = self.run_commit(|c| {
+            let st = c.statement(Sql::Ack { archive })?;
+            let mut tx = c.client.transaction()?;
+            let owned: Vec<i64> = tx
+                .query(&st, &[&queue, &ids, &tokens])?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            effects(&mut tx, &owned)?;
+            tx.commit()?;
+            Ok(owned)
+        })?;
+        Ok(self.settled(leases.len(), owned.len() as u64, "acknowledged"))
     }
 
     /// Sends failed rows back to `ready` after a backoff, or to `dead` once their
@@ -381,18 +623,16 @@ impl PgQueue {
     /// # Errors
     ///
     /// [`PgError::Db`]: nothing was settled; the rows come back after their lease.
-    pub fn retry(&mut self, ids: &[i64], error: &str) -> Result<Settled, PgError> {
-        let rows = self.client.execute(
-            &retry_sql(),
-            &[
-                &ids,
-                &self.owner,
-                &self.config.backoff_base.as_secs_f64(),
-                &self.config.backoff_cap.as_secs_f64(),
-                &error,
-            ],
-        )?;
-        Ok(self.settled(ids.len(), rows, "retried"))
+    pub fn retry(&mut self, leases: &[Lease], error: &str) -> Result<Settled, PgError> {
+        let s = self.settle(&Settle {
+            again: leases,
+            error,
+            ..Settle::default()
+        })?;
+        Ok(Settled {
+            rows: s.retried,
+            lost: s.lost,
+        })
     }
 
     /// Sends rows straight to `dead` with this error (a payload that cannot be
@@ -401,16 +641,16 @@ impl PgQueue {
     /// # Errors
     ///
     /// [`PgError::Db`]: nothing was settled; the rows come back after their lease.
-    pub fn bury(&mut self, ids: &[i64], error: &str) -> Result<Settled, PgError> {
-        let rows = self.client.execute(
-            &format!(
-                "UPDATE {TABLE} SET state = 'dead', last_error = $3, owner = NULL,
-                     lease_until = NULL, updated_at = now()
-                 WHERE id = ANY($1) AND owner = $2 AND state = 'leased'"
-            ),
-            &[&ids, &self.owner, &error],
-        )?;
-        Ok(self.settled(ids.len(), rows, "buried"))
+    pub fn bury(&mut self, leases: &[Lease], error: &str) -> Result<Settled, PgError> {
+        let buried: Vec<(Lease, String)> = leases.iter().map(|l| (*l, error.to_string())).collect();
+        let s = self.settle(&Settle {
+            bury: &buried,
+            ..Settle::default()
+        })?;
+        Ok(Settled {
+            rows: s.buried,
+            lost: s.lost,
+        })
     }
 
     /// Acknowledges `done`, retries `again` and enqueues `add` in one transaction
@@ -421,28 +661,97 @@ impl PgQueue {
     /// [`PgError::Db`]: nothing was settled; the rows come back after their lease.
     pub fn settle_mixed(
         &mut self,
-        done: &[i64],
-        again: &[i64],
+        done: &[Lease],
+        again: &[Lease],
         error: &str,
-        add: &[(Vec<u8>, Option<String>)],
+        add: &[NewRow],
     ) -> Result<Settled, PgError> {
-        let owner = self.owner.clone();
-        let config = self.config.clone();
-        let mut tx = self.client.transaction()?;
-        insert(&mut tx, &config, add)?;
-        let deleted = tx.execute(&ack_sql(config.archive), &[&done, &owner])?;
-        let retried = tx.execute(
-            &retry_sql(),
-            &[
-                &again,
-                &owner,
-                &config.backoff_base.as_secs_f64(),
-                &config.backoff_cap.as_secs_f64(),
-                &error,
-            ],
-        )?;
-        tx.commit()?;
-        Ok(self.settled(done.len() + again.len(), deleted + retried, "settled"))
+        let s = self.settle(&Settle {
+            done,
+            again,
+            error,
+            add,
+            ..Settle::default()
+        })?;
+        Ok(Settled {
+            rows: s.done + s.retried,
+            lost: s.lost,
+        })
+    }
+
+    /// Settles a whole batch in one statement (one round trip, one commit):
+    /// see [`Settle`].
+    ///
+    /// # Errors
+    ///
+    /// [`PgError::Db`]: nothing was settled; the rows come back after their
+    /// lease. Without new rows, a settle is repeated once on a new connection
+    /// when the connection broke under it (it is fenced, so that is safe); with
+    /// new rows it is not, and a connection lost during its commit is
+    /// [`PgError::CommitUnknown`].
+    pub fn settle(&mut self, s: &Settle<'_>) -> Result<SettleReport, PgError> {
+        let (done_ids, done_tokens) = split(s.done);
+        let (again_ids, again_tokens) = split(s.again);
+        let bury_leases: Vec<Lease> = s.bury.iter().map(|(l, _)| *l).collect();
+        let (bury_ids, bury_tokens) = split(&bury_leases);
+        let bury_errors: Vec<&str> = s.bury.iter().map(|(_, e)| e.as_str()).collect();
+        let payloads: Vec<&[u8]> = s.add.iter().map(|r| r.payload.as_slice()).collect();
+        let keys: Vec<Option<&str>> = s.add.iter().map(|r| r.dedup_key.as_deref()).collect();
+        let prios: Vec<i16> = s.add.iter().map(|r| r.priority).collect();
+        let queue = self.config.queue.clone();
+        let archive = self.config.archive;
+        let (base, cap) = self.backoff_secs();
+        let max = self.config.max_attempts;
+        let channel = self.channel.clone();
+        let error = s.error;
+        let add_rows = !s.add.is_empty();
+        let f = |c: &mut Conn| {
+            let st = c.statement(Sql::Settle { archive })?;
+            let row = c.client.query_one(
+                &st,
+                &[
+                    &queue,
+                    &done_ids,
+                    &done_tokens,
+                    &again_ids,
+                    &again_tokens,
+                    &error,
+                    &base,
+                    &cap,
+                    &bury_ids,
+                    &bury_tokens,
+                    &bury_errors,
+                    &payloads,
+                    &keys,
+                    &prios,
+                    &max,
+                    &channel,
+                ],
+            )?;
+            let counts: (i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+            let keys: Option<Vec<String>> = row.get(4);
+            Ok((counts, keys.unwrap_or_default()))
+        };
+        // New rows make a repeat unsafe (they are not fenced): no automatic
+        // repeat then, and a broken commit is reported as unknown.
+        let ((done, retried, buried, inserted), inserted_keys) = if add_rows {
+            self.run_commit(f)?
+        } else {
+            self.run_repeatable(f)?
+        };
+        let asked = s.done.len() + s.again.len() + s.bury.len();
+        let settled = self.settled(asked, (done + retried + buried) as u64, "settled");
+        Ok(SettleReport {
+            done: done as u64,
+            retried: retried as u64,
+            buried: buried as u64,
+            lost: settled.lost,
+            added: Enqueued {
+                inserted: inserted as u64,
+                skipped: skipped(s.add, &inserted_keys, false),
+                duplicate_request: false,
+            },
+        })
     }
 
     /// Releases rows at once (shed under memory pressure): back to `ready`, and the
@@ -451,37 +760,37 @@ impl PgQueue {
     /// # Errors
     ///
     /// [`PgError::Db`]: nothing was settled; the rows come back after their lease.
-    pub fn release(&mut self, ids: &[i64]) -> Result<Settled, PgError> {
-        let rows = self.client.execute(
-            &format!(
-                "UPDATE {TABLE}
-                 SET state = 'ready', attempts = greatest(attempts - 1, 0), owner = NULL,
-                     lease_until = NULL, run_after = now(), updated_at = now()
-                 WHERE id = ANY($1) AND owner = $2 AND state = 'leased'"
-            ),
-            &[&ids, &self.owner],
-        )?;
-        Ok(self.settled(ids.len(), rows, "released"))
+    pub fn release(&mut self, leases: &[Lease]) -> Result<Settled, PgError> {
+        if leases.is_empty() {
+            return Ok(Settled::default());
+        }
+        let (ids, tokens) = split(leases);
+        let queue = self.config.queue.clone();
+        let rows = self.run_repeatable(|c| {
+            let st = c.statement(Sql::Release)?;
+            c.client.execute(&st, &[&queue, &ids, &tokens])
+        })?;
+        Ok(self.settled(leases.len(), rows, "released"))
     }
 
-    /// Extends the lease of every row this owner holds in this queue by the full
-    /// lease from now (the heartbeat of long batches). Returns the rows extended.
+    /// Extends these leases by the full lease from now (the heartbeat of long
+    /// batches): only rows still held under these very claims. Returns the rows
+    /// extended.
     ///
     /// # Errors
     ///
     /// [`PgError::Db`].
-    pub fn extend_leases(&mut self) -> Result<u64, PgError> {
-        Ok(self.client.execute(
-            &format!(
-                "UPDATE {TABLE} SET lease_until = now() + make_interval(secs => $3)
-                 WHERE queue = $1 AND owner = $2 AND state = 'leased'"
-            ),
-            &[
-                &self.config.queue,
-                &self.owner,
-                &self.config.lease.as_secs_f64(),
-            ],
-        )?)
+    pub fn extend(&mut self, leases: &[Lease]) -> Result<u64, PgError> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let (ids, tokens) = split(leases);
+        let queue = self.config.queue.clone();
+        let lease = self.config.lease_secs();
+        self.run_repeatable(|c| {
+            let st = c.statement(Sql::Extend)?;
+            c.client.execute(&st, &[&queue, &ids, &tokens, &lease])
+        })
     }
 
     /// Seconds until a row's lease runs out, by the database's clock (`None`: the
@@ -491,31 +800,37 @@ impl PgQueue {
     ///
     /// [`PgError::Db`].
     pub fn lease_left(&mut self, id: i64) -> Result<Option<f64>, PgError> {
-        let row = self.client.query_opt(
-            &format!(
-                "SELECT extract(epoch FROM lease_until - now())::float8 FROM {TABLE}
-                 WHERE id = $1 AND state = 'leased'"
-            ),
-            &[&id],
-        )?;
+        let row = self.run_repeatable(|c| {
+            c.client.query_opt(
+                &format!(
+                    "SELECT extract(epoch FROM lease_until - now())::float8 FROM {TABLE}
+                     WHERE id = $1 AND state = 'leased'"
+                ),
+                &[&id],
+            )
+        })?;
         Ok(row.map(|r| r.get(0)))
     }
 
-    /// Rows of this queue by state: (ready, leased, dead).
+    /// Rows of this queue by state: (ready, leased, dead); `ready` counts rows
+    /// still in their backoff too.
     ///
     /// # Errors
     ///
     /// [`PgError::NotInstalled`], [`PgError::Db`].
     pub fn counts(&mut self) -> Result<(i64, i64, i64), PgError> {
-        let row = self.client.query_one(
-            &format!(
-                "SELECT count(*) FILTER (WHERE state = 'ready'),
-                        count(*) FILTER (WHERE state = 'leased'),
-                        count(*) FILTER (WHERE state = 'dead')
-                 FROM {TABLE} WHERE queue = $1"
-            ),
-            &[&self.config.queue],
-        )?;
+        let queue = self.config.queue.clone();
+        let row = self.run_repeatable(|c| {
+            c.client.query_one(
+                &format!(
+                    "SELECT count(*) FILTER (WHERE state = 'ready'),
+                            count(*) FILTER (WHERE state = 'leased'),
+                            count(*) FILTER (WHERE state = 'dead')
+                     FROM {TABLE} WHERE queue = $1"
+                ),
+                &[&queue],
+            )
+        })?;
         Ok((row.get(0), row.get(1), row.get(2)))
     }
 
@@ -525,28 +840,39 @@ impl PgQueue {
     ///
     /// [`PgError::Db`].
     pub fn last_error(&mut self, id: i64) -> Result<Option<String>, PgError> {
-        let row = self.client.query_opt(
-            &format!("SELECT last_error FROM {TABLE} WHERE id = $1"),
-            &[&id],
-        )?;
+        let row = self.run_repeatable(|c| {
+            c.client.query_opt(
+                &format!("SELECT last_error FROM {TABLE} WHERE id = $1"),
+                &[&id],
+            )
+        })?;
         Ok(row.and_then(|r| r.get(0)))
     }
 
-    /// Removes every row of this queue, archived ones too (for tests and tools).
-    /// Returns the live rows removed.
+    /// Removes every row of this queue, archived ones, its counters and request
+    /// records too (for tests and tools). Returns the live rows removed.
     ///
     /// # Errors
     ///
     /// [`PgError::Db`].
     pub fn purge(&mut self) -> Result<u64, PgError> {
-        self.client.execute(
-            &format!("DELETE FROM {TABLE}_archive WHERE queue = $1"),
-            &[&self.config.queue],
-        )?;
-        Ok(self.client.execute(
-            &format!("DELETE FROM {TABLE} WHERE queue = $1"),
-            &[&self.config.queue],
-        )?)
+        let queue = self.config.queue.clone();
+        self.run(|c| {
+            c.client.execute(
+                &format!("DELETE FROM {TABLE}_archive WHERE queue = $1"),
+                &[&queue],
+            )?;
+            c.client.execute(
+                "DELETE FROM buffered_task_counters WHERE queue = $1",
+                &[&queue],
+            )?;
+            c.client.execute(
+                "DELETE FROM buffered_task_requests WHERE queue = $1",
+                &[&queue],
+            )?;
+            c.client
+                .execute(&format!("DELETE FROM {TABLE} WHERE queue = $1"), &[&queue])
+        })
     }
 
     /// Archived rows of this queue (with [`QueueConfig::archive`]).
@@ -555,78 +881,92 @@ impl PgQueue {
     ///
     /// [`PgError::Db`].
     pub fn archived(&mut self) -> Result<i64, PgError> {
-        Ok(self
-            .client
-            .query_one(
+        let queue = self.config.queue.clone();
+        let row = self.run_repeatable(|c| {
+            c.client.query_one(
                 &format!("SELECT count(*) FROM {TABLE}_archive WHERE queue = $1"),
-                &[&self.config.queue],
-            )?
-            .get(0))
+                &[&queue],
+            )
+        })?;
+        Ok(row.get(0))
+    }
+
+    /// Runs `f` (a read, or a statement safe to repeat) with the connection's
+    /// client, reconnecting first if needed, for the operations in `ops`.
+    pub(crate) fn with_client<R>(
+        &mut self,
+        mut f: impl FnMut(&mut Client) -> Result<R, postgres::Error>,
+    ) -> Result<R, PgError> {
+        self.run_repeatable(|c| f(&mut c.client))
+    }
+
+    /// As `with_client`, for a call that commits durably even under relaxed
+    /// settles.
+    pub(crate) fn with_durable_tx<R>(
+        &mut self,
+        f: impl FnOnce(&mut postgres::Transaction<'_>) -> Result<R, postgres::Error>,
+    ) -> Result<R, PgError> {
+        let level = self.durable_level.clone();
+        self.run_commit(|c| {
+            let mut tx = c.client.transaction()?;
+            tx.batch_execute(&format!("SET LOCAL synchronous_commit = '{level}'"))?;
+            let r = f(&mut tx)?;
+            tx.commit()?;
+            Ok(r)
+        })
     }
 }
 
-/// Inserts rows (a dedup key already in the queue is skipped) and notifies
-/// listeners, inside the caller's transaction. Returns the rows inserted.
-fn insert(
-    tx: &mut postgres::Transaction<'_>,
-    config: &QueueConfig,
-    rows: &[(Vec<u8>, Option<String>)],
-) -> Result<u64, postgres::Error> {
-    if rows.is_empty() {
-        return Ok(0);
-    }
-    let payloads: Vec<&[u8]> = rows.iter().map(|(p, _)| p.as_slice()).collect();
-    let keys: Vec<Option<&str>> = rows.iter().map(|(_, k)| k.as_deref()).collect();
-    let inserted = tx.execute(
-        &format!(
-            "INSERT INTO {TABLE} (queue, payload, dedup_key, max_attempts)
-             SELECT $1, p, k, $4 FROM unnest($2::bytea[], $3::text[]) AS u(p, k)
-             ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING"
-        ),
-        &[&config.queue, &payloads, &keys, &config.max_attempts],
-    )?;
-    if inserted > 0 {
-        tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&notify_channel(&config.queue), &config.queue],
-        )?;
-    }
-    Ok(inserted)
+/// A batch's settlement, for [`PgQueue::settle`]: every part may be empty.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Settle<'a> {
+    /// Rows done: deleted (or archived).
+    pub done: &'a [Lease],
+    /// Rows to run again after a backoff (or `dead` once their attempts are
+    /// spent), with `error`.
+    pub again: &'a [Lease],
+    /// The error kept for the `again` rows.
+    pub error: &'a str,
+    /// Rows to send to `dead` at once, each with its error.
+    pub bury: &'a [(Lease, String)],
+    /// New rows to enqueue in the same transaction.
+    pub add: &'a [NewRow],
 }
 
-/// Deletes the rows (ids $1) the owner ($2) still holds, returning their ids; with
-/// `archive`, copies them into the archive table in the same statement.
-fn ack_sql(archive: bool) -> String {
-    let delete =
-        format!("DELETE FROM {TABLE} WHERE id = ANY($1) AND owner = $2 AND state = 'leased'");
-    if archive {
-        format!(
-            "WITH gone AS ({delete} RETURNING id, queue, payload, dedup_key, attempts, created_at)
-             INSERT INTO {TABLE}_archive (id, queue, payload, dedup_key, attempts, created_at)
-             SELECT id, queue, payload, dedup_key, attempts, created_at FROM gone
-             RETURNING id"
-        )
-    } else {
-        format!("{delete} RETURNING id")
+/// What [`PgQueue::settle`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct SettleReport {
+    /// Rows deleted (or archived).
+    pub done: u64,
+    /// Rows sent back to `ready` (or to `dead`, attempts spent).
+    pub retried: u64,
+    /// Rows sent to `dead`.
+    pub buried: u64,
+    /// Leases whose row was not written (see [`Settled::lost`]).
+    pub lost: u64,
+    /// The new rows.
+    pub added: Enqueued,
+}
+
+fn split(leases: &[Lease]) -> (Vec<i64>, Vec<i32>) {
+    leases.iter().map(|l| (l.id, l.token)).unzip()
+}
+
+/// Indexes of rows that were not inserted: keyed rows whose key is not among
+/// the inserted keys (or came again after the inserted one); every row of a
+/// duplicate request.
+fn skipped(rows: &[NewRow], inserted_keys: &[String], duplicate: bool) -> Vec<usize> {
+    if duplicate {
+        return (0..rows.len()).collect();
     }
-}
-
-/// Back to `ready` after a backoff (exponential, capped, with jitter: between half
-/// and all of it), or to `dead` once the attempts are spent; keeps the last error.
-/// Parameters: ids, owner, backoff base (s), cap (s), error.
-fn retry_sql() -> String {
-    format!(
-        "UPDATE {TABLE}
-         SET state = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'ready' END,
-             run_after = now() + make_interval(secs =>
-                 least($4::float8, $3::float8 * power(2, greatest(attempts - 1, 0)))
-                 * (0.5 + random() / 2)),
-             last_error = $5, owner = NULL, lease_until = NULL, updated_at = now()
-         WHERE id = ANY($1) AND owner = $2 AND state = 'leased'"
-    )
-}
-
-/// The NOTIFY channel of a queue.
-pub(crate) fn notify_channel(queue: &str) -> String {
-    format!("buffered_task_{queue}")
+    let mut fresh: HashSet<&str> = inserted_keys.iter().map(String::as_str).collect();
+    rows.iter()
+        .enumerate()
+        .filter(|(_, r)| match r.dedup_key.as_deref() {
+            Some(k) => !fresh.remove(k),
+            None => false,
+        })
+        .map(|(i, _)| i)
+        .collect()
 }

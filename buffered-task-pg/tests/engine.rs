@@ -1,11 +1,14 @@
 //! The engine over a shared table: claims streamed by `init`, outcomes settled
 //! in SQL. Needs `DATABASE_URL` (see `tests/queue.rs`).
 
-use buffered_task::{Builder, FlushInterval};
-use buffered_task_pg::{PgQueue, PgTask, QueueConfig, RowHandler, RowOutcome};
+mod common;
+
+use buffered_task::FlushInterval;
+use buffered_task_pg::{NewRow, PgListener, PgQueue, PgTask, QueueConfig, RowHandler, RowOutcome};
+use common::{decode_u64, url, wait_for};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Keeps the default panic report for every panic but the tests' deliberate ones.
 fn quiet_deliberate_panics() {
@@ -19,20 +22,6 @@ fn quiet_deliberate_panics() {
             default(info);
         }
     }));
-}
-
-/// Payloads here are little-endian u64s.
-fn decode_u64(payload: &[u8]) -> Result<u64, String> {
-    Ok(u64::from_le_bytes(
-        payload.try_into().map_err(|_| "not 8 bytes".to_string())?,
-    ))
-}
-
-fn url() -> String {
-    std::env::var("DATABASE_URL").expect(
-        "these tests need a PostgreSQL server: set DATABASE_URL, e.g. \
-         DATABASE_URL=\"host=127.0.0.1 user=postgres dbname=test\"",
-    )
 }
 
 /// Payloads are u64s; every 7th fails its first attempt, every 11th panics on
@@ -87,10 +76,10 @@ fn the_engine_drains_the_table_every_row_done_once() {
     let mut admin = PgQueue::connect(&url(), config.clone()).unwrap();
     admin.install().unwrap();
     admin.purge().unwrap();
-    let rows: Vec<(Vec<u8>, Option<String>)> = (0..2_000u64)
-        .map(|v| (v.to_le_bytes().to_vec(), Some(v.to_string())))
+    let rows: Vec<NewRow> = (0..2_000u64)
+        .map(|v| NewRow::new(v.to_le_bytes().to_vec()).key(v.to_string()))
         .collect();
-    assert_eq!(admin.enqueue(&rows).unwrap(), 2_000);
+    assert_eq!(admin.enqueue(&rows).unwrap().inserted, 2_000);
 
     let done = Arc::new(Mutex::new(HashMap::new()));
     let handler = Flaky {
@@ -98,7 +87,9 @@ fn the_engine_drains_the_table_every_row_done_once() {
         seen: Mutex::new(HashMap::new()),
     };
     let task = PgTask::new(&url(), config, handler, 2 * 2 * 50).unwrap();
-    let handle = Builder::new(task, ())
+    let probe = task.probe();
+    let handle = task
+        .builder()
         .max_batch_size(50)
         .max_concurrency(2)
         .flush_interval(FlushInterval::Never)
@@ -107,16 +98,16 @@ fn the_engine_drains_the_table_every_row_done_once() {
         .start()
         .unwrap();
     // The table is the source of truth: wait until only the dead row is left.
-    let start = Instant::now();
-    while admin.counts().unwrap() != (0, 0, 1) {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{:?}",
-            admin.counts()
-        );
-        std::thread::sleep(Duration::from_millis(20)); // polling a database, not syncing threads
-    }
+    wait_for(Duration::from_secs(60), "only the dead row left", || {
+        admin.counts().unwrap() == (0, 0, 1)
+    });
     handle.shutdown_drain().unwrap();
+    let c = probe.counters();
+    assert_eq!(
+        (c.done, c.buried, c.lost, c.settle_failures),
+        (1_999, 1, 0, 0)
+    );
+    assert_eq!(probe.in_flight(), 0);
     // Every decodable row was done exactly once (failed and panicking attempts
     // were retried through the table); 13 is dead.
     let done = done.lock().unwrap();
@@ -153,30 +144,31 @@ fn notify_wakes_an_idle_engine_and_a_lost_listener_reconnects_and_claims() {
     let task = PgTask::new(&url(), config, Report(tx), 100).unwrap();
     // Polling an hour apart: only a notification (or a reconnection) can start a
     // claim once the first, empty one is done.
-    let handle = Builder::new(task, ())
+    let handle = task
+        .builder()
         .max_batch_size(10)
         .flush_interval(FlushInterval::Never)
         .poll(true)
         .idle_poll_delay(Duration::from_secs(3600))
         .start()
         .unwrap();
-    let listener = buffered_task_pg::PgListener::start(&url(), &queue, handle.downgrade()).unwrap();
+    let listener = PgListener::start(&url(), &queue, handle.downgrade()).unwrap();
     let hang = Duration::from_secs(30);
 
     admin
-        .enqueue(&[(7u64.to_le_bytes().to_vec(), None)])
+        .enqueue(&[NewRow::new(7u64.to_le_bytes().to_vec())])
         .unwrap();
     assert_eq!(ran.recv_timeout(hang).expect("woken by NOTIFY"), 7);
 
     // Kill the listener's server process: the next row is enqueued while it is
     // away; the reconnection claims it.
-    let start = Instant::now();
+    let start = std::time::Instant::now();
     while listener.backend_pid() == 0 {
         assert!(start.elapsed() < hang);
         std::thread::yield_now();
     }
     let pid = listener.backend_pid();
-    let mut killer = postgres::Client::connect(&url(), postgres::NoTls).unwrap();
+    let mut killer = common::sql();
     killer
         .execute("SELECT pg_terminate_backend($1)", &[&pid])
         .unwrap();
@@ -195,7 +187,7 @@ fn notify_wakes_an_idle_engine_and_a_lost_listener_reconnects_and_claims() {
         std::thread::yield_now();
     }
     admin
-        .enqueue(&[(8u64.to_le_bytes().to_vec(), None)])
+        .enqueue(&[NewRow::new(8u64.to_le_bytes().to_vec())])
         .unwrap();
     assert_eq!(
         ran.recv_timeout(hang)
@@ -231,7 +223,7 @@ impl RowHandler for Spawner {
             RowOutcome::RetryRowsAndAdd {
                 retry: Vec::new(),
                 error: String::new(),
-                add: vec![(100u64.to_le_bytes().to_vec(), None)],
+                add: vec![NewRow::new(100u64.to_le_bytes().to_vec())],
             }
         } else {
             RowOutcome::Done
@@ -250,14 +242,15 @@ fn new_rows_are_enqueued_with_the_settlement_and_a_panic_spends_an_attempt() {
     admin.install().unwrap();
     admin.purge().unwrap();
     admin
-        .enqueue(&[(1u64.to_le_bytes().to_vec(), None)])
+        .enqueue(&[NewRow::new(1u64.to_le_bytes().to_vec())])
         .unwrap();
     admin
-        .enqueue(&[(2u64.to_le_bytes().to_vec(), None)])
+        .enqueue(&[NewRow::new(2u64.to_le_bytes().to_vec())])
         .unwrap();
     let (tx, ran) = crossbeam_channel::unbounded();
     let task = PgTask::new(&url(), config, Spawner(tx), 10).unwrap();
-    let handle = Builder::new(task, ())
+    let handle = task
+        .builder()
         .max_batch_size(1)
         .flush_interval(FlushInterval::Never)
         .poll(true)
@@ -272,13 +265,9 @@ fn new_rows_are_enqueued_with_the_settlement_and_a_panic_spends_an_attempt() {
     seen.sort();
     assert_eq!(seen, vec![1, 100]);
     // Row 2 panicked on both of its attempts: dead, with the panic as its error.
-    let start = Instant::now();
-    while admin.counts().unwrap() != (0, 0, 1) {
-        assert!(start.elapsed() < hang, "{:?}", admin.counts());
-        std::thread::sleep(Duration::from_millis(10)); // polling a database
-    }
+    wait_for(hang, "row 2 dead", || admin.counts().unwrap() == (0, 0, 1));
     handle.shutdown_drain().unwrap();
-    let mut sql = postgres::Client::connect(&url(), postgres::NoTls).unwrap();
+    let mut sql = common::sql();
     let error: String = sql
         .query_one(
             "SELECT last_error FROM buffered_task_jobs WHERE queue = $1 AND state = 'dead'",
@@ -287,5 +276,44 @@ fn new_rows_are_enqueued_with_the_settlement_and_a_panic_spends_an_attempt() {
         .unwrap()
         .get(0);
     assert_eq!(error, "panicked: deliberate: row 2");
+    admin.purge().unwrap();
+}
+
+/// Defect 8: a 64-character queue name; its listener wakes the engine.
+#[test]
+fn a_64_character_queue_name_is_woken_by_its_listener() {
+    let base = format!("{}-{}", "w".repeat(40), std::process::id());
+    let queue = format!("{base}{}", "z".repeat(64 - base.len()));
+    assert_eq!(queue.len(), 64);
+    let config = QueueConfig::new(queue.clone());
+    let mut admin = PgQueue::connect(&url(), config.clone()).unwrap();
+    admin.install().unwrap();
+    admin.purge().unwrap();
+    let (tx, ran) = crossbeam_channel::unbounded();
+    let task = PgTask::new(&url(), config, Report(tx), 100).unwrap();
+    let handle = task
+        .builder()
+        .flush_interval(FlushInterval::Never)
+        .poll(true)
+        .idle_poll_delay(Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    let listener = PgListener::start(&url(), &queue, handle.downgrade()).unwrap();
+    wait_for(Duration::from_secs(30), "the listener", || {
+        listener.backend_pid() != 0
+    });
+    // The first claim (at start) found nothing; an hour's poll: only NOTIFY
+    // can start the next one.
+    admin
+        .enqueue(&[NewRow::new(64u64.to_le_bytes().to_vec())])
+        .unwrap();
+    assert_eq!(
+        ran.recv_timeout(Duration::from_secs(30))
+            .expect("woken by NOTIFY"),
+        64
+    );
+    drop(listener);
+    handle.shutdown_drain().unwrap();
+    assert_eq!(admin.counts().unwrap(), (0, 0, 0));
     admin.purge().unwrap();
 }
