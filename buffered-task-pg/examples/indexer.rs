@@ -50,7 +50,7 @@ fn block_hash(number: u64) -> String {
 
 /// The node's answer for one block: the block, or an error now and then.
 fn block_json(number: u64, request: u64) -> Value {
-    if mix(number ^ request.rotate_left(17)) % 30 == 0 {
+    if mix(number ^ request.rotate_left(17)).is_multiple_of(30) {
         return json!({"code": -32000, "message": "header not found"});
     }
     let txs: Vec<String> = (0..mix(number) % 8)
@@ -133,7 +133,7 @@ fn serve(stream: TcpStream, stop: &AtomicBool, requests: &AtomicU64) -> std::io:
         let request = requests.fetch_add(1, Ordering::Relaxed);
         // The node's latency, 1–4 ms, and now and then an overloaded node.
         std::thread::sleep(Duration::from_micros(1_000 + mix(request) % 3_000));
-        let (status, reply) = if mix(!request) % 50 == 0 {
+        let (status, reply) = if mix(!request).is_multiple_of(50) {
             ("503 Service Unavailable", String::from("overloaded"))
         } else {
             ("200 OK", answer(&body, request).to_string())

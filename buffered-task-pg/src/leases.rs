@@ -101,7 +101,7 @@ impl PgHeartbeat {
         leases: &Leases,
         interval: Duration,
     ) -> Result<Self, PgError> {
-        if interval.is_zero() || interval.checked_mul(3).map_or(true, |t| config.lease < t) {
+        if interval.is_zero() || interval.checked_mul(3).is_none_or(|t| config.lease < t) {
             return Err(PgError::HeartbeatTooSlow);
         }
         let name = format!("{}-heartbeat", config.queue);

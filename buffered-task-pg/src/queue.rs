@@ -492,7 +492,7 @@ impl PgQueue {
     /// [`PgError::NotInstalled`], [`PgError::Db`]: then nothing was claimed.
     pub fn claim(&mut self, n: i64) -> Result<Vec<Claimed>, PgError> {
         let now = Instant::now();
-        if self.reap_due.map_or(true, |due| now >= due) {
+        if self.reap_due.is_none_or(|due| now >= due) {
             self.reap()?;
             let every =
                 (self.config.lease / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));

@@ -769,7 +769,7 @@ impl RowHandler for Record {
     fn run(&self, rows: &[(i64, u64)]) -> RowOutcome {
         let values: Vec<i64> = rows.iter().map(|(_, v)| *v as i64).collect();
         let mut sql = self.sql.lock().unwrap();
-        if sql.as_ref().map_or(true, |c| c.is_closed()) {
+        if sql.as_ref().is_none_or(|c| c.is_closed()) {
             *sql = common::pg_config().connect(postgres::NoTls).ok();
         }
         let Some(c) = sql.as_mut() else {
