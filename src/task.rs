@@ -197,7 +197,8 @@ const SINK_RESERVE: usize = 1024;
 pub struct Sink<T> {
     chunk: Vec<T>,
     chunk_size: usize,
-    produced: u64,
+    /// Entries sent in full chunks so far (those in `chunk` are not yet).
+    sent: u64,
     feed: Arc<dyn Feed<T>>,
     /// Set once the engine is shutting down (read on every push: no call).
     stopping: Arc<AtomicBool>,
@@ -212,7 +213,7 @@ impl<T> Sink<T> {
         Sink {
             chunk: Vec::new(),
             chunk_size,
-            produced: 0,
+            sent: 0,
             feed,
             stopping,
         }
@@ -221,12 +222,12 @@ impl<T> Sink<T> {
     /// Adds one entry. Returns `false` once the engine is shutting down: the entry is
     /// still taken (and drained or handed back by the shutdown), but `init` should
     /// stop streaming and return.
+    #[inline]
     pub fn push(&mut self, entry: T) -> bool {
         if self.chunk.capacity() == 0 {
-            self.chunk.reserve(self.chunk_size.min(SINK_RESERVE));
+            self.reserve();
         }
         self.chunk.push(entry);
-        self.produced += 1;
         if self.chunk.len() >= self.chunk_size {
             self.send_chunk();
         }
@@ -236,10 +237,25 @@ impl<T> Sink<T> {
     /// Adds every entry of `entries`; returns `false` once the engine is shutting
     /// down (see [`Sink::push`]). All entries are taken either way.
     pub fn extend<I: IntoIterator<Item = T>>(&mut self, entries: I) -> bool {
-        for entry in entries {
-            self.push(entry);
+        let mut entries = entries.into_iter();
+        loop {
+            if self.chunk.capacity() == 0 {
+                self.reserve();
+            }
+            let room = self.chunk_size - self.chunk.len();
+            self.chunk.extend(entries.by_ref().take(room));
+            if self.chunk.len() < self.chunk_size {
+                break; // the iterator ran out
+            }
+            self.send_chunk();
         }
         !self.is_stopping()
+    }
+
+    /// Room for the next chunk: a full one, up to a limit (a chunk may be huge).
+    #[cold]
+    fn reserve(&mut self) {
+        self.chunk.reserve(self.chunk_size.min(SINK_RESERVE));
     }
 
     /// Whether the engine is shutting down, so `init` should return soon.
@@ -249,11 +265,13 @@ impl<T> Sink<T> {
 
     /// How many entries this `init` run has pushed so far.
     pub fn produced(&self) -> u64 {
-        self.produced
+        self.sent + self.chunk.len() as u64
     }
 
+    #[inline(never)]
     fn send_chunk(&mut self) {
         let chunk = std::mem::take(&mut self.chunk);
+        self.sent += chunk.len() as u64;
         self.feed.feed(chunk);
     }
 
@@ -262,7 +280,7 @@ impl<T> Sink<T> {
         if !self.chunk.is_empty() {
             self.send_chunk();
         }
-        self.produced
+        self.sent
     }
 }
 
@@ -281,7 +299,67 @@ impl<T> std::fmt::Debug for Sink<T> {
         f.debug_struct("Sink")
             .field("pending", &self.chunk.len())
             .field("chunk_size", &self.chunk_size)
-            .field("produced", &self.produced)
+            .field("produced", &self.produced())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use parking_lot::Mutex;
+
+    /// Records the chunks it is fed.
+    #[derive(Default)]
+    struct Chunks(Mutex<Vec<Vec<u32>>>);
+
+    impl Feed<u32> for Chunks {
+        fn feed(&self, chunk: Vec<u32>) {
+            self.0.lock().push(chunk);
+        }
+    }
+
+    fn sink(chunk_size: usize) -> (Sink<u32>, Arc<Chunks>) {
+        let chunks = Arc::new(Chunks::default());
+        let feed: Arc<dyn Feed<u32>> = chunks.clone();
+        (
+            Sink::new(chunk_size, feed, Arc::new(AtomicBool::new(false))),
+            chunks,
+        )
+    }
+
+    #[test]
+    fn push_and_extend_deliver_full_chunks_in_order_and_count_every_entry() {
+        let (mut s, chunks) = sink(4);
+        s.push(0);
+        assert!(s.extend(1..10)); // fills 0..4 and 4..8; 8, 9 wait
+        assert_eq!(s.produced(), 10);
+        s.push(10);
+        assert!(s.extend(std::iter::empty()));
+        assert_eq!(*chunks.0.lock(), vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
+        assert_eq!(s.finish(), 11);
+        assert_eq!(chunks.0.lock().last(), Some(&vec![8, 9, 10]));
+    }
+
+    #[test]
+    fn entries_taken_before_an_iterator_panics_are_delivered() {
+        let (mut s, chunks) = sink(4);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            s.extend((0..7).map(|i| if i == 6 { panic!("deliberate") } else { i }));
+        }));
+        assert!(result.is_err());
+        assert_eq!(s.produced(), 6);
+        drop(s); // as when init unwinds: what it holds still goes
+        let all: Vec<u32> = chunks.0.lock().concat();
+        assert_eq!(all, vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_huge_chunk_size_neither_overflows_nor_reserves_it_all() {
+        let (mut s, chunks) = sink(usize::MAX);
+        assert!(s.extend(0..3));
+        assert!(s.chunk.capacity() <= SINK_RESERVE);
+        assert_eq!(s.finish(), 3);
+        assert_eq!(*chunks.0.lock(), vec![vec![0, 1, 2]]);
     }
 }
