@@ -307,6 +307,21 @@
 //! handle.shutdown_drain()?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! # More in the README
+//!
+//! - [How it works](https://github.com/buffered-task/buffered-task/blob/main/README.md#how-it-works): buffers, queue, workers and the
+//!   coordinator, step by step.
+//! - [Guarantees](https://github.com/buffered-task/buffered-task/blob/main/README.md#guarantees): each promise with the tests that prove it.
+//! - [Performance](https://github.com/buffered-task/buffered-task/blob/main/README.md#performance): measured figures against baselines in
+//!   the same run, what the time goes to, and
+//!   [how it scales with workers](https://github.com/buffered-task/buffered-task/blob/main/README.md#scaling-with-workers).
+//! - [Memory limit](https://github.com/buffered-task/buffered-task/blob/main/README.md#memory-limit): the monitor, the default probe and
+//!   the cgroup-aware default limit.
+//! - [Scaling out](https://github.com/buffered-task/buffered-task/blob/main/README.md#scaling-out): `buffered-task-pg`, a PostgreSQL queue
+//!   that many processes share.
+//! - [Differences from the original](https://github.com/buffered-task/buffered-task/blob/main/README.md#differences-from-the-original).
+//! - [Examples](https://github.com/buffered-task/buffered-task/blob/main/README.md#quick-start): the demo, a JSON-RPC indexer, a scheduler.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
