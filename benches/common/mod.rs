@@ -588,7 +588,12 @@ pub fn cpu_crate(total: u64, batch: usize, conc: usize, rayon: bool) -> Duration
         count: count.clone(),
         rayon,
     };
-    let handle = engine(task, batch, conc, ());
+    feed_and_drain(engine(task, batch, conc, ()), total, batch, &count)
+}
+
+/// Hands `0..total` over in chunks of `batch`, drains, and checks that `count`
+/// saw every entry; the wall time of it all.
+fn feed_and_drain(handle: Handle<u64>, total: u64, batch: usize, count: &AtomicU64) -> Duration {
     let start = Instant::now();
     for entries in chunks(total, batch as u64) {
         handle.buffer(entries, Priority::Back).unwrap();
@@ -725,15 +730,7 @@ pub fn scaling_crate(total: u64, batch: usize, workers: usize, rounds: u64) -> D
         rounds,
         count: count.clone(),
     };
-    let handle = engine(task, batch, workers, ());
-    let start = Instant::now();
-    for entries in chunks(total, batch as u64) {
-        handle.buffer(entries, Priority::Back).unwrap();
-    }
-    handle.shutdown_drain().unwrap();
-    let elapsed = start.elapsed();
-    assert_eq!(count.load(Ordering::Relaxed), total);
-    elapsed
+    feed_and_drain(engine(task, batch, workers, ()), total, batch, &count)
 }
 
 /// The same work on `workers` plain threads taking batches by an atomic index.
