@@ -8,7 +8,9 @@
 //! `CHAOS_SEED=<n>` reruns a seed; `CHAOS_ROUNDS=<n>` soaks (default 1 round).
 
 mod common;
-use buffered_task::{BufferError, Builder, Outcome, OverflowPolicy, Priority, RetryPolicy};
+use buffered_task::{
+    Batching, BufferError, Builder, Outcome, OverflowPolicy, Priority, RetryPolicy,
+};
 use common::*;
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -50,8 +52,13 @@ fn round(seed: u64) {
         1 => OverflowPolicy::Reject,
         _ => OverflowPolicy::Block,
     };
-    println!("seed {seed}: overflow policy {policy:?}");
-    let mut builder = Builder::new(task, ());
+    let batching = if rng.gen_bool(0.5) {
+        Batching::Natural
+    } else {
+        Batching::Ticked
+    };
+    println!("seed {seed}: overflow policy {policy:?}, {batching:?} batching");
+    let mut builder = Builder::new(task, ()).batching(batching);
     if rng.gen_bool(0.5) {
         let max = rng.gen_range(1..=5);
         println!("seed {seed}: retry policy, {max} attempts");

@@ -126,7 +126,11 @@ impl<T: Send + 'static> Store<T> {
     /// buffered (a partial batch, if that is all); with nothing buffered either,
     /// it counts itself idle *before* it lets go of the callers' lock, so the
     /// next hand-over sees it and moves its entries into the queue at once.
+    /// Then, as in ticked mode, it spins a moment before it sleeps (the first
+    /// time round only): under a steady load the next batch comes within
+    /// microseconds, and a sleep would cost the caller a futex wake per batch.
     fn take_buffered(&self, w: usize) -> Option<Job<T>> {
+        let mut spin = true;
         loop {
             let (intake, mut st) = self.lock_both();
             if !intake.is_empty() {
@@ -147,8 +151,23 @@ impl<T: Send + 'static> Store<T> {
             }
             self.set_idle(&mut st, 1);
             drop(intake);
-            self.work.wait(st.raw());
+            if std::mem::take(&mut spin) {
+                // Counted idle: a hand-over meanwhile queues its entries and
+                // moves `work_added`; whatever it did, the state lock below
+                // sees it before this worker waits.
+                let seen = self.work_added.load(Ordering::Acquire);
+                drop(st);
+                self.spin_for_work(seen);
+                st = self.lock();
+            }
+            let job = self.start_next(&mut st, w);
+            if job.is_none() && st.phase != Phase::Finished {
+                self.work.wait(st.raw());
+            }
             self.set_idle(&mut st, -1);
+            if job.is_some() {
+                return job;
+            }
             if let Some(job) = self.start_next(&mut st, w) {
                 return Some(job);
             }
