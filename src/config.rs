@@ -280,8 +280,15 @@ impl<K: Task> Builder<K> {
     /// entry whose key is waiting goes to the front and the waiting one is
     /// dropped instead: the work moves to the front. An entry handed over while
     /// one with its key *runs* is queued again (the running one may have read
-    /// old data). The key function is called outside every lock; a panic in it
-    /// keeps the entry, as if it had no key. Default: no de-duplication.
+    /// old data). A refused hand-over (`Stopped`, `Full`, `Timeout`) hands
+    /// its duplicates back with the rest and counts none. The key function is
+    /// called outside every lock; a panic in it keeps the entry, as if it had
+    /// no key. Keys are hashed with std's SipHash, keyed at random (keys from
+    /// outside cannot be chosen to collide). The key type's `Hash` and `Eq`
+    /// run under the key table's own lock and must not call into the engine;
+    /// a panic in one of them turns de-duplication off for the rest of the
+    /// engine's life (logged at error level; every entry is kept from then
+    /// on, none is lost). Default: no de-duplication.
     ///
     /// ```
     /// use buffered_task::{Builder, FlushInterval, Outcome, Priority, Task};

@@ -110,9 +110,15 @@ impl Throttle {
             return None;
         }
         self.last = Some(now);
+        self.take_quiet()
+    }
+
+    /// The (entries, events) not logged since the last line, if any; counted
+    /// afresh from here.
+    fn take_quiet(&mut self) -> Option<(u64, u64)> {
         let said = (self.quiet_entries, self.quiet_events);
         (self.quiet_entries, self.quiet_events) = (0, 0);
-        Some(said)
+        (said.1 > 0).then_some(said)
     }
 }
 
@@ -186,6 +192,34 @@ impl<T> Reporter<T> {
         }
     }
 
+    /// Logs what the rate limit kept quiet since each kind's last line, so no
+    /// count is lost when the engine stops (no later line would carry it).
+    pub(crate) fn flush_logs(&self) {
+        let kinds = [
+            (
+                log::Level::Warn,
+                &self.overflow_log,
+                "left the engine unprocessed",
+            ),
+            (log::Level::Warn, &self.dead_log, "dead-lettered"),
+            (log::Level::Warn, &self.failed_log, "in failed runs"),
+            (log::Level::Error, &self.panicked_log, "in panicked runs"),
+        ];
+        for (level, throttle, what) in kinds {
+            if !log::log_enabled!(level) {
+                continue;
+            }
+            let quiet = throttle.lock().take_quiet();
+            if let Some((entries, events)) = quiet {
+                log::log!(
+                    level,
+                    "{}: {entries} more entries {what} in {events} events since the last such line",
+                    self.name
+                );
+            }
+        }
+    }
+
     /// A run that did not succeed, on `n` entries (retried or dead-lettered; the
     /// dead letters have their own line): a panic at error, a failure at warn,
     /// each kind rate-limited.
@@ -254,6 +288,7 @@ impl<T> Reporter<T> {
 impl<T> Drop for Reporter<T> {
     /// The handlers are user values: their drops run contained.
     fn drop(&mut self) {
+        self.flush_logs();
         drop_quietly("the overflow handler", self.overflow.take());
         drop_quietly("the dead-letter handler", self.dead_letter.take());
     }

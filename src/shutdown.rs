@@ -72,6 +72,7 @@ pub(crate) fn stop<T: Send + 'static>(
         }
     }
     store.report_closed(unqueued);
+    store.reporter.flush_logs();
     let stats = store.stats();
     #[cfg(feature = "metrics")]
     crate::observe::record_stats(store.name(), &stats);
@@ -100,6 +101,7 @@ pub(crate) fn abandon<T: Send + 'static>(store: &Store<T>, crew: &Mutex<Option<C
     }
     let finish = store.finish();
     store.abandon(finish.unprocessed);
+    store.reporter.flush_logs();
     if own_thread {
         log::warn!(
             "{}: last handle dropped on one of the engine's own threads; its threads end on their own",

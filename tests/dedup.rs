@@ -190,3 +190,157 @@ fn a_key_function_that_panics_keeps_the_entry() {
     books.finish(handle.shutdown_drain().unwrap());
     assert_eq!(handle.stats().processed, 2);
 }
+
+/// A refused hand-over hands its duplicates back with the rest: they were not
+/// dropped, so `deduplicated` does not count them (after a shutdown, and when
+/// the bound refuses).
+#[test]
+fn a_refused_hand_over_counts_no_duplicates() {
+    let (task, held) = held::<u32>();
+    let handle = Builder::new(task, ())
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .max_queue_len(2)
+        .overflow_policy(buffered_task::OverflowPolicy::Reject)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .dedup_by_key(|e: &u32| *e)
+        .start()
+        .unwrap();
+    handle.push_back(vec![10, 11]).unwrap();
+    recv(&held.started); // 10 runs, 11 waits
+    handle.push_back(vec![12]).unwrap(); // the queue is full
+    match handle.push_back(vec![5, 5]) {
+        Err(buffered_task::BufferError::Full(v)) => assert_eq!(v, vec![5, 5]),
+        other => panic!("{other:?}"),
+    }
+    match handle.buffer(vec![6, 6, 7], Priority::Back) {
+        Err(buffered_task::BufferError::Full(v)) => assert_eq!(v, vec![6, 6, 7]),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(handle.stats().deduplicated, 0);
+    held.gate.open();
+    handle.shutdown_drain().unwrap();
+    match handle.buffer(vec![1, 1, 1], Priority::Back) {
+        Err(buffered_task::BufferError::Stopped(v)) => assert_eq!(v, vec![1, 1, 1]),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(handle.stats().deduplicated, 0);
+}
+
+/// Once a shutdown has begun, a hand-over whose every key is still waiting is
+/// refused with `Stopped` like any other, not taken as a duplicate.
+#[test]
+fn a_hand_over_of_waiting_keys_during_a_drain_is_refused() {
+    let (task, held) = held::<u32>();
+    let handle = Arc::new(
+        Builder::new(task, ())
+            .max_batch_size(1)
+            .max_concurrency(1)
+            .flush_interval(FlushInterval::Never)
+            .poll(false)
+            .dedup_by_key(|e: &u32| *e)
+            .start()
+            .unwrap(),
+    );
+    handle.push_back(vec![1, 2]).unwrap();
+    recv(&held.started); // 1 runs, 2 waits
+    let h = handle.clone();
+    let drain = std::thread::spawn(move || h.shutdown_drain().map(|r| r.unprocessed.len()));
+    wait_until(|| handle.is_stopped());
+    let buffered = handle.buffer(vec![2], Priority::Back);
+    let pushed = handle.push_back(vec![2]);
+    held.gate.open();
+    assert_eq!(drain.join().unwrap().unwrap(), 0);
+    assert!(
+        matches!(&buffered, Err(buffered_task::BufferError::Stopped(v)) if v == &[2]),
+        "{buffered:?}"
+    );
+    assert!(
+        matches!(&pushed, Err(buffered_task::BufferError::Stopped(v)) if v == &[2]),
+        "{pushed:?}"
+    );
+    assert_eq!(handle.stats().deduplicated, 0);
+}
+
+static HASH_PANICS: AtomicBool = AtomicBool::new(false);
+
+/// A key whose `Hash` panics while `HASH_PANICS` is set (key 2 only).
+#[derive(PartialEq, Eq)]
+struct Touchy(u32);
+impl std::hash::Hash for Touchy {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        if self.0 == 2 && HASH_PANICS.load(Ordering::SeqCst) {
+            panic!("deliberate hash panic");
+        }
+        self.0.hash(h)
+    }
+}
+
+/// A key type whose `Hash` panics (user code) is contained, on a caller and
+/// on a worker: nothing panics out, no entry is lost or wrongly dropped as a
+/// duplicate, the engine runs on, and de-duplication is off from then on.
+#[test]
+fn a_panicking_key_hash_turns_dedup_off_and_loses_nothing() {
+    quiet_panics();
+    let mut task = Script::new(|_: &[u32], _: &()| Outcome::Ok);
+    let books = task.books();
+    let handle = Builder::new(task, ())
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .dedup_by_key(|e: &u32| Touchy(*e))
+        .start()
+        .unwrap();
+    HASH_PANICS.store(true, Ordering::SeqCst);
+    // Key 1 enters the table, then key 2's hash panics on this thread.
+    books.buffer(&handle, vec![1, 2], Priority::Back).unwrap();
+    HASH_PANICS.store(false, Ordering::SeqCst);
+    // Key 1 would be a duplicate if the table had kept it; it is off now.
+    books
+        .buffer(&handle, vec![1, 3, 3], Priority::Back)
+        .unwrap();
+    handle.wait_idle(HANG).unwrap();
+    assert!(!handle.is_stopped());
+    let stats = handle.stats();
+    assert_eq!((stats.processed, stats.deduplicated), (5, 0));
+    books.finish(handle.shutdown_drain().unwrap());
+}
+
+/// The same panic on a worker (as it takes the batch) stops nothing either.
+#[test]
+fn a_key_hash_that_panics_on_a_worker_stops_nothing() {
+    quiet_panics();
+    static ON_WORKER: AtomicBool = AtomicBool::new(false);
+    #[derive(PartialEq, Eq)]
+    struct WorkerTouchy(u32);
+    impl std::hash::Hash for WorkerTouchy {
+        fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+            let worker = buffered_task::worker_index().is_some();
+            if worker && ON_WORKER.load(Ordering::SeqCst) {
+                panic!("deliberate hash panic on a worker");
+            }
+            self.0.hash(h)
+        }
+    }
+    let mut task = Script::new(|_: &[u32], _: &()| Outcome::Ok);
+    let books = task.books();
+    let handle = Builder::new(task, ())
+        .max_batch_size(2)
+        .max_concurrency(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .dedup_by_key(|e: &u32| WorkerTouchy(*e))
+        .start()
+        .unwrap();
+    ON_WORKER.store(true, Ordering::SeqCst);
+    books.push_back(&handle, vec![7, 8]).unwrap();
+    handle.wait_idle(HANG).unwrap();
+    ON_WORKER.store(false, Ordering::SeqCst);
+    assert!(!handle.is_stopped(), "the engine stopped");
+    books.push_back(&handle, vec![7]).unwrap();
+    let report = books.finish(handle.shutdown_drain().unwrap());
+    assert!(report.unprocessed.is_empty());
+    assert_eq!(handle.stats().processed, 3);
+}

@@ -139,3 +139,100 @@ fn failed_and_panicked_run_lines_are_rate_limited() {
     failing.shutdown_drain().unwrap();
     panicking.shutdown_drain().unwrap();
 }
+
+/// The entries a set of warn lines about `about` accounts for: a line's own
+/// count, or, where it sums up quiet events, the sum it gives.
+fn entries_logged(engine: &str, about: &str) -> u64 {
+    let number = |text: &str| -> u64 {
+        let digits: String = text.chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits
+            .parse()
+            .unwrap_or_else(|_| panic!("no count in {text:?}"))
+    };
+    warns(engine, about)
+        .iter()
+        .map(|line| {
+            let rest = &line[engine.len() + 2..];
+            match line.rfind(" (") {
+                Some(at) if line.ends_with("since the last such line)") => number(&line[at + 2..]),
+                _ => number(rest),
+            }
+        })
+        .sum()
+}
+
+/// What the rate limit kept quiet is logged when the engine stops: no count
+/// waits for a later line that never comes.
+#[test]
+fn quiet_counts_are_logged_when_the_engine_stops() {
+    static CAPTURE: Capture = Capture;
+    let _ = log::set_logger(&CAPTURE);
+    log::set_max_level(log::LevelFilter::Trace);
+    let clock = ManualClock::new();
+    let (task, held) = held::<u32>();
+    let handle = Builder::new(task, ())
+        .name("hushed")
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .max_queue_len(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .clock(&clock)
+        .start()
+        .unwrap();
+    handle.push_back(vec![0, 1]).unwrap();
+    recv(&held.started);
+    for i in 2..12 {
+        handle.push_back(vec![i]).unwrap(); // each overflows: one line
+    }
+    assert_eq!(warns("hushed", "unprocessed").len(), 1);
+    held.gate.open();
+    handle.shutdown_drain().unwrap();
+    assert_eq!(handle.stats().overflowed_full, 10);
+    assert_eq!(entries_logged("hushed", "unprocessed"), 10);
+}
+
+/// Entries dropped with the last handle are logged even right after another
+/// overflow line (the rate limit would have kept them quiet for good: with
+/// the handle gone, no later line and no `stats()` could tell of them). The
+/// last handle is dropped inside a run, so that nothing else runs meanwhile.
+#[test]
+fn entries_dropped_with_the_last_handle_are_logged_after_a_recent_line() {
+    static CAPTURE: Capture = Capture;
+    let _ = log::set_logger(&CAPTURE);
+    log::set_max_level(log::LevelFilter::Trace);
+    let clock = ManualClock::new();
+    let slot: std::sync::Arc<Mutex<Option<buffered_task::Handle<u32>>>> = Default::default();
+    let (go_tx, go) = crossbeam_channel::unbounded::<()>();
+    let (started_tx, started) = crossbeam_channel::unbounded::<()>();
+    let (done_tx, done) = crossbeam_channel::unbounded::<()>();
+    let s = slot.clone();
+    let task = Script::new(move |batch: &[u32], _: &()| {
+        if batch == [0] {
+            started_tx.send(()).unwrap();
+            recv(&go);
+            drop(s.lock().take()); // the last handle
+            done_tx.send(()).unwrap();
+        }
+        Outcome::Ok
+    });
+    let handle = Builder::new(task, ())
+        .name("orphaned")
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .max_queue_len(3)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .clock(&clock)
+        .start()
+        .unwrap();
+    handle.push_back(vec![0]).unwrap();
+    recv(&started);
+    handle.push_back(vec![1, 2, 3, 4]).unwrap(); // 4 overflows: a line
+    assert_eq!(entries_logged("orphaned", "unprocessed"), 1);
+    *slot.lock() = Some(handle);
+    go_tx.send(()).unwrap();
+    recv(&done);
+    // 1 overflowed, 3 dropped with the handle (1, 2, 3 were queued).
+    assert_eq!(entries_logged("orphaned", "unprocessed"), 4);
+}

@@ -151,3 +151,36 @@ fn from_inside_a_run_it_fails_at_once_and_after_a_stop_it_returns() {
     handle.shutdown_drain().unwrap();
     assert_eq!(handle.wait_idle(Duration::MAX), Ok(()));
 }
+
+/// Dead-lettered entries have left the engine only when their handler has
+/// them: `wait_idle` waits for the handler to return.
+#[test]
+fn wait_idle_waits_for_the_dead_letter_handler() {
+    let gate = Gate::new();
+    let g = gate.clone();
+    let (entered_tx, entered) = unbounded();
+    let (got_tx, got) = unbounded::<Vec<u32>>();
+    let handle = Builder::new(Script::new(|_: &[u32], _: &()| Outcome::Retry), ())
+        .max_batch_size(10)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .retry_policy(RetryPolicy::new(1))
+        .dead_letter_handler(move |v: Vec<u32>, _| {
+            entered_tx.send(()).unwrap();
+            g.wait();
+            got_tx.send(v).unwrap();
+        })
+        .start()
+        .unwrap();
+    handle.buffer(vec![1, 2, 3], Priority::Back).unwrap();
+    handle.flush().unwrap();
+    recv(&entered);
+    assert_eq!(
+        handle.wait_idle(Duration::ZERO),
+        Err(IdleError::Timeout { left: 3 })
+    );
+    gate.open();
+    handle.wait_idle(HANG).unwrap();
+    assert_eq!(got.try_recv().ok(), Some(vec![1, 2, 3]));
+    handle.shutdown_drain().unwrap();
+}

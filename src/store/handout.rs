@@ -68,6 +68,8 @@ struct Leftovers<T> {
     logs: Vec<(Trouble, usize)>,
     /// The line that says a stuck run returned (rare: not rate-limited).
     stuck: Option<String>,
+    /// The generation of the batch they come from.
+    gen: u64,
 }
 
 impl<T> Leftovers<T> {
@@ -80,6 +82,7 @@ impl<T> Leftovers<T> {
             spent: Vec::new(),
             logs: Vec::new(),
             stuck: None,
+            gen: 0,
         }
     }
 }
@@ -105,7 +108,11 @@ impl<T: Send + 'static> Store<T> {
         let (mut st, leftovers) = self.account(w, done, took);
         self.wake_watchers(&mut st);
         if let Some(leftovers) = leftovers {
-            st.slots[w] = Slot::Reporting; // in user code until it is done
+            // In user code until it is done; its entries are not gone yet.
+            st.slots[w] = Slot::Reporting {
+                gen: leftovers.gen,
+                entries: leftovers.overflow.len() + leftovers.dead.len(),
+            };
             drop(st);
             self.report_leftovers(leftovers);
             st = self.lock();
@@ -379,6 +386,7 @@ impl<T: Send + 'static> Store<T> {
             spent: s.spent,
             logs,
             stuck: None,
+            gen,
         }
     }
 

@@ -25,12 +25,17 @@ impl<T: Send + 'static> Store<T> {
         let keep = table.admit(&all, front);
         let (kept, dups) = split(all, &keep);
         if kept.is_empty() {
-            self.reporter.overflow(dups, OverflowReason::Duplicate);
+            // Nothing to hand over, but a stopped engine still says so (the
+            // duplicates are back entries: the table did not change for them).
+            if self.is_stopped() {
+                return Err((Refusal::Stopped, Entries::Many(dups)));
+            }
+            self.duplicates(dups);
             return Ok(());
         }
         match self.hand_over_kept(Entries::Many(kept), priority, wait) {
             Ok(()) => {
-                self.reporter.overflow(dups, OverflowReason::Duplicate);
+                self.duplicates(dups);
                 Ok(())
             }
             Err((refusal, kept)) => {
@@ -54,14 +59,14 @@ impl<T: Send + 'static> Store<T> {
         let front = priority == Priority::Front;
         let keep = table.admit(&entries, front);
         let (kept, dups) = split(entries, &keep);
-        let result = if kept.is_empty() {
-            Ok(())
-        } else {
-            self.push_kept(kept, priority, wait)
+        let result = match (kept.is_empty(), self.is_stopped()) {
+            (true, true) => Err((Refusal::Stopped, kept)), // as in `hand_over`
+            (true, false) => Ok(()),
+            (false, _) => self.push_kept(kept, priority, wait),
         };
         match result {
             Ok(()) => {
-                self.reporter.overflow(dups, OverflowReason::Duplicate);
+                self.duplicates(dups);
                 Ok(())
             }
             Err((refusal, kept)) => {
@@ -82,8 +87,21 @@ impl<T: Send + 'static> Store<T> {
         }
         let keep = table.admit(&entries, priority == Priority::Front);
         let (kept, dups) = split(entries, &keep);
-        self.reporter.overflow(dups, OverflowReason::Duplicate);
+        self.duplicates(dups);
         kept
+    }
+
+    /// Entries dropped as duplicates: counted, then reported. (Counted only
+    /// here, so a refused hand-over, which hands its duplicates back, counts
+    /// none.)
+    fn duplicates(&self, dups: Vec<T>) {
+        if dups.is_empty() {
+            return;
+        }
+        if let Some(table) = &self.dedup {
+            table.count_dropped(dups.len());
+        }
+        self.reporter.overflow(dups, OverflowReason::Duplicate);
     }
 
     /// A failed run's entries come back: each is admitted again as a back
@@ -109,7 +127,7 @@ impl<T: Send + 'static> Store<T> {
                 .collect();
             let (kept, dups) = split(later, &keep);
             s.later.entries = kept;
-            self.reporter.overflow(dups, OverflowReason::Duplicate);
+            self.duplicates(dups);
         }
     }
 
@@ -135,7 +153,7 @@ impl<T: Send + 'static> Store<T> {
                 .collect()
         });
         let (kept, stale) = split(entries, &run);
-        self.reporter.overflow(stale, OverflowReason::Duplicate);
+        self.duplicates(stale);
         (kept, attempts)
     }
 }

@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 
 impl<T> State<T> {
     /// Entries of generation `gen` or earlier still in the engine: queued,
-    /// retrying, or running.
+    /// retrying, running, or on their way to a handler.
     fn left_upto(&self, gen: u64) -> usize {
         let running: usize = self
             .slots
             .iter()
             .map(|slot| match slot {
                 Slot::Run(run) if run.gen <= gen => run.entries,
+                Slot::Reporting { gen: g, entries } if *g <= gen => *entries,
                 _ => 0,
             })
             .sum();
@@ -98,7 +99,7 @@ impl<T: Send + 'static> Store<T> {
             let quiet = st.running == 0
                 && !st.init.running
                 && !st.coordinator_busy
-                && !st.slots.iter().any(|s| matches!(s, Slot::Reporting));
+                && !st.slots.iter().any(|s| matches!(s, Slot::Reporting { .. }));
             // (The buffers were emptied by `close` and take nothing more.)
             let empty = st.held() == 0;
             let done = match how {
@@ -184,7 +185,7 @@ impl<T: Send + 'static> Store<T> {
                     running += run.entries;
                     busy.push(Role::Worker(w));
                 }
-                Slot::Reporting => busy.push(Role::Worker(w)),
+                Slot::Reporting { .. } => busy.push(Role::Worker(w)),
             }
         }
         if st.init.running {

@@ -139,8 +139,10 @@ enum Slot {
     Free,
     /// Running a batch.
     Run(Run),
-    /// Reporting a settled batch's leftovers to the handlers (user code).
-    Reporting,
+    /// Reporting a settled batch's leftovers to the handlers (user code):
+    /// `entries` of them, from a batch of generation `gen`, have not yet
+    /// reached their handler (`wait_idle` counts them).
+    Reporting { gen: u64, entries: usize },
 }
 
 /// A run in progress.
