@@ -284,11 +284,13 @@ impl<K: Task> Builder<K> {
     /// its duplicates back with the rest and counts none. The key function is
     /// called outside every lock; a panic in it keeps the entry, as if it had
     /// no key. Keys are hashed with std's SipHash, keyed at random (keys from
-    /// outside cannot be chosen to collide). The key type's `Hash` and `Eq`
-    /// run under the key table's own lock and must not call into the engine;
-    /// a panic in one of them turns de-duplication off for the rest of the
-    /// engine's life (logged at error level; every entry is kept from then
-    /// on, none is lost). Default: no de-duplication.
+    /// outside cannot be chosen to collide), outside every lock too; the key
+    /// type's `Eq` runs under the key table's own lock and must not call into
+    /// the engine. Where the table could be left wrong (a panic in `Eq` or in a
+    /// key's `Drop`, or a key that cannot be computed again when its entry
+    /// leaves), de-duplication turns off for the rest of the engine's life,
+    /// logged at error level: every entry is kept from then on, none is lost.
+    /// Default: no de-duplication.
     ///
     /// ```
     /// use buffered_task::{Builder, FlushInterval, Outcome, Priority, Task};

@@ -17,16 +17,17 @@
 //!
 //! Keys are computed by the user's function outside every lock (it is user
 //! code, contained); then the table's own lock, a leaf that nothing else is
-//! held under, is taken once per call. The map hashes with std's SipHash, keyed
-//! at random per table: keys often come from outside (a crawler's URLs), and a
-//! faster hash whose collisions can be chosen would let them turn every
-//! lookup into a list walk.
+//! held under, is taken once per call. Keys are hashed outside the lock too,
+//! with std's SipHash keyed at random per table: keys often come from outside
+//! (a crawler's URLs), and a faster hash whose collisions can be chosen would
+//! let them turn every lookup into a list walk. Under the lock the map only
+//! compares: the hash first, the key (its `Eq`) where the hashes match.
 
 use crate::unwind::catch;
 use parking_lot::Mutex;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// What the store asks of a key table (the key type is hidden behind it).
@@ -57,17 +58,60 @@ struct KeyState {
     stale: u32,
 }
 
+/// A key with its hash, computed outside the table's lock.
+struct Hashed<K> {
+    hash: u64,
+    key: K,
+}
+
+impl<K: Eq> PartialEq for Hashed<K> {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.key == other.key
+    }
+}
+
+impl<K: Eq> Eq for Hashed<K> {}
+
+impl<K> Hash for Hashed<K> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// The map's hasher: the hash is already there.
+#[derive(Default)]
+struct Ready(u64);
+
+impl Hasher for Ready {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b); // not used by `Hashed`
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Map<K> = HashMap<Hashed<K>, KeyState, BuildHasherDefault<Ready>>;
+
 /// The table for keys of type `K`.
 ///
-/// The key type's `Hash`, `Eq` and `Drop` run under the table's lock (a leaf:
-/// they must not call into the engine). They are user code, so they run
-/// contained: if one panics, the table may be half updated, so it is emptied
-/// and de-duplication is off for the rest of the engine's life (logged at
-/// error level). Entries are then all kept: none is lost, at worst one runs
-/// twice.
+/// The key function and the key type's `Hash` run outside the table's lock;
+/// its `Eq` and `Drop` under it (a leaf: they must not call into the engine).
+/// All are user code, so they run contained. A key that cannot be computed
+/// on the way in keeps its entry, as if it had no duplicate. Anything else
+/// (a panic under the lock, or a key that cannot be computed again when its
+/// entry leaves) may leave the table half updated: it is emptied and
+/// de-duplication is off for the rest of the engine's life (logged at error
+/// level). Entries are then all kept: none is lost, at worst one runs twice.
 pub(crate) struct KeyTable<T, K> {
     key: KeyFn<T, K>,
-    map: Mutex<HashMap<K, KeyState, RandomState>>,
+    hasher: RandomState,
+    map: Mutex<Map<K>>,
     dropped: AtomicU64,
     /// A key's `Hash`, `Eq` or `Drop` panicked: every entry is kept.
     broken: AtomicBool,
@@ -77,7 +121,8 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
     pub(crate) fn new(key: KeyFn<T, K>) -> Self {
         KeyTable {
             key,
-            map: Mutex::new(HashMap::with_hasher(RandomState::new())),
+            hasher: RandomState::new(),
+            map: Mutex::new(Map::default()),
             dropped: AtomicU64::new(0),
             broken: AtomicBool::new(false),
         }
@@ -86,19 +131,13 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
     /// Empties the table (the keys are user values: dropped contained, and
     /// not under the lock).
     fn forget_all(&self) {
-        let old = std::mem::replace(
-            &mut *self.map.lock(),
-            HashMap::with_hasher(RandomState::new()),
-        );
+        let old = std::mem::take(&mut *self.map.lock());
         crate::unwind::drop_quietly("dedup keys", old);
     }
 
     /// Runs `f` on the map (contained; see the type's doc). `None`: it
     /// panicked now or earlier, and the table is off.
-    fn with_map<R>(
-        &self,
-        f: impl FnOnce(&mut HashMap<K, KeyState, RandomState>) -> R,
-    ) -> Option<R> {
+    fn with_map<R>(&self, f: impl FnOnce(&mut Map<K>) -> R) -> Option<R> {
         if self.broken.load(Ordering::Acquire) {
             crate::unwind::drop_quietly("dedup keys", f); // it holds keys
             return None;
@@ -110,15 +149,31 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         match result {
             Ok(r) => Some(r),
             Err(msg) => {
-                if !self.broken.swap(true, Ordering::AcqRel) {
-                    log::error!(
-                        "a dedup key's Hash, Eq or Drop panicked: de-duplication is off from now on ({msg})"
-                    );
-                }
-                self.forget_all();
+                self.break_down(&format!("a dedup key's Eq or Drop panicked: {msg}"));
                 None
             }
         }
+    }
+
+    /// The table cannot be trusted any more: it is emptied, and every entry
+    /// is kept from now on.
+    fn break_down(&self, why: &str) {
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            log::error!("{why}; de-duplication is off from now on");
+        }
+        self.forget_all();
+    }
+
+    /// The keys of entries that were admitted, or `None` (and the table off)
+    /// where one cannot be computed again: its mark would stay for ever.
+    fn keys_again(&self, entries: &[T]) -> Option<Vec<Option<Hashed<K>>>> {
+        let keys = self.keys(entries);
+        if keys.iter().all(Option::is_some) {
+            return Some(keys);
+        }
+        crate::unwind::drop_quietly("dedup keys", keys);
+        self.break_down("a dedup key could not be computed again as its entry left");
+        None
     }
 
     /// Keys with entries in the engine.
@@ -127,19 +182,29 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         self.map.lock().len()
     }
 
-    /// The entries' keys (`None` where the key function panicked: such an
-    /// entry is kept, as if it had no duplicate). One `catch` for the whole
-    /// call; only after a panic is each entry tried on its own.
-    fn keys(&self, entries: &[T]) -> Vec<Option<K>> {
-        if let Ok(keys) = catch(|| entries.iter().map(|e| Some((self.key)(e))).collect()) {
+    /// The entries' keys, hashed (`None` where the key function or the key's
+    /// `Hash` panicked: on the way in, such an entry is kept, as if it had no
+    /// duplicate). One `catch` for the whole call; only after a panic is each
+    /// entry tried on its own.
+    fn keys(&self, entries: &[T]) -> Vec<Option<Hashed<K>>> {
+        let one = |e: &T| {
+            let key = (self.key)(e);
+            Hashed {
+                hash: self.hasher.hash_one(&key),
+                key,
+            }
+        };
+        if let Ok(keys) = catch(|| entries.iter().map(|e| Some(one(e))).collect()) {
             return keys;
         }
         entries
             .iter()
-            .map(|e| match catch(|| (self.key)(e)) {
+            .map(|e| match catch(|| one(e)) {
                 Ok(k) => Some(k),
                 Err(msg) => {
-                    log::error!("the dedup key function panicked (entry kept): {msg}");
+                    log::error!(
+                        "the dedup key function or the key's Hash panicked (entry kept): {msg}"
+                    );
                     None
                 }
             })
@@ -182,7 +247,9 @@ where
         if self.broken.load(Ordering::Acquire) {
             return vec![true; entries.len()];
         }
-        let keys = self.keys(entries);
+        let Some(keys) = self.keys_again(entries) else {
+            return vec![true; entries.len()];
+        };
         let run = self.with_map(|map| {
             keys.into_iter()
                 .map(|key| {
@@ -213,7 +280,9 @@ where
         if self.broken.load(Ordering::Acquire) {
             return;
         }
-        let keys = self.keys(entries);
+        let Some(keys) = self.keys_again(entries) else {
+            return;
+        };
         self.with_map(|map| {
             for key in keys.into_iter().flatten() {
                 if let Some(state) = map.get_mut(&key) {
@@ -234,7 +303,9 @@ where
         if self.broken.load(Ordering::Acquire) {
             return;
         }
-        let keys = self.keys(entries);
+        let Some(keys) = self.keys_again(entries) else {
+            return;
+        };
         self.with_map(|map| {
             for key in keys.into_iter().flatten() {
                 if let Some(state) = map.get_mut(&key) {

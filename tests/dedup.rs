@@ -277,34 +277,83 @@ impl std::hash::Hash for Touchy {
     }
 }
 
-/// A key type whose `Hash` panics (user code) is contained, on a caller and
-/// on a worker: nothing panics out, no entry is lost or wrongly dropped as a
-/// duplicate, the engine runs on, and de-duplication is off from then on.
+/// A key whose `Hash` panics on the way in (user code, run outside the
+/// table's lock) keeps its entry, as if it had no key; nothing panics out and
+/// de-duplication goes on for the other keys.
 #[test]
-fn a_panicking_key_hash_turns_dedup_off_and_loses_nothing() {
+fn a_key_hash_that_panics_on_the_way_in_keeps_the_entry() {
     quiet_panics();
     let mut task = Script::new(|_: &[u32], _: &()| Outcome::Ok);
     let books = task.books();
+    let b = books.clone();
     let handle = Builder::new(task, ())
         .max_batch_size(1)
         .max_concurrency(1)
         .flush_interval(FlushInterval::Never)
         .poll(false)
+        .overflow_handler(move |v, _| b.overflowed(&v))
         .dedup_by_key(|e: &u32| Touchy(*e))
         .start()
         .unwrap();
     HASH_PANICS.store(true, Ordering::SeqCst);
-    // Key 1 enters the table, then key 2's hash panics on this thread.
     books.buffer(&handle, vec![1, 2], Priority::Back).unwrap();
     HASH_PANICS.store(false, Ordering::SeqCst);
-    // Key 1 would be a duplicate if the table had kept it; it is off now.
     books
         .buffer(&handle, vec![1, 3, 3], Priority::Back)
         .unwrap();
+    assert_eq!(handle.stats().deduplicated, 2, "the second 1 and 3");
+    handle.wait_idle(HANG).unwrap();
+    assert!(!handle.is_stopped());
+    assert_eq!(handle.stats().processed, 3);
+    books.finish(handle.shutdown_drain().unwrap());
+}
+
+static EQ_PANICS: AtomicBool = AtomicBool::new(false);
+
+/// A key whose `Eq` panics while `EQ_PANICS` is set.
+struct Prickly(u32);
+impl std::hash::Hash for Prickly {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.hash(h)
+    }
+}
+impl PartialEq for Prickly {
+    fn eq(&self, other: &Self) -> bool {
+        if EQ_PANICS.load(Ordering::SeqCst) {
+            panic!("deliberate eq panic");
+        }
+        self.0 == other.0
+    }
+}
+impl Eq for Prickly {}
+
+/// A key whose `Eq` panics (under the table's lock) is contained: the table
+/// is emptied and de-duplication is off from then on; no entry is lost or
+/// wrongly dropped, and the engine runs on.
+#[test]
+fn a_key_eq_that_panics_turns_dedup_off_and_loses_nothing() {
+    quiet_panics();
+    let mut task = Script::new(|_: &[u32], _: &()| Outcome::Ok);
+    let books = task.books();
+    let b = books.clone();
+    let handle = Builder::new(task, ())
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .overflow_handler(move |v, _| b.overflowed(&v))
+        .dedup_by_key(|e: &u32| Prickly(*e))
+        .start()
+        .unwrap();
+    books.buffer(&handle, vec![1], Priority::Back).unwrap();
+    EQ_PANICS.store(true, Ordering::SeqCst);
+    books.buffer(&handle, vec![1, 2], Priority::Back).unwrap(); // Eq of 1 panics
+    EQ_PANICS.store(false, Ordering::SeqCst);
+    books.buffer(&handle, vec![2], Priority::Back).unwrap(); // no table: kept
     handle.wait_idle(HANG).unwrap();
     assert!(!handle.is_stopped());
     let stats = handle.stats();
-    assert_eq!((stats.processed, stats.deduplicated), (5, 0));
+    assert_eq!((stats.processed, stats.deduplicated), (4, 0));
     books.finish(handle.shutdown_drain().unwrap());
 }
 
