@@ -278,7 +278,9 @@ impl<K: Task> Builder<K> {
     /// [`Stats::deduplicated`](crate::Stats::deduplicated) and handed to the
     /// overflow handler as [`OverflowReason::Duplicate`]. A front-priority
     /// entry whose key is waiting goes to the front and the waiting one is
-    /// dropped instead: the work moves to the front. An entry handed over while
+    /// dropped instead: the work moves to the front (unless the waiting one is
+    /// in a retry backoff: due retries are taken before the queue, so both
+    /// run). An entry handed over while
     /// one with its key *runs* is queued again (the running one may have read
     /// old data). A refused hand-over (`Stopped`, `Full`, `Timeout`) hands
     /// its duplicates back with the rest and counts none. The key function is

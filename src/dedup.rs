@@ -34,12 +34,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub(crate) trait Table<T>: Send + Sync {
     /// Hand-overs: which entries to keep (`false`: a duplicate, dropped).
     fn admit(&self, entries: &[T], front: bool) -> Vec<bool>;
+    /// A failed run's entries going to wait a retry backoff: as back
+    /// hand-overs, marked as retries (see [`KeyState`]).
+    fn admit_retries(&self, entries: &[T]) -> Vec<bool>;
     /// A worker took these entries: which to run (`false`: stale, dropped).
     fn taken(&self, entries: &[T]) -> Vec<bool>;
     /// These entries left the engine without running.
     fn left(&self, entries: &[T]);
     /// A hand-over admitted with `admit` failed: its entries never came in.
-    fn undo(&self, entries: &[T], front: bool);
+    fn undo(&self, entries: &[T]);
     /// The engine stopped: every key is forgotten.
     fn clear(&self);
     /// Counts `n` entries dropped as duplicates (the store counts them as it
@@ -52,10 +55,94 @@ pub(crate) trait Table<T>: Send + Sync {
 /// Called to get an entry's key.
 pub(crate) type KeyFn<T, K> = Box<dyn Fn(&T) -> K + Send + Sync>;
 
+/// The marks of one key. Invariant: `live as u32 + stale` is at most the
+/// number of entries with this key waiting in the engine (each entry that
+/// leaves takes one mark away), so a mark never outlives its entries; where
+/// the table cannot tell entries apart it errs towards fewer marks (an extra
+/// run), never towards more (an entry dropped as the duplicate of nothing).
 #[derive(Debug, Clone, Copy, Default)]
 struct KeyState {
+    /// One waiting entry with this key is the one to run.
     live: bool,
+    /// That entry waits in a retry backoff. Due retries are taken before the
+    /// queue, so a front hand-over does not supersede it (it would be taken
+    /// first and run the older data): both run.
+    live_is_retry: bool,
+    /// Waiting entries superseded by a front hand-over: dropped when taken.
     stale: u32,
+}
+
+impl KeyState {
+    /// One waiting entry with this key left (taken, shed, or never came in).
+    fn take_one(&mut self) -> bool {
+        if self.live {
+            self.live = false;
+            self.live_is_retry = false;
+            true
+        } else {
+            self.stale = self.stale.saturating_sub(1);
+            false
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.live && self.stale == 0
+    }
+}
+
+/// How entries come in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Back,
+    Front,
+    Retry,
+}
+
+/// The table's state under its lock.
+struct Marks<K> {
+    map: Map<K>,
+    /// Entries admitted without a key (the key function or `Hash` panicked):
+    /// when one leaves, its key cannot be computed again either, and this
+    /// count tells it from an entry whose key has changed (which would leave a
+    /// mark behind: then the table turns off).
+    keyless: usize,
+}
+
+impl<K> Default for Marks<K> {
+    fn default() -> Self {
+        Marks {
+            map: Map::default(),
+            keyless: 0,
+        }
+    }
+}
+
+impl<K: Eq> Marks<K> {
+    /// An entry without a key left; `false` if none was admitted.
+    fn keyless_left(&mut self) -> bool {
+        match self.keyless.checked_sub(1) {
+            Some(n) => {
+                self.keyless = n;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// One entry with `key` left without running (shed, or never came in).
+    fn left(&mut self, key: Hashed<K>) {
+        if let Some(state) = self.map.get_mut(&key) {
+            // A superseded one first: the one to run stays.
+            if state.stale > 0 {
+                state.stale -= 1;
+            } else {
+                state.take_one();
+            }
+            if state.is_empty() {
+                self.map.remove(&key);
+            }
+        }
+    }
 }
 
 /// A key with its hash, computed outside the table's lock.
@@ -111,7 +198,7 @@ type Map<K> = HashMap<Hashed<K>, KeyState, BuildHasherDefault<Ready>>;
 pub(crate) struct KeyTable<T, K> {
     key: KeyFn<T, K>,
     hasher: RandomState,
-    map: Mutex<Map<K>>,
+    marks: Mutex<Marks<K>>,
     dropped: AtomicU64,
     /// A key's `Hash`, `Eq` or `Drop` panicked: every entry is kept.
     broken: AtomicBool,
@@ -122,7 +209,7 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         KeyTable {
             key,
             hasher: RandomState::new(),
-            map: Mutex::new(Map::default()),
+            marks: Mutex::new(Marks::default()),
             dropped: AtomicU64::new(0),
             broken: AtomicBool::new(false),
         }
@@ -131,20 +218,20 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
     /// Empties the table (the keys are user values: dropped contained, and
     /// not under the lock).
     fn forget_all(&self) {
-        let old = std::mem::take(&mut *self.map.lock());
+        let old = std::mem::take(&mut *self.marks.lock());
         crate::unwind::drop_quietly("dedup keys", old);
     }
 
     /// Runs `f` on the map (contained; see the type's doc). `None`: it
     /// panicked now or earlier, and the table is off.
-    fn with_map<R>(&self, f: impl FnOnce(&mut Map<K>) -> R) -> Option<R> {
+    fn with_marks<R>(&self, f: impl FnOnce(&mut Marks<K>) -> R) -> Option<R> {
         if self.broken.load(Ordering::Acquire) {
             crate::unwind::drop_quietly("dedup keys", f); // it holds keys
             return None;
         }
         let result = catch(|| {
-            let mut map = self.map.lock();
-            f(&mut map)
+            let mut marks = self.marks.lock();
+            f(&mut marks)
         });
         match result {
             Ok(r) => Some(r),
@@ -164,22 +251,66 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         self.forget_all();
     }
 
-    /// The keys of entries that were admitted, or `None` (and the table off)
-    /// where one cannot be computed again: its mark would stay for ever.
-    fn keys_again(&self, entries: &[T]) -> Option<Vec<Option<Hashed<K>>>> {
-        let keys = self.keys(entries);
-        if keys.iter().all(Option::is_some) {
-            return Some(keys);
-        }
-        crate::unwind::drop_quietly("dedup keys", keys);
-        self.break_down("a dedup key could not be computed again as its entry left");
-        None
-    }
-
     /// Keys with entries in the engine.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.map.lock().len()
+        self.marks.lock().map.len()
+    }
+
+    /// Admits entries coming in `way`: which to keep.
+    fn admit_as(&self, entries: &[T], way: Way) -> Vec<bool> {
+        if self.broken.load(Ordering::Acquire) {
+            return vec![true; entries.len()];
+        }
+        let keys = self.keys(entries);
+        let keep = self.with_marks(|marks| {
+            keys.into_iter()
+                .map(|key| {
+                    let Some(key) = key else {
+                        marks.keyless += 1;
+                        return true;
+                    };
+                    let state = marks.map.entry(key).or_default();
+                    match (state.live, way) {
+                        (false, _) => {
+                            state.live = true;
+                            state.live_is_retry = way == Way::Retry;
+                            true
+                        }
+                        // Taken first, then the waiting one (dropped).
+                        (true, Way::Front) if !state.live_is_retry => {
+                            state.stale += 1;
+                            true
+                        }
+                        // The retry would be taken first: no mark, both run.
+                        (true, Way::Front) => true,
+                        (true, Way::Back | Way::Retry) => false,
+                    }
+                })
+                .collect()
+        });
+        keep.unwrap_or_else(|| vec![true; entries.len()])
+    }
+
+    /// Entries leaving without running (`left`, `undo`).
+    fn leaving(&self, entries: &[T]) {
+        if self.broken.load(Ordering::Acquire) {
+            return;
+        }
+        let keys = self.keys(entries);
+        let lost = self.with_marks(|marks| {
+            let mut lost = false;
+            for key in keys {
+                match key {
+                    Some(key) => marks.left(key),
+                    None => lost |= !marks.keyless_left(),
+                }
+            }
+            lost
+        });
+        if lost == Some(true) {
+            self.break_down("a dedup key could not be computed again as its entry left");
+        }
     }
 
     /// The entries' keys, hashed (`None` where the key function or the key's
@@ -217,109 +348,56 @@ where
     K: Hash + Eq + Send + Sync,
 {
     fn admit(&self, entries: &[T], front: bool) -> Vec<bool> {
-        if self.broken.load(Ordering::Acquire) {
-            return vec![true; entries.len()];
-        }
-        let keys = self.keys(entries);
-        let keep = self.with_map(|map| {
-            keys.into_iter()
-                .map(|key| {
-                    let Some(key) = key else { return true };
-                    let state = map.entry(key).or_default();
-                    match (state.live, front) {
-                        (false, _) => {
-                            state.live = true;
-                            true
-                        }
-                        (true, true) => {
-                            state.stale += 1; // the waiting one is superseded
-                            true
-                        }
-                        (true, false) => false,
-                    }
-                })
-                .collect()
-        });
-        keep.unwrap_or_else(|| vec![true; entries.len()])
+        self.admit_as(entries, if front { Way::Front } else { Way::Back })
+    }
+
+    fn admit_retries(&self, entries: &[T]) -> Vec<bool> {
+        self.admit_as(entries, Way::Retry)
     }
 
     fn taken(&self, entries: &[T]) -> Vec<bool> {
         if self.broken.load(Ordering::Acquire) {
             return vec![true; entries.len()];
         }
-        let Some(keys) = self.keys_again(entries) else {
-            return vec![true; entries.len()];
-        };
-        let run = self.with_map(|map| {
-            keys.into_iter()
+        let keys = self.keys(entries);
+        let run = self.with_marks(|marks| {
+            let mut lost = false;
+            let run: Vec<bool> = keys
+                .into_iter()
                 .map(|key| {
-                    let Some(key) = key else { return true };
-                    let Some(state) = map.get_mut(&key) else {
+                    let Some(key) = key else {
+                        lost |= !marks.keyless_left();
                         return true;
                     };
-                    let run = if state.live {
-                        state.live = false;
-                        true
-                    } else if state.stale > 0 {
-                        state.stale -= 1;
-                        false
-                    } else {
-                        true
+                    let Some(state) = marks.map.get_mut(&key) else {
+                        return true; // came in with no mark (see `KeyState`)
                     };
-                    if !state.live && state.stale == 0 {
-                        map.remove(&key);
+                    let run = state.live || state.stale == 0;
+                    state.take_one();
+                    if state.is_empty() {
+                        marks.map.remove(&key);
                     }
                     run
                 })
-                .collect()
+                .collect();
+            (run, lost)
         });
-        run.unwrap_or_else(|| vec![true; entries.len()])
+        match run {
+            Some((run, false)) => run,
+            Some((_, true)) => {
+                self.break_down("a dedup key could not be computed again as its entry left");
+                vec![true; entries.len()]
+            }
+            None => vec![true; entries.len()],
+        }
     }
 
     fn left(&self, entries: &[T]) {
-        if self.broken.load(Ordering::Acquire) {
-            return;
-        }
-        let Some(keys) = self.keys_again(entries) else {
-            return;
-        };
-        self.with_map(|map| {
-            for key in keys.into_iter().flatten() {
-                if let Some(state) = map.get_mut(&key) {
-                    if state.stale > 0 {
-                        state.stale -= 1;
-                    } else {
-                        state.live = false;
-                    }
-                    if !state.live && state.stale == 0 {
-                        map.remove(&key);
-                    }
-                }
-            }
-        });
+        self.leaving(entries);
     }
 
-    fn undo(&self, entries: &[T], front: bool) {
-        if self.broken.load(Ordering::Acquire) {
-            return;
-        }
-        let Some(keys) = self.keys_again(entries) else {
-            return;
-        };
-        self.with_map(|map| {
-            for key in keys.into_iter().flatten() {
-                if let Some(state) = map.get_mut(&key) {
-                    if front && state.live && state.stale > 0 {
-                        state.stale -= 1; // the superseded one is live again
-                    } else {
-                        state.live = false;
-                    }
-                    if !state.live && state.stale == 0 {
-                        map.remove(&key);
-                    }
-                }
-            }
-        });
+    fn undo(&self, entries: &[T]) {
+        self.leaving(entries);
     }
 
     fn clear(&self) {

@@ -40,7 +40,7 @@ impl<T: Send + 'static> Store<T> {
             }
             Err((refusal, kept)) => {
                 let kept = kept.into_vec();
-                table.undo(&kept, front);
+                table.undo(&kept);
                 Err((refusal, Entries::Many(merge(kept, dups, &keep))))
             }
         }
@@ -70,7 +70,7 @@ impl<T: Send + 'static> Store<T> {
                 Ok(())
             }
             Err((refusal, kept)) => {
-                table.undo(&kept, front);
+                table.undo(&kept);
                 Err((refusal, merge(kept, dups, &keep)))
             }
         }
@@ -118,7 +118,7 @@ impl<T: Send + 'static> Store<T> {
             let keep = self
                 .dedup
                 .as_ref()
-                .map_or_else(Vec::new, |t| t.admit(&later, false));
+                .map_or_else(Vec::new, |t| t.admit_retries(&later));
             s.later.attempts = attempts
                 .into_iter()
                 .zip(&keep)
