@@ -204,13 +204,13 @@ impl From<ControlError> for ShrinkError {
 #[non_exhaustive]
 pub enum IdleError {
     /// The timeout passed with this many of those entries still in the engine
-    /// (buffered, queued, retrying or running).
+    /// (buffered, queued, retrying, running, or on their way to a handler).
     Timeout {
         /// Entries handed over before the call and still in the engine.
         left: usize,
     },
-    /// The call was made from one of the engine's own threads, which it would
-    /// wait for.
+    /// The call was made from one of the engine's own threads, or from inside
+    /// one of its overflow handlers, which it would wait for.
     WouldDeadlock,
 }
 
@@ -221,7 +221,7 @@ impl fmt::Display for IdleError {
                 write!(f, "timed out with {left} entries still in the engine")
             }
             IdleError::WouldDeadlock => f.write_str(
-                "called from one of the engine's own threads, which the call would wait for",
+                "called from one of the engine's own threads or handlers, which the call would wait for",
             ),
         }
     }

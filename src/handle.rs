@@ -383,11 +383,9 @@ impl<T: Send + 'static> Handle<T> {
 
     /// Waits until every entry handed over before this call has left the
     /// engine: processed, dead-lettered, overflowed or handed back (what
-    /// OpenTelemetry calls `force_flush`). A failed run's dead letters (and its
-    /// overflow) count as gone once their handler has returned; entries that
-    /// overflow elsewhere (a flush into a full queue, a shrink) once they are
-    /// out of the queue, possibly while their handler still runs. The buffers
-    /// are flushed first.
+    /// OpenTelemetry calls `force_flush`); dead-lettered and overflowed
+    /// entries count as gone once their handler has returned. The buffers are
+    /// flushed first.
     /// Entries handed over after the call are not waited for, nor are new
     /// entries a run returns; a retried entry is (it was handed over before).
     /// `timeout` is on the engine's clock; `Duration::MAX` waits without limit.
@@ -396,7 +394,8 @@ impl<T: Send + 'static> Handle<T> {
     /// # Errors
     ///
     /// [`IdleError::Timeout`] with how many of those entries are left;
-    /// [`IdleError::WouldDeadlock`] from one of the engine's own threads.
+    /// [`IdleError::WouldDeadlock`] from one of the engine's own threads, or
+    /// from inside its overflow handler (which it would wait for).
     ///
     /// # Examples
     ///

@@ -24,6 +24,30 @@ pub(crate) enum Role {
 
 thread_local! {
     static MARK: Cell<Option<(u64, Role)>> = const { Cell::new(None) };
+    /// The engine whose overflow handler the calling thread is in, if any
+    /// (any thread: a caller's flush can overflow too).
+    static HANDLING: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Marks the calling thread as inside an overflow handler of `engine` until
+/// the mark drops (then the previous mark is back).
+pub(crate) fn handling(engine: u64) -> HandlerMark {
+    HandlerMark(HANDLING.with(|h| h.replace(Some(engine))))
+}
+
+/// See [`handling`].
+pub(crate) struct HandlerMark(Option<u64>);
+
+impl Drop for HandlerMark {
+    fn drop(&mut self) {
+        HANDLING.with(|h| h.set(self.0));
+    }
+}
+
+/// Whether the calling thread is inside an overflow handler of `engine`: a
+/// call that waits for that handler to return must fail at once.
+pub(crate) fn in_handler_of(engine: u64) -> bool {
+    HANDLING.with(Cell::get) == Some(engine)
 }
 
 static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);

@@ -184,3 +184,74 @@ fn wait_idle_waits_for_the_dead_letter_handler() {
     assert_eq!(got.try_recv().ok(), Some(vec![1, 2, 3]));
     handle.shutdown_drain().unwrap();
 }
+
+/// Overflow taken out of the queue by a shrink has left the engine only when
+/// its handler has it: `wait_idle` waits for the handler to return.
+#[test]
+fn wait_idle_waits_for_a_shrinks_overflow_handler() {
+    let (task, held) = held::<u32>();
+    let gate = Gate::new();
+    let g = gate.clone();
+    let (entered_tx, entered) = unbounded();
+    let b = held.books.clone();
+    let handle = Builder::new(task, ())
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .overflow_handler(move |v: Vec<u32>, _| {
+            entered_tx.send(v.clone()).unwrap();
+            g.wait();
+            b.overflowed(&v);
+        })
+        .start()
+        .unwrap();
+    held.books.push_back(&handle, vec![0]).unwrap();
+    recv(&held.started);
+    held.books.push_back(&handle, vec![1, 2, 3, 4]).unwrap();
+    let h = handle.clone();
+    let shrinker = std::thread::spawn(move || h.shrink().unwrap());
+    assert_eq!(recv(&entered), vec![3, 4]); // in the handler
+    held.gate.open();
+    wait_until(|| handle.stats().processed == 3);
+    assert_eq!(
+        handle.wait_idle(Duration::ZERO),
+        Err(IdleError::Timeout { left: 2 })
+    );
+    gate.open();
+    shrinker.join().unwrap();
+    handle.wait_idle(HANG).unwrap();
+    held.books.finish(handle.shutdown_drain().unwrap());
+}
+
+/// `wait_idle` from inside an overflow handler, on a caller's thread (its
+/// flush overflowed), would wait for itself: it fails at once.
+#[test]
+fn wait_idle_inside_an_overflow_handler_fails_at_once() {
+    let (task, held) = held::<u32>();
+    let slot: Arc<Mutex<Option<WeakHandle<u32>>>> = Default::default();
+    let s = slot.clone();
+    let (said_tx, said) = unbounded();
+    let handle = Builder::new(task, ())
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .max_queue_len(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .overflow_handler(move |_: Vec<u32>, _| {
+            let weak = s.lock().clone();
+            if let Some(handle) = weak.and_then(|w| w.upgrade()) {
+                said_tx.send(handle.wait_idle(HANG)).unwrap();
+            }
+        })
+        .start()
+        .unwrap();
+    *slot.lock() = Some(handle.downgrade());
+    handle.push_back(vec![0]).unwrap();
+    recv(&held.started);
+    handle.buffer(vec![1, 2], Priority::Back).unwrap();
+    handle.flush().unwrap(); // 2 does not fit: this thread runs the handler
+    assert_eq!(recv(&said), Err(IdleError::WouldDeadlock));
+    held.gate.open();
+    handle.shutdown_drain().unwrap();
+}

@@ -444,7 +444,7 @@ impl<T: Send + 'static> Store<T> {
         } else {
             st.queue.push_back(fresh, now)
         };
-        st.counters.overflow_full += overflow.len() as u64;
+        st.overflowed(overflow.len(), OverflowReason::Full);
         overflow
     }
 
@@ -455,7 +455,7 @@ impl<T: Send + 'static> Store<T> {
         let mut st = self.lock();
         st.end_run(w, Slot::Free);
         let late = if st.phase == Phase::Finished {
-            st.counters.overflow_shutdown += entries.len() as u64;
+            st.overflowed(entries.len(), OverflowReason::Shutdown);
             entries
         } else {
             let now = self.clock().now();
@@ -473,6 +473,6 @@ impl<T: Send + 'static> Store<T> {
 fn late<T>(st: &mut State<T>, mut a: Vec<T>, b: Vec<T>, c: Vec<T>) -> Vec<T> {
     a.extend(b);
     a.extend(c);
-    st.counters.overflow_shutdown += a.len() as u64;
+    st.overflowed(a.len(), OverflowReason::Shutdown);
     a
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 impl<T> State<T> {
     /// Entries of generation `gen` or earlier still in the engine: queued,
-    /// retrying, running, or on their way to a handler.
+    /// retrying, running, or on their way to a handler (see `handing`).
     fn left_upto(&self, gen: u64) -> usize {
         let running: usize = self
             .slots
@@ -22,7 +22,9 @@ impl<T> State<T> {
             })
             .sum();
         let retrying = self.retries.as_ref().map_or(0, |r| r.count_upto(gen));
-        self.queue.count_upto(gen) + retrying + running
+        // Overflow on its way to the handler, of whatever generation (it is
+        // brief: waiting for a later one's too costs little).
+        self.queue.count_upto(gen) + retrying + running + self.handing
     }
 }
 
@@ -123,7 +125,7 @@ impl<T: Send + 'static> Store<T> {
     /// `timeout` passes. The buffers join the queue first; entries handed over
     /// afterwards belong to a later generation and are not waited for.
     pub(crate) fn wait_idle(&self, timeout: Duration) -> Result<(), IdleError> {
-        if threads::role_in(self.id).is_some() {
+        if threads::role_in(self.id).is_some() || threads::in_handler_of(self.id) {
             return Err(IdleError::WouldDeadlock);
         }
         let deadline = self.clock().deadline(timeout);

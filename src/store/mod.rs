@@ -178,6 +178,9 @@ struct State<T> {
     slots: Vec<Slot>,
     running: usize,
     counters: Counters,
+    /// Entries taken out as overflow and not yet through `Store::report`
+    /// (their handler may be running): `wait_idle` waits for them.
+    handing: usize,
     phase: Phase,
     /// A shutdown call (or the last handle's drop) owns the stop.
     shut: bool,
@@ -211,6 +214,20 @@ impl<T> State<T> {
 
     fn retrying(&self) -> usize {
         self.retries.as_ref().map_or(0, Retries::len)
+    }
+
+    /// Entries taken out as overflow for `reason`: counted now, and held for
+    /// `wait_idle` until `Store::report` has handed them over.
+    fn overflowed(&mut self, n: usize, reason: OverflowReason) {
+        let c = &mut self.counters;
+        let counter = match reason {
+            OverflowReason::Full => &mut c.overflow_full,
+            OverflowReason::Shrink => &mut c.overflow_shrink,
+            OverflowReason::Shutdown => &mut c.overflow_shutdown,
+            OverflowReason::Duplicate => return, // counted by the key table
+        };
+        *counter += n as u64;
+        self.handing += n;
     }
 
     /// Nothing queued or retrying, nothing running, `init` not running.
@@ -296,6 +313,7 @@ impl<T: Send + 'static> Store<T> {
             slots: vec![Slot::Free; config.max_concurrency],
             running: 0,
             counters: Counters::default(),
+            handing: 0,
             phase: Phase::Open,
             shut: false,
             failed: None,
@@ -467,15 +485,24 @@ impl<T: Send + 'static> Store<T> {
         }
     }
 
-    /// Counted overflow, reported outside the locks.
+    /// Counted overflow (see `State::overflowed`), reported outside the
+    /// locks; then it no longer holds `wait_idle` back.
     fn report(&self, entries: Vec<T>, reason: OverflowReason) {
-        if !entries.is_empty() {
-            self.unweigh(&entries);
-            if let Some(table) = &self.dedup {
-                table.left(&entries);
-            }
+        if entries.is_empty() {
+            return;
+        }
+        let n = entries.len();
+        self.unweigh(&entries);
+        if let Some(table) = &self.dedup {
+            table.left(&entries);
+        }
+        {
+            let _mark = threads::handling(self.id); // `wait_idle` in it fails
             self.reporter.overflow(entries, reason);
         }
+        let mut st = self.lock();
+        st.handing = st.handing.saturating_sub(n);
+        self.wake_watchers(&mut st);
     }
 
     // ---- hand-overs --------------------------------------------------------
@@ -573,7 +600,7 @@ impl<T: Send + 'static> Store<T> {
                 overflow.extend(st.queue.push_back(chunk, now));
             }
         }
-        st.counters.overflow_full += overflow.len() as u64;
+        st.overflowed(overflow.len(), OverflowReason::Full);
         self.wake_workers(st);
         overflow
     }
@@ -648,7 +675,7 @@ impl<T: Send + 'static> Store<T> {
                 Priority::Front => st.queue.push_front(entries, now),
             }
         };
-        st.counters.overflow_full += overflow.len() as u64;
+        st.overflowed(overflow.len(), OverflowReason::Full);
         self.wake_workers(&mut st);
         drop(st);
         self.report(overflow, OverflowReason::Full);
@@ -737,7 +764,7 @@ impl<T: Send + 'static> Store<T> {
             return Err(ShrinkError::Stopped);
         }
         let shed = st.queue.shrink().map_err(|_| ShrinkError::MinimumSize)?;
-        st.counters.overflow_shrink += shed.len() as u64;
+        st.overflowed(shed.len(), OverflowReason::Shrink);
         st.init.shed = true;
         self.wake_watchers(&mut st);
         drop(st);
@@ -855,7 +882,7 @@ impl<T: Send + 'static> Store<T> {
     fn queue_piece(&self, mut st: Guard<'_, T>, piece: Vec<T>) {
         st.counters.accepted += piece.len() as u64;
         if st.phase == Phase::Finished {
-            st.counters.overflow_shutdown += piece.len() as u64;
+            st.overflowed(piece.len(), OverflowReason::Shutdown);
             drop(st);
             self.report(piece, OverflowReason::Shutdown);
             return;
@@ -867,7 +894,7 @@ impl<T: Send + 'static> Store<T> {
         } else {
             st.queue.push_back(piece, now)
         };
-        st.counters.overflow_full += overflow.len() as u64;
+        st.overflowed(overflow.len(), OverflowReason::Full);
         self.wake_workers(&mut st);
         drop(st);
         self.report(overflow, OverflowReason::Full);
