@@ -277,22 +277,29 @@ impl<K: Task> Builder<K> {
     /// retrying): it is not queued again. The dropped entry is counted in
     /// [`Stats::deduplicated`](crate::Stats::deduplicated) and handed to the
     /// overflow handler as [`OverflowReason::Duplicate`]. A front-priority
-    /// entry whose key is waiting goes to the front and the waiting one is
-    /// dropped instead: the work moves to the front (unless the waiting one is
-    /// in a retry backoff: due retries are taken before the queue, so both
-    /// run). An entry handed over while
-    /// one with its key *runs* is queued again (the running one may have read
-    /// old data). A refused hand-over (`Stopped`, `Full`, `Timeout`) hands
-    /// its duplicates back with the rest and counts none. The key function is
-    /// called outside every lock; a panic in it keeps the entry, as if it had
-    /// no key. Keys are hashed with std's SipHash, keyed at random (keys from
-    /// outside cannot be chosen to collide), outside every lock too; the key
-    /// type's `Eq` runs under the key table's own lock and must not call into
-    /// the engine. Where the table could be left wrong (a panic in `Eq` or in a
-    /// key's `Drop`, or a key that cannot be computed again when its entry
-    /// leaves), de-duplication turns off for the rest of the engine's life,
-    /// logged at error level: every entry is kept from then on, none is lost.
-    /// Default: no de-duplication.
+    /// entry is never dropped: it is urgent and goes to the front, and a
+    /// waiting twin still runs later (entries are the user's values, which
+    /// the engine cannot tell apart, so it never guesses which of two is the
+    /// older). An entry handed over while one with its key *runs* is queued
+    /// again (the running one may have read old data). A refused hand-over
+    /// (`Stopped`, `Full`, `Timeout`) hands its duplicates back with the rest
+    /// and counts none. Keys are marked only while an entry with them waits,
+    /// so no entry is dropped as the duplicate of nothing, with two narrow
+    /// exceptions: a hand-over waiting for room under
+    /// [`OverflowPolicy::Block`](crate::OverflowPolicy::Block) holds its keys
+    /// meanwhile (if it then fails, a twin dropped while it waited is gone,
+    /// and the failed caller holds the work), and an entry a worker has taken
+    /// out of the queue holds its key until its run is about to start.
+    ///
+    /// The key function is called outside every lock; a panic in it keeps the
+    /// entry, as if it had no key. Keys are hashed with std's SipHash, keyed
+    /// at random (keys from outside cannot be chosen to collide), outside
+    /// every lock too; the key type's `Eq` runs under the key table's own
+    /// lock and must not call into the engine. Where the table could be left
+    /// wrong (a panic in `Eq` or in a key's `Drop`, or a key that cannot be
+    /// computed again when its entry leaves), de-duplication turns off for
+    /// the rest of the engine's life, logged at error level: every entry is
+    /// kept from then on, none is lost. Default: no de-duplication.
     ///
     /// ```
     /// use buffered_task::{Builder, FlushInterval, Outcome, Priority, Task};

@@ -1,32 +1,38 @@
 //! Key de-duplication: an entry whose key is already waiting is not queued
 //! again.
 //!
-//! The table knows, for each key with entries in the engine, whether one of
-//! them is *live* (waiting to run) and how many are *stale* (superseded, to be
-//! dropped when a worker takes them):
+//! The table holds the keys *marked* waiting. It cannot tell two entries with
+//! one key apart (entries are the user's values, kept as they are), so it only
+//! counts: a key is marked when an entry comes in with nothing marked, and
+//! unmarked when any entry with that key leaves the waiting set (a worker takes
+//! it, it overflows or is shed, or its hand-over is refused). Hence the
+//! invariant, which every rule below keeps: **a key is marked only while at
+//! least one entry with it waits**. A mark never outlives its entries, so no
+//! entry is ever dropped as the duplicate of nothing; where the table cannot
+//! know, it errs towards an extra run.
 //!
-//! - a back hand-over whose key is live is a duplicate: dropped at once;
-//! - a front hand-over whose key is live goes to the front, and the waiting
-//!   one becomes stale: the work moves to the front;
-//! - a worker taking an entry runs it if its key is live (and the key stops
-//!   being waiting: a new entry with that key, handed over while this one runs,
-//!   is queued again, since the running one may have read old data), and drops
-//!   it if it is stale;
-//! - an entry leaving unrun (overflow, shrink) takes a stale mark first, then
-//!   the live one.
+//! - a back hand-over (or a retry, or `init`) whose key is marked is a
+//!   duplicate: dropped at once, counted and reported;
+//! - a front hand-over is never dropped: it is urgent, goes to the front and
+//!   runs first, marking its key if nothing is marked. A waiting twin still
+//!   runs later: superseding it would need to know which entry is which (a
+//!   front entry still in the buffers is not ahead of a queued twin; due
+//!   retries are taken before the queue);
+//! - a new entry handed over while one with its key *runs* is queued again
+//!   (the running one may have read old data).
 //!
 //! Keys are computed by the user's function outside every lock (it is user
-//! code, contained); then the table's own lock, a leaf that nothing else is
-//! held under, is taken once per call. Keys are hashed outside the lock too,
-//! with std's SipHash keyed at random per table: keys often come from outside
-//! (a crawler's URLs), and a faster hash whose collisions can be chosen would
-//! let them turn every lookup into a list walk. Under the lock the map only
-//! compares: the hash first, the key (its `Eq`) where the hashes match.
+//! code, contained), and hashed there too, with std's SipHash keyed at random
+//! per table: keys often come from outside (a crawler's URLs), and a faster
+//! hash whose collisions can be chosen would let them turn every lookup into a
+//! list walk. Then the table's own lock, a leaf that nothing else is held
+//! under, is taken once per call; under it the set only compares (the hash
+//! first, the key's `Eq` where the hashes match).
 
 use crate::unwind::catch;
 use parking_lot::Mutex;
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -34,15 +40,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub(crate) trait Table<T>: Send + Sync {
     /// Hand-overs: which entries to keep (`false`: a duplicate, dropped).
     fn admit(&self, entries: &[T], front: bool) -> Vec<bool>;
-    /// A failed run's entries going to wait a retry backoff: as back
-    /// hand-overs, marked as retries (see [`KeyState`]).
-    fn admit_retries(&self, entries: &[T]) -> Vec<bool>;
-    /// A worker took these entries: which to run (`false`: stale, dropped).
-    fn taken(&self, entries: &[T]) -> Vec<bool>;
-    /// These entries left the engine without running.
+    /// These entries left the waiting set: a worker took them, they
+    /// overflowed or were shed, or their hand-over was refused.
     fn left(&self, entries: &[T]);
-    /// A hand-over admitted with `admit` failed: its entries never came in.
-    fn undo(&self, entries: &[T]);
     /// The engine stopped: every key is forgotten.
     fn clear(&self);
     /// Counts `n` entries dropped as duplicates (the store counts them as it
@@ -55,69 +55,27 @@ pub(crate) trait Table<T>: Send + Sync {
 /// Called to get an entry's key.
 pub(crate) type KeyFn<T, K> = Box<dyn Fn(&T) -> K + Send + Sync>;
 
-/// The marks of one key. Invariant: `live as u32 + stale` is at most the
-/// number of entries with this key waiting in the engine (each entry that
-/// leaves takes one mark away), so a mark never outlives its entries; where
-/// the table cannot tell entries apart it errs towards fewer marks (an extra
-/// run), never towards more (an entry dropped as the duplicate of nothing).
-#[derive(Debug, Clone, Copy, Default)]
-struct KeyState {
-    /// One waiting entry with this key is the one to run.
-    live: bool,
-    /// That entry waits in a retry backoff. Due retries are taken before the
-    /// queue, so a front hand-over does not supersede it (it would be taken
-    /// first and run the older data): both run.
-    live_is_retry: bool,
-    /// Waiting entries superseded by a front hand-over: dropped when taken.
-    stale: u32,
-}
-
-impl KeyState {
-    /// One waiting entry with this key left (taken, shed, or never came in).
-    fn take_one(&mut self) -> bool {
-        if self.live {
-            self.live = false;
-            self.live_is_retry = false;
-            true
-        } else {
-            self.stale = self.stale.saturating_sub(1);
-            false
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        !self.live && self.stale == 0
-    }
-}
-
-/// How entries come in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Way {
-    Back,
-    Front,
-    Retry,
-}
-
 /// The table's state under its lock.
 struct Marks<K> {
-    map: Map<K>,
+    /// The keys marked waiting.
+    set: Set<K>,
     /// Entries admitted without a key (the key function or `Hash` panicked):
     /// when one leaves, its key cannot be computed again either, and this
-    /// count tells it from an entry whose key has changed (which would leave a
-    /// mark behind: then the table turns off).
+    /// count tells it from an entry whose key has changed since it came in
+    /// (whose mark would then stay: the table turns off instead).
     keyless: usize,
 }
 
 impl<K> Default for Marks<K> {
     fn default() -> Self {
         Marks {
-            map: Map::default(),
+            set: Set::default(),
             keyless: 0,
         }
     }
 }
 
-impl<K: Eq> Marks<K> {
+impl<K> Marks<K> {
     /// An entry without a key left; `false` if none was admitted.
     fn keyless_left(&mut self) -> bool {
         match self.keyless.checked_sub(1) {
@@ -126,21 +84,6 @@ impl<K: Eq> Marks<K> {
                 true
             }
             None => false,
-        }
-    }
-
-    /// One entry with `key` left without running (shed, or never came in).
-    fn left(&mut self, key: Hashed<K>) {
-        if let Some(state) = self.map.get_mut(&key) {
-            // A superseded one first: the one to run stays.
-            if state.stale > 0 {
-                state.stale -= 1;
-            } else {
-                state.take_one();
-            }
-            if state.is_empty() {
-                self.map.remove(&key);
-            }
         }
     }
 }
@@ -165,7 +108,7 @@ impl<K> Hash for Hashed<K> {
     }
 }
 
-/// The map's hasher: the hash is already there.
+/// The set's hasher: the hash is already there.
 #[derive(Default)]
 struct Ready(u64);
 
@@ -183,7 +126,7 @@ impl Hasher for Ready {
     }
 }
 
-type Map<K> = HashMap<Hashed<K>, KeyState, BuildHasherDefault<Ready>>;
+type Set<K> = HashSet<Hashed<K>, BuildHasherDefault<Ready>>;
 
 /// The table for keys of type `K`.
 ///
@@ -222,7 +165,7 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         crate::unwind::drop_quietly("dedup keys", old);
     }
 
-    /// Runs `f` on the map (contained; see the type's doc). `None`: it
+    /// Runs `f` on the marks (contained; see the type's doc). `None`: it
     /// panicked now or earlier, and the table is off.
     fn with_marks<R>(&self, f: impl FnOnce(&mut Marks<K>) -> R) -> Option<R> {
         if self.broken.load(Ordering::Acquire) {
@@ -254,45 +197,32 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
     /// Keys with entries in the engine.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.marks.lock().map.len()
+        self.marks.lock().set.len()
     }
 
-    /// Admits entries coming in `way`: which to keep.
-    fn admit_as(&self, entries: &[T], way: Way) -> Vec<bool> {
+    /// Admits entries: which to keep.
+    fn admit_as(&self, entries: &[T], front: bool) -> Vec<bool> {
         if self.broken.load(Ordering::Acquire) {
             return vec![true; entries.len()];
         }
         let keys = self.keys(entries);
         let keep = self.with_marks(|marks| {
             keys.into_iter()
-                .map(|key| {
-                    let Some(key) = key else {
+                .map(|key| match key {
+                    None => {
                         marks.keyless += 1;
-                        return true;
-                    };
-                    let state = marks.map.entry(key).or_default();
-                    match (state.live, way) {
-                        (false, _) => {
-                            state.live = true;
-                            state.live_is_retry = way == Way::Retry;
-                            true
-                        }
-                        // Taken first, then the waiting one (dropped).
-                        (true, Way::Front) if !state.live_is_retry => {
-                            state.stale += 1;
-                            true
-                        }
-                        // The retry would be taken first: no mark, both run.
-                        (true, Way::Front) => true,
-                        (true, Way::Back | Way::Retry) => false,
+                        true
                     }
+                    // Marked now (dropped if it was already: unmarked).
+                    Some(key) if !marks.set.contains(&key) => marks.set.insert(key),
+                    Some(_) => front, // see the module doc
                 })
                 .collect()
         });
         keep.unwrap_or_else(|| vec![true; entries.len()])
     }
 
-    /// Entries leaving without running (`left`, `undo`).
+    /// Entries leaving the waiting set: their keys are unmarked.
     fn leaving(&self, entries: &[T]) {
         if self.broken.load(Ordering::Acquire) {
             return;
@@ -302,7 +232,9 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
             let mut lost = false;
             for key in keys {
                 match key {
-                    Some(key) => marks.left(key),
+                    Some(key) => {
+                        marks.set.remove(&key);
+                    }
                     None => lost |= !marks.keyless_left(),
                 }
             }
@@ -348,55 +280,10 @@ where
     K: Hash + Eq + Send + Sync,
 {
     fn admit(&self, entries: &[T], front: bool) -> Vec<bool> {
-        self.admit_as(entries, if front { Way::Front } else { Way::Back })
-    }
-
-    fn admit_retries(&self, entries: &[T]) -> Vec<bool> {
-        self.admit_as(entries, Way::Retry)
-    }
-
-    fn taken(&self, entries: &[T]) -> Vec<bool> {
-        if self.broken.load(Ordering::Acquire) {
-            return vec![true; entries.len()];
-        }
-        let keys = self.keys(entries);
-        let run = self.with_marks(|marks| {
-            let mut lost = false;
-            let run: Vec<bool> = keys
-                .into_iter()
-                .map(|key| {
-                    let Some(key) = key else {
-                        lost |= !marks.keyless_left();
-                        return true;
-                    };
-                    let Some(state) = marks.map.get_mut(&key) else {
-                        return true; // came in with no mark (see `KeyState`)
-                    };
-                    let run = state.live || state.stale == 0;
-                    state.take_one();
-                    if state.is_empty() {
-                        marks.map.remove(&key);
-                    }
-                    run
-                })
-                .collect();
-            (run, lost)
-        });
-        match run {
-            Some((run, false)) => run,
-            Some((_, true)) => {
-                self.break_down("a dedup key could not be computed again as its entry left");
-                vec![true; entries.len()]
-            }
-            None => vec![true; entries.len()],
-        }
+        self.admit_as(entries, front)
     }
 
     fn left(&self, entries: &[T]) {
-        self.leaving(entries);
-    }
-
-    fn undo(&self, entries: &[T]) {
         self.leaving(entries);
     }
 
@@ -429,7 +316,7 @@ mod test {
             vec![true, true, false]
         );
         assert_eq!(t.admit(&[(2, "d")], false), vec![false]);
-        assert_eq!(t.taken(&[(1, "a"), (2, "b")]), vec![true, true]);
+        t.left(&[(1, "a"), (2, "b")]); // taken
         assert_eq!(t.len(), 0);
     }
 
@@ -437,19 +324,21 @@ mod test {
     fn while_one_runs_another_is_queued_again() {
         let t = table();
         t.admit(&[(1, "a")], false);
-        assert_eq!(t.taken(&[(1, "a")]), vec![true]); // runs now
+        t.left(&[(1, "a")]); // taken: runs now
         assert_eq!(t.admit(&[(1, "b")], false), vec![true]); // queued again
-        assert_eq!(t.taken(&[(1, "b")]), vec![true]);
     }
 
     #[test]
-    fn a_front_duplicate_supersedes_the_waiting_one() {
+    fn a_front_duplicate_is_kept_and_no_mark_outlives_the_entries() {
         let t = table();
         t.admit(&[(1, "old")], false);
         assert_eq!(t.admit(&[(1, "new")], true), vec![true]);
-        // The front one is taken first and runs; the old one is dropped.
-        assert_eq!(t.taken(&[(1, "new")]), vec![true]);
-        assert_eq!(t.taken(&[(1, "old")]), vec![false]);
+        t.left(&[(1, "new")]); // taken first: the key is unmarked
+                               // "old" still waits unmarked: a back twin is kept (an extra run, never
+                               // a drop against nothing).
+        assert_eq!(t.admit(&[(1, "again")], false), vec![true]);
+        t.left(&[(1, "old")]);
+        t.left(&[(1, "again")]);
         assert_eq!(t.len(), 0);
     }
 

@@ -110,15 +110,7 @@ fn run_one<K: Task>(
     store: &Store<K::Entry>,
     job: Job<K::Entry>,
 ) -> (Done<K::Entry>, Option<Duration>) {
-    let (entries, attempts) = store.drop_stale(job.entries, job.attempts);
-    if entries.is_empty() {
-        return (Done::Ok(0), None); // every entry was superseded
-    }
-    let job = Job {
-        entries,
-        attempts,
-        since: job.since,
-    };
+    store.taken(&job.entries); // their keys are no longer waiting
     let mut holding = Holding {
         store,
         worker: w,

@@ -1,5 +1,5 @@
 //! Key de-duplication: a key already waiting takes no second entry; a front
-//! duplicate moves the work to the front; a key that is running is queued
+//! entry is never dropped (it runs first, its twin too); a key that is running is queued
 //! again; the dropped entries are counted and reported.
 
 mod common;
@@ -59,8 +59,11 @@ fn a_waiting_key_takes_no_second_entry() {
     books.finish(handle.shutdown_drain().unwrap());
 }
 
+/// A front entry is never dropped as a duplicate: it is urgent and runs
+/// first; its waiting twin runs too (the table cannot tell them apart, and
+/// dropping the wrong one would lose the newer data).
 #[test]
-fn a_front_duplicate_moves_the_work_to_the_front() {
+fn a_front_duplicate_runs_first_and_the_waiting_one_too() {
     let (task, held) = held::<Entry>();
     let (handle, reasons) = rig(&held, task);
     let books = &held.books;
@@ -70,13 +73,20 @@ fn a_front_duplicate_moves_the_work_to_the_front() {
         .push_back(&handle, vec![(1, 0), (2, 0), (3, 0)])
         .unwrap();
     books.push_front(&handle, vec![(3, 1)]).unwrap();
+    books.push_back(&handle, vec![(3, 2)]).unwrap(); // (3, 0) waits: dropped
     held.gate.open();
-    let ran: Vec<Vec<Entry>> = recv_n(&held.ran, 4);
+    let ran: Vec<Vec<Entry>> = recv_n(&held.ran, 5);
     assert_eq!(
         ran,
-        vec![vec![(0, 0)], vec![(3, 1)], vec![(1, 0)], vec![(2, 0)]]
+        vec![
+            vec![(0, 0)],
+            vec![(3, 1)],
+            vec![(1, 0)],
+            vec![(2, 0)],
+            vec![(3, 0)]
+        ]
     );
-    assert_eq!(recv(&reasons), OverflowReason::Duplicate); // the old (3, 0)
+    assert_eq!(recv(&reasons), OverflowReason::Duplicate); // (3, 2)
     books.finish(handle.shutdown_drain().unwrap());
     assert_eq!(handle.stats().deduplicated, 1);
 }

@@ -40,7 +40,7 @@ impl<T: Send + 'static> Store<T> {
             }
             Err((refusal, kept)) => {
                 let kept = kept.into_vec();
-                table.undo(&kept);
+                table.left(&kept);
                 Err((refusal, Entries::Many(merge(kept, dups, &keep))))
             }
         }
@@ -70,7 +70,7 @@ impl<T: Send + 'static> Store<T> {
                 Ok(())
             }
             Err((refusal, kept)) => {
-                table.undo(&kept);
+                table.left(&kept);
                 Err((refusal, merge(kept, dups, &keep)))
             }
         }
@@ -118,7 +118,7 @@ impl<T: Send + 'static> Store<T> {
             let keep = self
                 .dedup
                 .as_ref()
-                .map_or_else(Vec::new, |t| t.admit_retries(&later));
+                .map_or_else(Vec::new, |t| t.admit(&later, false));
             s.later.attempts = attempts
                 .into_iter()
                 .zip(&keep)
@@ -131,30 +131,12 @@ impl<T: Send + 'static> Store<T> {
         }
     }
 
-    /// A worker took these entries: the stale ones (superseded by a front
-    /// duplicate) are dropped and reported, with their attempt counts.
-    pub(crate) fn drop_stale(
-        &self,
-        entries: Vec<T>,
-        attempts: Option<Vec<u32>>,
-    ) -> (Vec<T>, Option<Vec<u32>>) {
-        let Some(table) = &self.dedup else {
-            return (entries, attempts);
-        };
-        let run = table.taken(&entries);
-        if run.iter().all(|r| *r) {
-            return (entries, attempts);
+    /// A worker took these entries: their keys are no longer waiting (a new
+    /// entry with one of them is queued again while this one runs).
+    pub(crate) fn taken(&self, entries: &[T]) {
+        if let Some(table) = &self.dedup {
+            table.left(entries);
         }
-        let attempts = attempts.map(|a| {
-            a.into_iter()
-                .zip(&run)
-                .filter(|(_, r)| **r)
-                .map(|(a, _)| a)
-                .collect()
-        });
-        let (kept, stale) = split(entries, &run);
-        self.duplicates(stale);
-        (kept, attempts)
     }
 }
 
