@@ -85,6 +85,11 @@ impl<T> Queue<T> {
         self.gen = gen;
     }
 
+    /// The oldest generation with entries queued.
+    pub(crate) fn oldest_gen(&self) -> Option<u64> {
+        self.live.keys().next().copied()
+    }
+
     /// Entries queued in generation `gen` or earlier.
     pub(crate) fn count_upto(&self, gen: u64) -> usize {
         self.live.range(..=gen).map(|(_, n)| n).sum()

@@ -8,7 +8,7 @@
 //! inside user code (a `run` or an `init` that has not returned) when a shutdown
 //! deadline passes is let go rather than waited for.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 
@@ -24,30 +24,32 @@ pub(crate) enum Role {
 
 thread_local! {
     static MARK: Cell<Option<(u64, Role)>> = const { Cell::new(None) };
-    /// The engine whose overflow handler the calling thread is in, if any
-    /// (any thread: a caller's flush can overflow too).
-    static HANDLING: Cell<Option<u64>> = const { Cell::new(None) };
+    /// The engines whose overflow handlers the calling thread is in, innermost
+    /// last (any thread: a caller's flush can overflow too, and one engine's
+    /// handler can hand entries to another).
+    static HANDLING: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Marks the calling thread as inside an overflow handler of `engine` until
-/// the mark drops (then the previous mark is back).
+/// the mark drops.
 pub(crate) fn handling(engine: u64) -> HandlerMark {
-    HandlerMark(HANDLING.with(|h| h.replace(Some(engine))))
+    HANDLING.with(|h| h.borrow_mut().push(engine));
+    HandlerMark(())
 }
 
 /// See [`handling`].
-pub(crate) struct HandlerMark(Option<u64>);
+pub(crate) struct HandlerMark(());
 
 impl Drop for HandlerMark {
     fn drop(&mut self) {
-        HANDLING.with(|h| h.set(self.0));
+        HANDLING.with(|h| h.borrow_mut().pop());
     }
 }
 
-/// Whether the calling thread is inside an overflow handler of `engine`: a
-/// call that waits for that handler to return must fail at once.
+/// Whether the calling thread is inside an overflow handler of `engine`, at
+/// any depth: a call that waits for that handler to return must fail at once.
 pub(crate) fn in_handler_of(engine: u64) -> bool {
-    HANDLING.with(Cell::get) == Some(engine)
+    HANDLING.with(|h| h.borrow().contains(&engine))
 }
 
 static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);

@@ -8,7 +8,7 @@ use buffered_task::{
 use common::*;
 use crossbeam_channel::unbounded;
 use parking_lot::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -254,4 +254,156 @@ fn wait_idle_inside_an_overflow_handler_fails_at_once() {
     assert_eq!(recv(&said), Err(IdleError::WouldDeadlock));
     held.gate.open();
     handle.shutdown_drain().unwrap();
+}
+
+/// The overflow handler of a hand-over made after the call does not hold
+/// `wait_idle` back (nor count in `Timeout::left`).
+#[test]
+fn wait_idle_does_not_wait_for_a_later_hand_overs_handler() {
+    let (task, held) = held::<u32>();
+    let gate2 = Gate::new();
+    let g2 = gate2.clone();
+    let (entered_tx, entered) = unbounded();
+    let b = held.books.clone();
+    let handle = Builder::new(task, ())
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .max_queue_len(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .overflow_handler(move |v: Vec<u32>, _| {
+            b.overflowed(&v);
+            entered_tx.send(v.clone()).unwrap();
+            g2.wait();
+        })
+        .start()
+        .unwrap();
+    held.books.push_back(&handle, vec![0]).unwrap();
+    recv(&held.started); // 0 runs (held)
+    held.books.buffer(&handle, vec![1], Priority::Back).unwrap(); // buffered
+    let h = handle.clone();
+    let (res_tx, res) = unbounded();
+    let waiter = std::thread::spawn(move || {
+        res_tx.send(h.wait_idle(Duration::from_secs(3))).unwrap();
+    });
+    // wait_idle has flushed its generation into the queue: it is waiting now.
+    wait_until(|| handle.stats().buffered == 0);
+    // A LATER hand-over overflows (queue full); its handler blocks.
+    let h = handle.clone();
+    let books = held.books.clone();
+    let later = std::thread::spawn(move || books.push_back(&h, vec![2]).unwrap());
+    assert_eq!(recv(&entered), vec![2]);
+    held.gate.open(); // 0 and 1 (the call's generation) run and finish
+    let got = recv(&res);
+    gate2.open();
+    later.join().unwrap();
+    waiter.join().unwrap();
+    handle.wait_idle(HANG).unwrap();
+    held.books.finish(handle.shutdown_drain().unwrap());
+    assert_eq!(
+        got,
+        Ok(()),
+        "wait_idle held back by a later generation's handler"
+    );
+}
+
+/// A failed run's overflow, on its way to the handler, counts once in
+/// `Timeout::left` (its worker's reporting slot holds it).
+#[test]
+fn timeout_left_counts_a_failed_runs_overflow_once() {
+    let once = Arc::new(AtomicBool::new(false));
+    let o = once.clone();
+    let mut task = Script::new(move |b: &[u32], _: &()| {
+        if b == [0] && !o.swap(true, Ordering::SeqCst) {
+            // own: [0] (requeued), new: 101, 102, 103
+            Outcome::RetryEntries(vec![0, 101, 102, 103])
+        } else {
+            Outcome::Ok
+        }
+    });
+    let books = task.books();
+    let gate = Gate::new();
+    let g = gate.clone();
+    let (entered_tx, entered) = unbounded();
+    let b = books.clone();
+    let handle = Builder::new(task, ())
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .max_queue_len(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .overflow_handler(move |v: Vec<u32>, _| {
+            b.overflowed(&v);
+            entered_tx.send(v.clone()).unwrap();
+            g.wait();
+        })
+        .start()
+        .unwrap();
+    books.push_back(&handle, vec![0]).unwrap();
+    assert_eq!(recv(&entered), vec![101, 102, 103]); // worker in the handler
+    let got = handle.wait_idle(Duration::ZERO);
+    gate.open();
+    handle.wait_idle(HANG).unwrap();
+    books.finish(handle.shutdown_drain().unwrap());
+    // queued: [0] (1); in the handler: 3. Anything above 4 is double counting.
+    assert_eq!(got, Err(IdleError::Timeout { left: 4 }));
+}
+
+/// Engine A's overflow handler hands over to engine B, whose overflow
+/// handler (same thread) calls A.wait_idle: A's handler is still running on
+/// this thread, so it fails with WouldDeadlock rather than wait for itself.
+#[test]
+fn wait_idle_inside_nested_handlers_of_two_engines_fails_at_once() {
+    let (task_b, held_b) = held::<u32>();
+    let slot_b: Arc<parking_lot::Mutex<Option<buffered_task::Handle<u32>>>> = Default::default();
+    let slot_a: Arc<parking_lot::Mutex<Option<buffered_task::WeakHandle<u32>>>> =
+        Default::default();
+    let (said_tx, said) = unbounded();
+    let sa = slot_a.clone();
+    let b = Builder::new(task_b, ())
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .max_queue_len(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .overflow_handler(move |_: Vec<u32>, _| {
+            let a = sa.lock().clone().and_then(|w| w.upgrade());
+            if let Some(a) = a {
+                said_tx.send(a.wait_idle(Duration::from_secs(3))).unwrap();
+            }
+        })
+        .start()
+        .unwrap();
+    b.push_back(vec![0]).unwrap();
+    recv(&held_b.started);
+    b.push_back(vec![1]).unwrap(); // B's queue full
+    *slot_b.lock() = Some(b.clone());
+    let (task_a, held_a) = held::<u32>();
+    let sb = slot_b.clone();
+    let a = Builder::new(task_a, ())
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .max_queue_len(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .overflow_handler(move |v: Vec<u32>, _| {
+            let b = sb.lock().clone();
+            if let Some(b) = b {
+                let _ = b.push_back(v); // overflows in B: B's handler here
+            }
+        })
+        .start()
+        .unwrap();
+    *slot_a.lock() = Some(a.downgrade());
+    a.push_back(vec![10]).unwrap();
+    recv(&held_a.started);
+    a.push_back(vec![11]).unwrap();
+    a.push_back(vec![12]).unwrap(); // overflows in A -> A's handler -> B
+    let got = recv(&said);
+    held_a.gate.open();
+    held_b.gate.open();
+    a.shutdown_drain().unwrap();
+    slot_b.lock().take();
+    b.shutdown_drain().unwrap();
+    assert_eq!(got, Err(IdleError::WouldDeadlock));
 }

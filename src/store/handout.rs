@@ -413,7 +413,7 @@ impl<T: Send + 'static> Store<T> {
             self.reporter.run_trouble(trouble, *n);
         }
         if let Some(reason) = l.reason {
-            self.report(l.overflow, reason);
+            self.report_unheld(l.overflow, reason);
         }
         if let (false, Some(reason)) = (l.dead.is_empty(), l.dead_reason) {
             self.unweigh(&l.dead);
@@ -444,7 +444,7 @@ impl<T: Send + 'static> Store<T> {
         } else {
             st.queue.push_back(fresh, now)
         };
-        st.overflowed(overflow.len(), OverflowReason::Full);
+        st.count_overflow(overflow.len(), OverflowReason::Full);
         overflow
     }
 
@@ -455,7 +455,7 @@ impl<T: Send + 'static> Store<T> {
         let mut st = self.lock();
         st.end_run(w, Slot::Free);
         let late = if st.phase == Phase::Finished {
-            st.overflowed(entries.len(), OverflowReason::Shutdown);
+            st.count_overflow(entries.len(), OverflowReason::Shutdown);
             entries
         } else {
             let now = self.clock().now();
@@ -464,7 +464,7 @@ impl<T: Send + 'static> Store<T> {
         };
         self.wake_watchers(&mut st);
         drop(st);
-        self.report(late, OverflowReason::Shutdown);
+        self.report_unheld(late, OverflowReason::Shutdown);
     }
 }
 
@@ -473,6 +473,6 @@ impl<T: Send + 'static> Store<T> {
 fn late<T>(st: &mut State<T>, mut a: Vec<T>, b: Vec<T>, c: Vec<T>) -> Vec<T> {
     a.extend(b);
     a.extend(c);
-    st.overflowed(a.len(), OverflowReason::Shutdown);
+    st.count_overflow(a.len(), OverflowReason::Shutdown);
     a
 }

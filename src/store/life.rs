@@ -1,7 +1,7 @@
 //! The store's side of stopping: close, wait to settle, finish (take every
 //! entry out), and fail (an engine thread panicked outside user code).
 
-use super::{Phase, Slot, State, Store};
+use super::{Overflow, Phase, Slot, State, Store};
 use crate::error::{ControlError, IdleError};
 use crate::overflow::OverflowReason;
 use crate::threads::{self, Role};
@@ -22,9 +22,7 @@ impl<T> State<T> {
             })
             .sum();
         let retrying = self.retries.as_ref().map_or(0, |r| r.count_upto(gen));
-        // Overflow on its way to the handler, of whatever generation (it is
-        // brief: waiting for a later one's too costs little).
-        self.queue.count_upto(gen) + retrying + running + self.handing
+        self.queue.count_upto(gen) + retrying + running + self.handing_upto(gen)
     }
 }
 
@@ -61,7 +59,7 @@ impl<T: Send + 'static> Store<T> {
     /// comes back, counted, for the caller to report once the shutdown is
     /// done); to hand back, they stay where they are for `finish`. Fails if a
     /// shutdown already began.
-    pub(crate) fn close(&self, how: Close) -> Result<Vec<T>, ControlError> {
+    pub(crate) fn close(&self, how: Close) -> Result<Overflow<T>, ControlError> {
         let (mut intake, mut st) = self.lock_both();
         if st.shut || st.phase == Phase::Finished {
             return Err(ControlError::Stopped);
@@ -77,7 +75,7 @@ impl<T: Send + 'static> Store<T> {
         self.stopping.store(true, Ordering::Relaxed);
         let overflow = match how {
             Close::Drain => self.queue_intake(intake, &mut st),
-            Close::Return => Vec::new(),
+            Close::Return => Overflow::none(),
         };
         drop(st);
         self.room.bump(); // waiting hand-overs fail now
@@ -86,7 +84,7 @@ impl<T: Send + 'static> Store<T> {
     }
 
     /// Reports what a drain's `close` could not queue.
-    pub(crate) fn report_closed(&self, overflow: Vec<T>) {
+    pub(crate) fn report_closed(&self, overflow: Overflow<T>) {
         self.report(overflow, OverflowReason::Full);
     }
 

@@ -100,6 +100,7 @@ use crossbeam_channel::Sender;
 use guard::Guard;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use room::Room;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -121,6 +122,26 @@ pub(crate) enum Refusal {
     Stopped,
     Full,
     Timeout,
+}
+
+/// Overflow taken out under the state lock, on its way to the handler, with
+/// the generation it holds back (see `State::handing`).
+pub(crate) struct Overflow<T> {
+    entries: Vec<T>,
+    gen: u64,
+}
+
+impl<T> Overflow<T> {
+    fn none() -> Self {
+        Overflow {
+            entries: Vec::new(),
+            gen: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
 }
 
 /// Where the engine is in its life (see the module doc).
@@ -179,8 +200,9 @@ struct State<T> {
     running: usize,
     counters: Counters,
     /// Entries taken out as overflow and not yet through `Store::report`
-    /// (their handler may be running): `wait_idle` waits for them.
-    handing: usize,
+    /// (their handler may be running), by the generation they hold back:
+    /// `wait_idle` waits for those of its generation or earlier.
+    handing: BTreeMap<u64, usize>,
     phase: Phase,
     /// A shutdown call (or the last handle's drop) owns the stop.
     shut: bool,
@@ -216,9 +238,32 @@ impl<T> State<T> {
         self.retries.as_ref().map_or(0, Retries::len)
     }
 
-    /// Entries taken out as overflow for `reason`: counted now, and held for
-    /// `wait_idle` until `Store::report` has handed them over.
-    fn overflowed(&mut self, n: usize, reason: OverflowReason) {
+    /// Entries taken out as overflow for `reason`, from the current
+    /// generation: see [`State::overflowed_from`].
+    fn overflowed(&mut self, entries: Vec<T>, reason: OverflowReason) -> Overflow<T> {
+        let gen = self.gen;
+        self.overflowed_from(entries, reason, gen)
+    }
+
+    /// Entries taken out as overflow for `reason`, the oldest of generation
+    /// `gen`: counted now, and holding back `wait_idle` calls of that
+    /// generation or later until [`Store::report`] has handed them over.
+    fn overflowed_from(
+        &mut self,
+        entries: Vec<T>,
+        reason: OverflowReason,
+        gen: u64,
+    ) -> Overflow<T> {
+        self.count_overflow(entries.len(), reason);
+        if !entries.is_empty() {
+            *self.handing.entry(gen).or_insert(0) += entries.len();
+        }
+        Overflow { entries, gen }
+    }
+
+    /// Counts overflow only (a failed run's leftovers: its worker's reporting
+    /// slot holds `wait_idle` back meanwhile).
+    fn count_overflow(&mut self, n: usize, reason: OverflowReason) {
         let c = &mut self.counters;
         let counter = match reason {
             OverflowReason::Full => &mut c.overflow_full,
@@ -227,7 +272,11 @@ impl<T> State<T> {
             OverflowReason::Duplicate => return, // counted by the key table
         };
         *counter += n as u64;
-        self.handing += n;
+    }
+
+    /// Overflow of generation `gen` or earlier on its way to the handler.
+    fn handing_upto(&self, gen: u64) -> usize {
+        self.handing.range(..=gen).map(|(_, n)| n).sum()
     }
 
     /// Nothing queued or retrying, nothing running, `init` not running.
@@ -313,7 +362,7 @@ impl<T: Send + 'static> Store<T> {
             slots: vec![Slot::Free; config.max_concurrency],
             running: 0,
             counters: Counters::default(),
-            handing: 0,
+            handing: BTreeMap::new(),
             phase: Phase::Open,
             shut: false,
             failed: None,
@@ -485,24 +534,37 @@ impl<T: Send + 'static> Store<T> {
         }
     }
 
-    /// Counted overflow (see `State::overflowed`), reported outside the
-    /// locks; then it no longer holds `wait_idle` back.
-    fn report(&self, entries: Vec<T>, reason: OverflowReason) {
+    /// Overflow taken out under the lock (`State::overflowed`), reported
+    /// outside the locks; then it no longer holds `wait_idle` back.
+    fn report(&self, overflow: Overflow<T>, reason: OverflowReason) {
+        let Overflow { entries, gen } = overflow;
+        let n = entries.len();
+        if n == 0 {
+            return;
+        }
+        self.report_unheld(entries, reason);
+        let mut st = self.lock();
+        if let Some(count) = st.handing.get_mut(&gen) {
+            *count = count.saturating_sub(n);
+            if *count == 0 {
+                st.handing.remove(&gen);
+            }
+        }
+        self.wake_watchers(&mut st);
+    }
+
+    /// Counted overflow that holds no `wait_idle` back itself (a failed run's:
+    /// see `State::count_overflow`), reported outside the locks.
+    fn report_unheld(&self, entries: Vec<T>, reason: OverflowReason) {
         if entries.is_empty() {
             return;
         }
-        let n = entries.len();
         self.unweigh(&entries);
         if let Some(table) = &self.dedup {
             table.left(&entries);
         }
-        {
-            let _mark = threads::handling(self.id); // `wait_idle` in it fails
-            self.reporter.overflow(entries, reason);
-        }
-        let mut st = self.lock();
-        st.handing = st.handing.saturating_sub(n);
-        self.wake_watchers(&mut st);
+        let _mark = threads::handling(self.id); // `wait_idle` in it fails
+        self.reporter.overflow(entries, reason);
     }
 
     // ---- hand-overs --------------------------------------------------------
@@ -576,9 +638,13 @@ impl<T: Send + 'static> Store<T> {
     /// queue takes them. Order holds (the next flush needs the state lock this
     /// one holds), and so do counts (a count takes both locks, so it sees the
     /// entries either buffered or queued).
-    fn queue_intake(&self, mut intake: MutexGuard<'_, Intake<T>>, st: &mut State<T>) -> Vec<T> {
+    fn queue_intake(
+        &self,
+        mut intake: MutexGuard<'_, Intake<T>>,
+        st: &mut State<T>,
+    ) -> Overflow<T> {
         if intake.is_empty() {
-            return Vec::new();
+            return Overflow::none();
         }
         let now = self.clock().now();
         let (front, back) = intake.take();
@@ -600,7 +666,7 @@ impl<T: Send + 'static> Store<T> {
                 overflow.extend(st.queue.push_back(chunk, now));
             }
         }
-        st.overflowed(overflow.len(), OverflowReason::Full);
+        let overflow = st.overflowed(overflow, OverflowReason::Full);
         self.wake_workers(st);
         overflow
     }
@@ -675,7 +741,7 @@ impl<T: Send + 'static> Store<T> {
                 Priority::Front => st.queue.push_front(entries, now),
             }
         };
-        st.overflowed(overflow.len(), OverflowReason::Full);
+        let overflow = st.overflowed(overflow, OverflowReason::Full);
         self.wake_workers(&mut st);
         drop(st);
         self.report(overflow, OverflowReason::Full);
@@ -763,8 +829,10 @@ impl<T: Send + 'static> Store<T> {
         if st.phase != Phase::Open {
             return Err(ShrinkError::Stopped);
         }
+        // The shed entries may be of any generation still queued.
+        let oldest = st.queue.oldest_gen().unwrap_or(st.gen);
         let shed = st.queue.shrink().map_err(|_| ShrinkError::MinimumSize)?;
-        st.overflowed(shed.len(), OverflowReason::Shrink);
+        let shed = st.overflowed_from(shed, OverflowReason::Shrink, oldest);
         st.init.shed = true;
         self.wake_watchers(&mut st);
         drop(st);
@@ -882,7 +950,7 @@ impl<T: Send + 'static> Store<T> {
     fn queue_piece(&self, mut st: Guard<'_, T>, piece: Vec<T>) {
         st.counters.accepted += piece.len() as u64;
         if st.phase == Phase::Finished {
-            st.overflowed(piece.len(), OverflowReason::Shutdown);
+            let piece = st.overflowed(piece, OverflowReason::Shutdown);
             drop(st);
             self.report(piece, OverflowReason::Shutdown);
             return;
@@ -894,7 +962,7 @@ impl<T: Send + 'static> Store<T> {
         } else {
             st.queue.push_back(piece, now)
         };
-        st.overflowed(overflow.len(), OverflowReason::Full);
+        let overflow = st.overflowed(overflow, OverflowReason::Full);
         self.wake_workers(&mut st);
         drop(st);
         self.report(overflow, OverflowReason::Full);
