@@ -283,13 +283,12 @@ impl<K: Task> Builder<K> {
     /// older). An entry handed over while one with its key *runs* is queued
     /// again (the running one may have read old data). A refused hand-over
     /// (`Stopped`, `Full`, `Timeout`) hands its duplicates back with the rest
-    /// and counts none. Keys are marked only while an entry with them waits,
-    /// so no entry is dropped as the duplicate of nothing, with two narrow
-    /// exceptions: a hand-over waiting for room under
-    /// [`OverflowPolicy::Block`](crate::OverflowPolicy::Block) holds its keys
-    /// meanwhile (if it then fails, a twin dropped while it waited is gone,
-    /// and the failed caller holds the work), and an entry a worker has taken
-    /// out of the queue holds its key until its run is about to start.
+    /// and counts none; a bound is checked against the whole hand-over,
+    /// duplicates included (they are found once it is admitted). Keys are
+    /// marked only while an entry with them waits, so no entry is dropped as
+    /// the duplicate of nothing, with one narrow exception: an entry a worker
+    /// has just taken out of the queue holds its key until its run is about
+    /// to start (a twin handed over in that instant is dropped).
     ///
     /// The key function is called outside every lock; a panic in it keeps the
     /// entry, as if it had no key. Keys are hashed with std's SipHash, keyed

@@ -38,8 +38,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// What the store asks of a key table (the key type is hidden behind it).
 pub(crate) trait Table<T>: Send + Sync {
-    /// Hand-overs: which entries to keep (`false`: a duplicate, dropped).
+    /// Entries coming in another way than a hand-over (`init`, a run's
+    /// retries): which to keep (`false`: a duplicate, dropped).
     fn admit(&self, entries: &[T], front: bool) -> Vec<bool>;
+    /// A hand-over's keys, computed now (outside every lock: user code), to
+    /// be marked once the hand-over is admitted (under the callers' lock, so
+    /// that no other hand-over sees the marks of one that is then refused).
+    fn prepare<'a>(&'a self, entries: &[T]) -> Box<dyn Prepared + 'a>;
     /// These entries left the waiting set: a worker took them, they
     /// overflowed or were shed, or their hand-over was refused.
     fn left(&self, entries: &[T]);
@@ -50,6 +55,12 @@ pub(crate) trait Table<T>: Send + Sync {
     fn count_dropped(&self, n: usize);
     /// Entries dropped as duplicates so far.
     fn dropped(&self) -> u64;
+}
+
+/// Keys computed by [`Table::prepare`].
+pub(crate) trait Prepared {
+    /// Marks the keys: which entries to keep (`false`: a duplicate).
+    fn mark(self: Box<Self>, front: bool) -> Vec<bool>;
 }
 
 /// Called to get an entry's key.
@@ -105,6 +116,22 @@ impl<K: Eq> Eq for Hashed<K> {}
 impl<K> Hash for Hashed<K> {
     fn hash<H: Hasher>(&self, state: &mut H) {
         state.write_u64(self.hash);
+    }
+}
+
+/// A hand-over's keys, waiting to be marked (`None`: the table is off).
+struct PreparedKeys<'a, T, K> {
+    table: &'a KeyTable<T, K>,
+    n: usize,
+    keys: Option<Vec<Option<Hashed<K>>>>,
+}
+
+impl<T, K: Hash + Eq> Prepared for PreparedKeys<'_, T, K> {
+    fn mark(self: Box<Self>, front: bool) -> Vec<bool> {
+        match self.keys {
+            Some(keys) => self.table.mark_keys(keys, front),
+            None => vec![true; self.n],
+        }
     }
 }
 
@@ -200,12 +227,9 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         self.marks.lock().set.len()
     }
 
-    /// Admits entries: which to keep.
-    fn admit_as(&self, entries: &[T], front: bool) -> Vec<bool> {
-        if self.broken.load(Ordering::Acquire) {
-            return vec![true; entries.len()];
-        }
-        let keys = self.keys(entries);
+    /// Marks `keys` (of entries coming in): which entries to keep.
+    fn mark_keys(&self, keys: Vec<Option<Hashed<K>>>, front: bool) -> Vec<bool> {
+        let n = keys.len();
         let keep = self.with_marks(|marks| {
             keys.into_iter()
                 .map(|key| match key {
@@ -219,7 +243,7 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
                 })
                 .collect()
         });
-        keep.unwrap_or_else(|| vec![true; entries.len()])
+        keep.unwrap_or_else(|| vec![true; n])
     }
 
     /// Entries leaving the waiting set: their keys are unmarked.
@@ -280,7 +304,23 @@ where
     K: Hash + Eq + Send + Sync,
 {
     fn admit(&self, entries: &[T], front: bool) -> Vec<bool> {
-        self.admit_as(entries, front)
+        if self.broken.load(Ordering::Acquire) {
+            return vec![true; entries.len()];
+        }
+        self.mark_keys(self.keys(entries), front)
+    }
+
+    fn prepare<'a>(&'a self, entries: &[T]) -> Box<dyn Prepared + 'a> {
+        let keys = if self.broken.load(Ordering::Acquire) {
+            None
+        } else {
+            Some(self.keys(entries))
+        };
+        Box::new(PreparedKeys {
+            table: self,
+            n: entries.len(),
+            keys,
+        })
     }
 
     fn left(&self, entries: &[T]) {

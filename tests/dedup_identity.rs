@@ -4,9 +4,10 @@
 //! checks that nothing is dropped as the duplicate of nothing, and that every
 //! entry runs or is accounted for.
 mod common;
-use buffered_task::{Builder, FlushInterval, Outcome, OverflowReason};
+use buffered_task::{Builder, FlushInterval, Outcome, OverflowPolicy, OverflowReason, Priority};
 use common::*;
 use crossbeam_channel::{unbounded, Receiver, Sender};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 type Entry = (u32, u32);
@@ -238,4 +239,164 @@ fn a_front_hand_over_while_the_worker_is_taking_its_twin() {
         dropped.is_empty(),
         "(5, 1) dropped as the Duplicate of (5, 0), which was already running: {dropped:?}"
     );
+}
+
+/// A back hand-over must not be dropped as the duplicate of a twin whose
+/// hand-over is refused (Reject, Full) a moment later: no entry with the key
+/// ever waited.
+/// The window was held open by the weigher (user code, which ran after the
+/// key table marked the key and before the bound was checked); keys are now
+/// marked only once a hand-over is admitted.
+#[test]
+fn no_duplicate_of_a_hand_over_that_is_then_refused() {
+    let (task, held) = held::<Entry>();
+    let wgate = Gate::new();
+    let wg = wgate.clone();
+    let (in_weigher_tx, in_weigher) = unbounded();
+    let armed = Arc::new(AtomicBool::new(true));
+    let a = armed.clone();
+    let (reason_tx, reasons) = unbounded();
+    let b = held.books.clone();
+    let handle = Builder::new(task, ())
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .max_queue_len(1)
+        .overflow_policy(OverflowPolicy::Reject)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .dedup_by_key(|e: &Entry| e.0)
+        .weigher(move |e: &Entry| {
+            if e.1 == 99 && a.swap(false, Ordering::SeqCst) {
+                in_weigher_tx.send(()).unwrap();
+                wg.wait();
+            }
+            8
+        })
+        .overflow_handler(move |v: Vec<Entry>, r| {
+            b.overflowed(&v);
+            for e in v {
+                reason_tx.send((e, r)).unwrap();
+            }
+        })
+        .start()
+        .unwrap();
+    held.books.push_back(&handle, vec![(0, 0)]).unwrap();
+    recv(&held.started); // worker busy
+    held.books.push_back(&handle, vec![(1, 0)]).unwrap(); // queue full
+    let h = handle.clone();
+    let books = held.books.clone();
+    let e = std::thread::spawn(move || books.push_back(&h, vec![(5, 99)]));
+    recv(&in_weigher); // (5, 99) is being weighed: not admitted yet
+                       // Its twin meets the same full queue: refused too, not a duplicate.
+    let twin = held.books.push_back(&handle, vec![(5, 1)]);
+    assert!(
+        matches!(twin, Err(buffered_task::BufferError::Full(_))),
+        "{twin:?}"
+    );
+    wgate.open();
+    let refused = e.join().unwrap();
+    held.gate.open();
+    handle.wait_idle(HANG).unwrap();
+    let dropped: Vec<_> = reasons.try_iter().collect();
+    held.books.finish(handle.shutdown_drain().unwrap());
+    assert!(refused.is_err(), "(5,99) was refused Full");
+    assert!(
+        dropped.is_empty(),
+        "dropped as the duplicate of a refused hand-over: {dropped:?}"
+    );
+}
+
+/// Mixed load: many keys, back and front hand-overs from several threads,
+/// retries, a bounded queue that overflows, shrinks. After wait_idle, one
+/// back entry per key must be kept (no mark outlives its entries), and the
+/// books balance.
+#[test]
+fn no_mark_survives_a_mixed_load() {
+    for round in 0..20u32 {
+        let fails = Arc::new(AtomicUsize::new(0));
+        let f = fails.clone();
+        let mut task = Script::new(move |b: &[Entry], _: &()| {
+            if b.iter().any(|e| e.1 % 7 == 3) && f.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+                // retry some, add a new one sometimes
+                let mut v: Vec<Entry> = b.iter().copied().filter(|e| e.1 % 2 == 1).collect();
+                if b[0].1 % 5 == 0 {
+                    v.push((b[0].0, 1_000_000 + b[0].1));
+                }
+                Outcome::RetryEntries(v)
+            } else {
+                Outcome::Ok
+            }
+        });
+        let books = task.books();
+        let (reason_tx, reasons) = unbounded();
+        let bk = books.clone();
+        let handle = Builder::new(task, ())
+            .max_batch_size(3)
+            .max_concurrency(2)
+            .max_queue_len(16)
+            .flush_interval(FlushInterval::Never)
+            .poll(false)
+            .dedup_by_key(|e: &Entry| e.0)
+            .overflow_handler(move |v: Vec<Entry>, r| {
+                bk.overflowed(&v);
+                for e in v {
+                    reason_tx.send((e, r)).unwrap();
+                }
+            })
+            .start()
+            .unwrap();
+        let mut ts = Vec::new();
+        for t in 0..3u32 {
+            let h = handle.clone();
+            let books = books.clone();
+            ts.push(std::thread::spawn(move || {
+                for i in 0..400u32 {
+                    let e = ((i * 7 + t * 13 + round) % 11, t * 10_000 + i);
+                    let p = if i % 4 == 0 {
+                        Priority::Front
+                    } else {
+                        Priority::Back
+                    };
+                    match i % 3 {
+                        0 => {
+                            let _ = books.buffer(&h, vec![e], p);
+                        }
+                        1 if p == Priority::Front => {
+                            let _ = books.push_front(&h, vec![e]);
+                        }
+                        1 => {
+                            let _ = books.push_back(&h, vec![e]);
+                        }
+                        _ => {
+                            let _ = books.buffer(&h, vec![e], p);
+                            let _ = h.flush();
+                        }
+                    }
+                    if i % 50 == 49 {
+                        let _ = h.shrink();
+                        let _ = h.expand();
+                    }
+                }
+            }));
+        }
+        for t in ts {
+            t.join().unwrap();
+        }
+        handle.wait_idle(HANG).unwrap();
+        let _: Vec<_> = reasons.try_iter().collect();
+        let probe: Vec<Entry> = (0..11).map(|k| (k, 9_000_000 + k)).collect();
+        for e in &probe {
+            books.push_back(&handle, vec![*e]).unwrap();
+        }
+        let dropped: Vec<_> = reasons
+            .try_iter()
+            .filter(|(e, r)| *r == OverflowReason::Duplicate && e.1 >= 9_000_000)
+            .collect();
+        handle.wait_idle(HANG).unwrap();
+        books.finish(handle.shutdown_drain().unwrap());
+        assert!(
+            dropped.is_empty(),
+            "round {round}: probe dropped: {dropped:?}"
+        );
+    }
 }

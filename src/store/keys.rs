@@ -1,15 +1,19 @@
-//! The store's side of key de-duplication (see `dedup`): hand-overs pass the
-//! key table before they take the callers' lock (the key function is user
-//! code), a failed hand-over is taken back out of it, and the entries it drops
-//! are reported as duplicates.
+//! The store's side of key de-duplication (see `dedup`): a hand-over's keys
+//! are computed before the callers' lock (the key function is user code) and
+//! marked under it once the hand-over is admitted; the entries it drops are
+//! counted and reported as duplicates.
 
 use super::{Refusal, Store, Wait};
 use crate::intake::Entries;
 use crate::overflow::OverflowReason;
 use crate::task::Priority;
+use crate::unwind::drop_quietly;
 
 impl<T: Send + 'static> Store<T> {
-    /// `buffer` and friends: into the back or front buffer.
+    /// `buffer` and friends: into the back or front buffer. The keys are
+    /// computed first (user code, outside the locks) and marked once the
+    /// hand-over is admitted, under the callers' lock: a hand-over that is
+    /// refused never marked anything another one could have seen.
     #[inline(always)]
     pub(crate) fn hand_over(
         &self,
@@ -20,33 +24,24 @@ impl<T: Send + 'static> Store<T> {
         let Some(table) = &self.dedup else {
             return self.hand_over_kept(entries, priority, wait);
         };
-        let front = priority == Priority::Front;
         let all = entries.into_vec();
-        let keep = table.admit(&all, front);
-        let (kept, dups) = split(all, &keep);
-        if kept.is_empty() {
-            // Nothing to hand over, but a stopped engine still says so (the
-            // duplicates are back entries: the table did not change for them).
-            if self.is_stopped() {
-                return Err((Refusal::Stopped, Entries::Many(dups)));
-            }
-            self.duplicates(dups);
-            return Ok(());
+        let heap = self.weigh(&all);
+        let prepared = table.prepare(&all);
+        let mut intake = self.intake.lock();
+        if let Err(refusal) = self.admit(&mut intake, all.len(), wait) {
+            drop(intake);
+            drop_quietly("dedup keys", prepared);
+            return Err((refusal, Entries::Many(all)));
         }
-        match self.hand_over_kept(Entries::Many(kept), priority, wait) {
-            Ok(()) => {
-                self.duplicates(dups);
-                Ok(())
-            }
-            Err((refusal, kept)) => {
-                let kept = kept.into_vec();
-                table.left(&kept);
-                Err((refusal, Entries::Many(merge(kept, dups, &keep))))
-            }
-        }
+        let (kept, dups) = split(all, &prepared.mark(priority == Priority::Front));
+        self.buffer_admitted(intake, Entries::Many(kept), priority, heap);
+        self.unweigh(&dups);
+        self.duplicates(dups);
+        Ok(())
     }
 
-    /// `push_back` / `push_front`: straight into the queue.
+    /// `push_back` / `push_front`: straight into the queue (keys as in
+    /// `hand_over`).
     pub(crate) fn push(
         &self,
         entries: Vec<T>,
@@ -56,24 +51,19 @@ impl<T: Send + 'static> Store<T> {
         let Some(table) = &self.dedup else {
             return self.push_kept(entries, priority, wait);
         };
-        let front = priority == Priority::Front;
-        let keep = table.admit(&entries, front);
-        let (kept, dups) = split(entries, &keep);
-        let result = match (kept.is_empty(), self.is_stopped()) {
-            (true, true) => Err((Refusal::Stopped, kept)), // as in `hand_over`
-            (true, false) => Ok(()),
-            (false, _) => self.push_kept(kept, priority, wait),
-        };
-        match result {
-            Ok(()) => {
-                self.duplicates(dups);
-                Ok(())
-            }
-            Err((refusal, kept)) => {
-                table.left(&kept);
-                Err((refusal, merge(kept, dups, &keep)))
-            }
+        let heap = self.weigh(&entries);
+        let prepared = table.prepare(&entries);
+        let mut intake = self.intake.lock();
+        if let Err(refusal) = self.admit(&mut intake, entries.len(), wait) {
+            drop(intake);
+            drop_quietly("dedup keys", prepared);
+            return Err((refusal, entries));
         }
+        let (kept, dups) = split(entries, &prepared.mark(priority == Priority::Front));
+        self.queue_admitted(intake, kept, priority, heap);
+        self.unweigh(&dups);
+        self.duplicates(dups);
+        Ok(())
     }
 
     /// Entries coming in another way (`init`, a run's retries): the
@@ -155,12 +145,4 @@ fn split<T>(entries: Vec<T>, keep: &[bool]) -> (Vec<T>, Vec<T>) {
         }
     }
     (kept, dropped)
-}
-
-/// Undoes `split`: the entries back in their original order.
-fn merge<T>(kept: Vec<T>, dropped: Vec<T>, keep: &[bool]) -> Vec<T> {
-    let (mut kept, mut dropped) = (kept.into_iter(), dropped.into_iter());
-    keep.iter()
-        .filter_map(|k| if *k { kept.next() } else { dropped.next() })
-        .collect()
 }

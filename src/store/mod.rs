@@ -689,8 +689,24 @@ impl<T: Send + 'static> Store<T> {
         if let Err(refusal) = self.admit(&mut intake, entries.len(), wait) {
             return Err((refusal, entries));
         }
+        self.buffer_admitted(intake, entries, priority, heap);
+        Ok(())
+    }
+
+    /// An admitted hand-over into the buffers (the callers' lock held), and
+    /// on into the queue if a batch is full or a worker is free.
+    #[inline]
+    fn buffer_admitted(
+        &self,
+        mut intake: MutexGuard<'_, Intake<T>>,
+        entries: Entries<T>,
+        priority: Priority,
+        heap: i64,
+    ) {
         let batch = self.config.max_batch_size;
-        intake.put(entries, priority, batch, || self.clock().now());
+        if entries.len() > 0 {
+            intake.put(entries, priority, batch, || self.clock().now());
+        }
         self.add_heap(heap);
         let now = if self.config.natural() {
             // A free worker takes whatever there is, or a full batch is ready.
@@ -699,7 +715,7 @@ impl<T: Send + 'static> Store<T> {
             self.config.auto_flush() && intake.len() >= batch
         };
         if !now {
-            return Ok(());
+            return;
         }
         // Into the queue now, from this thread.
         let mut st = self.lock();
@@ -708,7 +724,6 @@ impl<T: Send + 'static> Store<T> {
         drop(st);
         self.notify(wakes);
         self.report(overflow, OverflowReason::Full);
-        Ok(())
     }
 
     /// `push_back` / `push_front`: straight into the queue (after the key
@@ -724,9 +739,25 @@ impl<T: Send + 'static> Store<T> {
         if let Err(refusal) = self.admit(&mut intake, entries.len(), wait) {
             return Err((refusal, entries));
         }
+        self.queue_admitted(intake, entries, priority, heap);
+        Ok(())
+    }
+
+    /// An admitted `push_back` / `push_front` into the queue (the callers'
+    /// lock held until the state lock is taken).
+    fn queue_admitted(
+        &self,
+        intake: MutexGuard<'_, Intake<T>>,
+        entries: Vec<T>,
+        priority: Priority,
+        heap: i64,
+    ) {
         self.add_heap(heap);
         let mut st = self.lock();
         drop(intake); // admitted: the state lock is enough now
+        if entries.is_empty() {
+            return;
+        }
         st.counters.accepted += entries.len() as u64;
         let now = self.clock().now();
         let overflow = if self.config.enforced() {
@@ -745,7 +776,6 @@ impl<T: Send + 'static> Store<T> {
         self.wake_workers(&mut st);
         drop(st);
         self.report(overflow, OverflowReason::Full);
-        Ok(())
     }
 
     // ---- control calls -------------------------------------------------------
