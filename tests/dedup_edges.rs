@@ -9,38 +9,12 @@ use buffered_task::{
     Priority, RetryPolicy,
 };
 use common::*;
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crossbeam_channel::unbounded;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 type Entry = (u32, u32);
-
-/// A task whose every run reports its batch as it starts, then waits for one
-/// permit; `retry` decides whether the batch asks for a retry.
-/// The task, its starts, its permits, its books.
-type Permitted = (
-    Script<Entry, ()>,
-    Receiver<Vec<Entry>>,
-    Sender<()>,
-    Arc<Books<Entry>>,
-);
-
-fn permitted(retry: impl Fn(&[Entry]) -> bool + Send + Sync + 'static) -> Permitted {
-    let (started_tx, started) = unbounded();
-    let (permit_tx, permits) = unbounded::<()>();
-    let mut task = Script::new(move |b: &[Entry], _: &()| {
-        started_tx.send(b.to_vec()).unwrap();
-        permits.recv_timeout(HANG).expect("no permit");
-        if retry(b) {
-            Outcome::Retry
-        } else {
-            Outcome::Ok
-        }
-    });
-    let books = task.books();
-    (task, started, permit_tx, books)
-}
 
 /// A front hand-over that is refused (here: `Timeout` under `Block`) after the
 /// entry it superseded was taken by a worker must take its mark back with it;

@@ -11,28 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 type Entry = (u32, u32);
-type Permitted = (
-    Script<Entry, ()>,
-    Receiver<Vec<Entry>>,
-    Sender<()>,
-    Arc<Books<Entry>>,
-);
-
-fn permitted(retry: impl Fn(&[Entry]) -> bool + Send + Sync + 'static) -> Permitted {
-    let (started_tx, started) = unbounded();
-    let (permit_tx, permits) = unbounded::<()>();
-    let mut task = Script::new(move |b: &[Entry], _: &()| {
-        started_tx.send(b.to_vec()).unwrap();
-        permits.recv_timeout(HANG).expect("no permit");
-        if retry(b) {
-            Outcome::Retry
-        } else {
-            Outcome::Ok
-        }
-    });
-    let books = task.books();
-    (task, started, permit_tx, books)
-}
 
 /// A (back) waits; B (front) comes in and runs first; D (back) is handed over
 /// while B runs. D must not be dropped for a mark of A's: A and D both run.

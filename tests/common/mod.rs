@@ -416,3 +416,33 @@ where
         },
     )
 }
+
+/// A task whose every run reports its batch as it starts, then waits for one
+/// permit; `retry` decides whether the batch asks for a retry. With its
+/// starts, its permits and its books.
+pub type Permitted<T> = (
+    Script<T, ()>,
+    Receiver<Vec<T>>,
+    crossbeam_channel::Sender<()>,
+    Arc<Books<T>>,
+);
+
+/// See [`Permitted`].
+pub fn permitted<T>(retry: impl Fn(&[T]) -> bool + Send + Sync + 'static) -> Permitted<T>
+where
+    T: Clone + Ord + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let (permit_tx, permits) = crossbeam_channel::unbounded::<()>();
+    let mut task = Script::new(move |b: &[T], _: &()| {
+        started_tx.send(b.to_vec()).unwrap();
+        permits.recv_timeout(HANG).expect("no permit");
+        if retry(b) {
+            Outcome::Retry
+        } else {
+            Outcome::Ok
+        }
+    });
+    let books = task.books();
+    (task, started, permit_tx, books)
+}
