@@ -4,16 +4,16 @@
 //! counted and reported as duplicates.
 
 use super::{Refusal, Store, Wait};
+use crate::dedup::Table;
 use crate::intake::Entries;
+use crate::intake::Intake;
 use crate::overflow::OverflowReason;
 use crate::task::Priority;
 use crate::unwind::drop_quietly;
+use parking_lot::MutexGuard;
 
 impl<T: Send + 'static> Store<T> {
-    /// `buffer` and friends: into the back or front buffer. The keys are
-    /// computed first (user code, outside the locks) and marked once the
-    /// hand-over is admitted, under the callers' lock: a hand-over that is
-    /// refused never marked anything another one could have seen.
+    /// `buffer` and friends: into the back or front buffer.
     #[inline(always)]
     pub(crate) fn hand_over(
         &self,
@@ -24,24 +24,21 @@ impl<T: Send + 'static> Store<T> {
         let Some(table) = &self.dedup else {
             return self.hand_over_kept(entries, priority, wait);
         };
-        let all = entries.into_vec();
-        let heap = self.weigh(&all);
-        let prepared = table.prepare(&all);
-        let mut intake = self.intake.lock();
-        if let Err(refusal) = self.admit(&mut intake, all.len(), wait) {
-            drop(intake);
-            drop_quietly("dedup keys", prepared);
-            return Err((refusal, Entries::Many(all)));
+        let a = self
+            .admit_keyed(table.as_ref(), entries.into_vec(), priority, wait)
+            .map_err(|(refusal, all)| (refusal, Entries::Many(all)))?;
+        if a.kept.is_empty() {
+            drop(a.intake);
+            self.add_heap(a.heap);
+        } else {
+            self.buffer_admitted(a.intake, Entries::Many(a.kept), priority, a.heap);
         }
-        let (kept, dups) = split(all, &prepared.mark(priority == Priority::Front));
-        self.buffer_admitted(intake, Entries::Many(kept), priority, heap);
-        self.unweigh(&dups);
-        self.duplicates(dups);
+        self.unweigh(&a.dups);
+        self.duplicates(a.dups);
         Ok(())
     }
 
-    /// `push_back` / `push_front`: straight into the queue (keys as in
-    /// `hand_over`).
+    /// `push_back` / `push_front`: straight into the queue.
     pub(crate) fn push(
         &self,
         entries: Vec<T>,
@@ -51,6 +48,29 @@ impl<T: Send + 'static> Store<T> {
         let Some(table) = &self.dedup else {
             return self.push_kept(entries, priority, wait);
         };
+        let a = self.admit_keyed(table.as_ref(), entries, priority, wait)?;
+        if a.kept.is_empty() {
+            drop(a.intake);
+            self.add_heap(a.heap);
+        } else {
+            self.queue_admitted(a.intake, a.kept, priority, a.heap);
+        }
+        self.unweigh(&a.dups);
+        self.duplicates(a.dups);
+        Ok(())
+    }
+
+    /// Weighs the entries and computes their keys (user code, outside the
+    /// locks), admits the hand-over, and only then marks the keys, under the
+    /// callers' lock: a hand-over that is refused never marked anything
+    /// another one could have seen. The bound counts the duplicates too.
+    fn admit_keyed(
+        &self,
+        table: &dyn Table<T>,
+        entries: Vec<T>,
+        priority: Priority,
+        wait: Wait,
+    ) -> Result<Admitted<'_, T>, (Refusal, Vec<T>)> {
         let heap = self.weigh(&entries);
         let prepared = table.prepare(&entries);
         let mut intake = self.intake.lock();
@@ -60,10 +80,12 @@ impl<T: Send + 'static> Store<T> {
             return Err((refusal, entries));
         }
         let (kept, dups) = split(entries, &prepared.mark(priority == Priority::Front));
-        self.queue_admitted(intake, kept, priority, heap);
-        self.unweigh(&dups);
-        self.duplicates(dups);
-        Ok(())
+        Ok(Admitted {
+            intake,
+            kept,
+            dups,
+            heap,
+        })
     }
 
     /// Entries coming in another way (`init`, a run's retries): the
@@ -145,4 +167,13 @@ fn split<T>(entries: Vec<T>, keep: &[bool]) -> (Vec<T>, Vec<T>) {
         }
     }
     (kept, dropped)
+}
+
+/// An admitted hand-over, its keys marked: the callers' lock still held, the
+/// entries to keep, the duplicates, and the heap of them all.
+struct Admitted<'a, T> {
+    intake: MutexGuard<'a, Intake<T>>,
+    kept: Vec<T>,
+    dups: Vec<T>,
+    heap: i64,
 }

@@ -704,9 +704,7 @@ impl<T: Send + 'static> Store<T> {
         heap: i64,
     ) {
         let batch = self.config.max_batch_size;
-        if entries.len() > 0 {
-            intake.put(entries, priority, batch, || self.clock().now());
-        }
+        intake.put(entries, priority, batch, || self.clock().now());
         self.add_heap(heap);
         let now = if self.config.natural() {
             // A free worker takes whatever there is, or a full batch is ready.
@@ -755,9 +753,6 @@ impl<T: Send + 'static> Store<T> {
         self.add_heap(heap);
         let mut st = self.lock();
         drop(intake); // admitted: the state lock is enough now
-        if entries.is_empty() {
-            return;
-        }
         st.counters.accepted += entries.len() as u64;
         let now = self.clock().now();
         let overflow = if self.config.enforced() {
