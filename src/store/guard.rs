@@ -25,11 +25,7 @@ impl<'a, T: Send + 'static> Guard<'a, T> {
     /// wake-up are woken first (under the lock: the wait is about to release it).
     pub(super) fn raw(&mut self) -> &mut MutexGuard<'a, State<T>> {
         let st = self.st.as_mut().expect("guard is live");
-        for _ in 0..std::mem::take(&mut st.to_wake) {
-            if !self.store.work.notify_one() {
-                break;
-            }
-        }
+        self.store.notify(std::mem::take(&mut st.to_wake));
         st
     }
 }
@@ -52,10 +48,6 @@ impl<T: Send + 'static> Drop for Guard<'_, T> {
         let Some(mut st) = self.st.take() else { return };
         let n = std::mem::take(&mut st.to_wake);
         drop(st);
-        for _ in 0..n {
-            if !self.store.work.notify_one() {
-                break;
-            }
-        }
+        self.store.notify(n);
     }
 }

@@ -119,18 +119,15 @@ impl<T: Send + 'static> Store<T> {
     /// A failed run's entries come back: each is admitted again as a back
     /// hand-over (one whose key another waiting entry holds is dropped).
     pub(crate) fn readmit(&self, s: &mut crate::retry::Settled<T>) {
-        if self.dedup.is_none() {
+        let Some(table) = &self.dedup else {
             return;
-        }
+        };
         s.requeue = self.drop_duplicates(std::mem::take(&mut s.requeue), Priority::Back);
         s.fresh = self.drop_duplicates(std::mem::take(&mut s.fresh), Priority::Back);
         let later = std::mem::take(&mut s.later.entries);
         if !later.is_empty() {
             let attempts = std::mem::take(&mut s.later.attempts);
-            let keep = self
-                .dedup
-                .as_ref()
-                .map_or_else(Vec::new, |t| t.admit(&later, false));
+            let keep = table.admit(&later, false);
             s.later.attempts = attempts
                 .into_iter()
                 .zip(&keep)

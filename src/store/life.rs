@@ -72,7 +72,7 @@ impl<T: Send + 'static> Store<T> {
             };
         }
         intake.closed = true;
-        self.stopping.store(true, Ordering::Relaxed);
+        self.stopping.store(true, Ordering::Release);
         let overflow = match how {
             Close::Drain => self.queue_intake(intake, &mut st),
             Close::Return => Overflow::none(),
@@ -161,7 +161,7 @@ impl<T: Send + 'static> Store<T> {
         let (mut intake, mut st) = self.lock_both();
         st.phase = Phase::Finished;
         intake.closed = true;
-        self.stopping.store(true, Ordering::Relaxed);
+        self.stopping.store(true, Ordering::Release);
         let (front, back) = intake.take();
         drop(intake);
         let mut unprocessed: Vec<T> = front.into_iter().flatten().collect();
@@ -234,7 +234,7 @@ impl<T: Send + 'static> Store<T> {
         }
         st.failed.get_or_insert_with(|| msg.to_string());
         st.phase = st.phase.max(Phase::Halted);
-        self.stopping.store(true, Ordering::Relaxed);
+        self.stopping.store(true, Ordering::Release);
         self.work.notify_all();
         self.settled.notify_all();
         self.rounds.notify_all();

@@ -718,9 +718,7 @@ impl<T: Send + 'static> Store<T> {
         // Into the queue now, from this thread.
         let mut st = self.lock();
         let overflow = self.queue_intake(intake, &mut st);
-        let wakes = std::mem::take(&mut st.to_wake);
-        drop(st);
-        self.notify(wakes);
+        drop(st); // wakes the workers owed a wake-up (see `guard`)
         self.report(overflow, OverflowReason::Full);
     }
 
@@ -791,9 +789,7 @@ impl<T: Send + 'static> Store<T> {
         }
         let overflow = self.queue_intake(intake, &mut st);
         self.wake_watchers(&mut st);
-        let wakes = std::mem::take(&mut st.to_wake);
-        drop(st);
-        self.notify(wakes);
+        drop(st); // wakes the workers owed a wake-up (see `guard`)
         self.report(overflow, OverflowReason::Full);
         Ok(())
     }
@@ -887,7 +883,8 @@ impl<T: Send + 'static> Store<T> {
 
     /// Whether hand-overs are refused (a shutdown began, or the engine failed).
     pub(crate) fn is_stopped(&self) -> bool {
-        self.intake.lock().closed
+        // Set with `closed`, under the callers' lock: no need to take it.
+        self.stopping.load(Ordering::Acquire)
     }
 
     /// Asks for an `init` run now (or once more, if one is running).
