@@ -229,3 +229,33 @@ fn dropping_an_idle_engine_joins_its_threads() {
     // Every thread holding the task has ended, so the task (and its sender) is gone.
     assert!(rx.recv_timeout(HANG).is_err());
 }
+
+/// Once `shutdown_return` has begun, the buffers stay where they are for its
+/// report: a flush meanwhile (or the tick, or a free worker under natural
+/// batching) does not move them into the queue, where the bound would send
+/// the excess to the overflow handler instead.
+#[test]
+fn shutdown_return_hands_back_buffers_that_a_flush_meanwhile_would_move() {
+    let (task, held) = held::<u32>();
+    let handle = Builder::new(task, ())
+        .max_batch_size(1)
+        .max_concurrency(1)
+        .max_queue_len(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .start()
+        .unwrap();
+    held.books.push_back(&handle, vec![0]).unwrap();
+    recv(&held.started); // 0 runs, held
+    held.books
+        .buffer(&handle, vec![1, 2, 3], Priority::Back)
+        .unwrap();
+    let h = handle.clone();
+    let stopping = std::thread::spawn(move || h.shutdown_return().unwrap());
+    wait_until(|| handle.is_stopped());
+    let _ = handle.flush();
+    held.gate.open();
+    let report = held.books.finish(stopping.join().unwrap());
+    assert_eq!(report.unprocessed, vec![1, 2, 3]);
+    assert_eq!(handle.stats().overflowed_full, 0);
+}

@@ -643,7 +643,9 @@ impl<T: Send + 'static> Store<T> {
         mut intake: MutexGuard<'_, Intake<T>>,
         st: &mut State<T>,
     ) -> Overflow<T> {
-        if intake.is_empty() {
+        // Once halted (`shutdown_return`, a passed deadline, a failure), the
+        // buffers stay where they are, for `finish` to hand back in order.
+        if intake.is_empty() || st.phase >= Phase::Halted {
             return Overflow::none();
         }
         let now = self.clock().now();
