@@ -294,7 +294,8 @@ impl<K: Task> Builder<K> {
     /// entry, as if it had no key. Keys are hashed with std's SipHash, keyed
     /// at random (keys from outside cannot be chosen to collide), outside
     /// every lock too; the key type's `Eq` runs under the key table's own
-    /// lock and must not call into the engine. Where the table could be left
+    /// lock (and, for a hand-over, the callers' lock) and must not call into
+    /// the engine. Where the table could be left
     /// wrong (a panic in `Eq` or in a key's `Drop`, or a key that cannot be
     /// computed again when its entry leaves), de-duplication turns off for
     /// the rest of the engine's life, logged at error level: every entry is

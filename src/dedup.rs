@@ -3,9 +3,10 @@
 //!
 //! The table holds the keys *marked* waiting. It cannot tell two entries with
 //! one key apart (entries are the user's values, kept as they are), so it only
-//! counts: a key is marked when an entry comes in with nothing marked, and
-//! unmarked when any entry with that key leaves the waiting set (a worker takes
-//! it, it overflows or is shed, or its hand-over is refused). Hence the
+//! counts: a key is marked when an entry comes in with nothing marked (a
+//! hand-over only once it is admitted), and unmarked when any entry with that
+//! key leaves the waiting set (a worker takes it, it overflows or is shed).
+//! Hence the
 //! invariant, which every rule below keeps: **a key is marked only while at
 //! least one entry with it waits**. A mark never outlives its entries, so no
 //! entry is ever dropped as the duplicate of nothing; where the table cannot
@@ -14,10 +15,8 @@
 //! - a back hand-over (or a retry, or `init`) whose key is marked is a
 //!   duplicate: dropped at once, counted and reported;
 //! - a front hand-over is never dropped: it is urgent, goes to the front and
-//!   runs first, marking its key if nothing is marked. A waiting twin still
-//!   runs later: superseding it would need to know which entry is which (a
-//!   front entry still in the buffers is not ahead of a queued twin; due
-//!   retries are taken before the queue);
+//!   runs first, marking its key if nothing is marked; a waiting twin still
+//!   runs later (the table cannot tell which of two entries is the older);
 //! - a new entry handed over while one with its key *runs* is queued again
 //!   (the running one may have read old data).
 //!
@@ -26,8 +25,10 @@
 //! per table: keys often come from outside (a crawler's URLs), and a faster
 //! hash whose collisions can be chosen would let them turn every lookup into a
 //! list walk. Then the table's own lock, a leaf that nothing else is held
-//! under, is taken once per call; under it the set only compares (the hash
-//! first, the key's `Eq` where the hashes match).
+//! under, is taken once per call (a hand-over takes it under the callers'
+//! lock, to mark only once admitted); under it the set only compares (the hash
+//! first, the key's `Eq` where the hashes match). Keys leave the set, and the
+//! ones not taken into it are dropped, outside the locks.
 
 use crate::unwind::catch;
 use parking_lot::Mutex;
@@ -45,22 +46,24 @@ pub(crate) trait Table<T>: Send + Sync {
     /// be marked once the hand-over is admitted (under the callers' lock, so
     /// that no other hand-over sees the marks of one that is then refused).
     fn prepare<'a>(&'a self, entries: &[T]) -> Box<dyn Prepared + 'a>;
-    /// These entries left the waiting set: a worker took them, they
-    /// overflowed or were shed, or their hand-over was refused.
+    /// These entries left the waiting set: a worker took them, or they
+    /// overflowed or were shed.
     fn left(&self, entries: &[T]);
     /// The engine stopped: every key is forgotten.
     fn clear(&self);
-    /// Counts `n` entries dropped as duplicates (the store counts them as it
-    /// reports them: a refused hand-over hands its duplicates back).
+    /// Counts `n` entries dropped as duplicates (counted by the store as it
+    /// reports them, with the handler called right after).
     fn count_dropped(&self, n: usize);
     /// Entries dropped as duplicates so far.
     fn dropped(&self) -> u64;
 }
 
-/// Keys computed by [`Table::prepare`].
+/// Keys computed by [`Table::prepare`]. The keys that were not marked stay in
+/// it: drop it (contained) once the engine's locks are released, since a key
+/// is a user value whose `Drop` is user code.
 pub(crate) trait Prepared {
     /// Marks the keys: which entries to keep (`false`: a duplicate).
-    fn mark(self: Box<Self>, front: bool) -> Vec<bool>;
+    fn mark(&mut self, front: bool) -> Vec<bool>;
 }
 
 /// Called to get an entry's key.
@@ -119,17 +122,23 @@ impl<K> Hash for Hashed<K> {
     }
 }
 
-/// A hand-over's keys, waiting to be marked (`None`: the table is off).
+/// A hand-over's keys, waiting to be marked (`None`: the table is off), then
+/// the ones that were not (to be dropped outside the locks).
 struct PreparedKeys<'a, T, K> {
     table: &'a KeyTable<T, K>,
     n: usize,
     keys: Option<Vec<Option<Hashed<K>>>>,
+    left_over: Vec<Hashed<K>>,
 }
 
 impl<T, K: Hash + Eq> Prepared for PreparedKeys<'_, T, K> {
-    fn mark(self: Box<Self>, front: bool) -> Vec<bool> {
-        match self.keys {
-            Some(keys) => self.table.mark_keys(keys, front),
+    fn mark(&mut self, front: bool) -> Vec<bool> {
+        match self.keys.take() {
+            Some(keys) => {
+                let (keep, left_over) = self.table.mark_keys(keys, front);
+                self.left_over = left_over;
+                keep
+            }
             None => vec![true; self.n],
         }
     }
@@ -157,9 +166,11 @@ type Set<K> = HashSet<Hashed<K>, BuildHasherDefault<Ready>>;
 
 /// The table for keys of type `K`.
 ///
-/// The key function and the key type's `Hash` run outside the table's lock;
-/// its `Eq` and `Drop` under it (a leaf: they must not call into the engine).
-/// All are user code, so they run contained. A key that cannot be computed
+/// The key function and the key type's `Hash` run outside the locks, and so
+/// do the keys' drops (but for a table that breaks down: below); its `Eq`
+/// runs under the table's lock, and for a hand-over under the callers' lock
+/// too (it must not call into the engine). All are user code, so they run
+/// contained. A key that cannot be computed
 /// on the way in keeps its entry, as if it had no duplicate. Anything else
 /// (a panic under the lock, or a key that cannot be computed again when its
 /// entry leaves) may leave the table half updated: it is emptied and
@@ -228,22 +239,29 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
     }
 
     /// Marks `keys` (of entries coming in): which entries to keep.
-    fn mark_keys(&self, keys: Vec<Option<Hashed<K>>>, front: bool) -> Vec<bool> {
+    /// Which entries to keep, and the keys not taken into the set (the
+    /// caller drops them once the locks are released).
+    fn mark_keys(&self, keys: Vec<Option<Hashed<K>>>, front: bool) -> (Vec<bool>, Vec<Hashed<K>>) {
         let n = keys.len();
-        let keep = self.with_marks(|marks| {
-            keys.into_iter()
+        let marked = self.with_marks(|marks| {
+            let mut left_over = Vec::new();
+            let keep = keys
+                .into_iter()
                 .map(|key| match key {
                     None => {
                         marks.keyless += 1;
                         true
                     }
-                    // Marked now (dropped if it was already: unmarked).
                     Some(key) if !marks.set.contains(&key) => marks.set.insert(key),
-                    Some(_) => front, // see the module doc
+                    Some(key) => {
+                        left_over.push(key);
+                        front // see the module doc
+                    }
                 })
-                .collect()
+                .collect();
+            (keep, left_over)
         });
-        keep.unwrap_or_else(|| vec![true; n])
+        marked.unwrap_or_else(|| (vec![true; n], Vec::new()))
     }
 
     /// Entries leaving the waiting set: their keys are unmarked.
@@ -252,20 +270,25 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
             return;
         }
         let keys = self.keys(entries);
-        let lost = self.with_marks(|marks| {
+        let left = self.with_marks(|marks| {
             let mut lost = false;
+            let mut removed = Vec::with_capacity(keys.len());
             for key in keys {
                 match key {
                     Some(key) => {
-                        marks.set.remove(&key);
+                        removed.extend(marks.set.take(&key));
+                        removed.push(key);
                     }
                     None => lost |= !marks.keyless_left(),
                 }
             }
-            lost
+            (lost, removed)
         });
-        if lost == Some(true) {
-            self.break_down("a dedup key could not be computed again as its entry left");
+        if let Some((lost, removed)) = left {
+            crate::unwind::drop_quietly("dedup keys", removed); // outside the lock
+            if lost {
+                self.break_down("a dedup key could not be computed again as its entry left");
+            }
         }
     }
 
@@ -307,7 +330,9 @@ where
         if self.broken.load(Ordering::Acquire) {
             return vec![true; entries.len()];
         }
-        self.mark_keys(self.keys(entries), front)
+        let (keep, left_over) = self.mark_keys(self.keys(entries), front);
+        crate::unwind::drop_quietly("dedup keys", left_over); // outside the lock
+        keep
     }
 
     fn prepare<'a>(&'a self, entries: &[T]) -> Box<dyn Prepared + 'a> {
@@ -320,6 +345,7 @@ where
             table: self,
             n: entries.len(),
             keys,
+            left_over: Vec::new(),
         })
     }
 

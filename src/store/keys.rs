@@ -4,7 +4,7 @@
 //! counted and reported as duplicates.
 
 use super::{Refusal, Store, Wait};
-use crate::dedup::Table;
+use crate::dedup::{Prepared, Table};
 use crate::intake::Entries;
 use crate::intake::Intake;
 use crate::overflow::OverflowReason;
@@ -33,6 +33,7 @@ impl<T: Send + 'static> Store<T> {
         } else {
             self.buffer_admitted(a.intake, Entries::Many(a.kept), priority, a.heap);
         }
+        drop_quietly("dedup keys", a.keys);
         self.unweigh(&a.dups);
         self.duplicates(a.dups);
         Ok(())
@@ -55,6 +56,7 @@ impl<T: Send + 'static> Store<T> {
         } else {
             self.queue_admitted(a.intake, a.kept, priority, a.heap);
         }
+        drop_quietly("dedup keys", a.keys);
         self.unweigh(&a.dups);
         self.duplicates(a.dups);
         Ok(())
@@ -64,27 +66,28 @@ impl<T: Send + 'static> Store<T> {
     /// locks), admits the hand-over, and only then marks the keys, under the
     /// callers' lock: a hand-over that is refused never marked anything
     /// another one could have seen. The bound counts the duplicates too.
-    fn admit_keyed(
-        &self,
-        table: &dyn Table<T>,
+    fn admit_keyed<'a>(
+        &'a self,
+        table: &'a dyn Table<T>,
         entries: Vec<T>,
         priority: Priority,
         wait: Wait,
-    ) -> Result<Admitted<'_, T>, (Refusal, Vec<T>)> {
+    ) -> Result<Admitted<'a, T>, (Refusal, Vec<T>)> {
         let heap = self.weigh(&entries);
-        let prepared = table.prepare(&entries);
+        let mut keys = table.prepare(&entries);
         let mut intake = self.intake.lock();
         if let Err(refusal) = self.admit(&mut intake, entries.len(), wait) {
             drop(intake);
-            drop_quietly("dedup keys", prepared);
+            drop_quietly("dedup keys", keys);
             return Err((refusal, entries));
         }
-        let (kept, dups) = split(entries, &prepared.mark(priority == Priority::Front));
+        let (kept, dups) = split(entries, &keys.mark(priority == Priority::Front));
         Ok(Admitted {
             intake,
             kept,
             dups,
             heap,
+            keys,
         })
     }
 
@@ -173,4 +176,6 @@ struct Admitted<'a, T> {
     kept: Vec<T>,
     dups: Vec<T>,
     heap: i64,
+    /// The keys not marked: dropped once the callers' lock is released.
+    keys: Box<dyn Prepared + 'a>,
 }

@@ -171,9 +171,6 @@ impl<T: Send + 'static> Store<T> {
         }
         unprocessed.extend(back.into_iter().flatten());
         st.queue.release_memory();
-        if let Some(table) = &self.dedup {
-            table.clear();
-        }
         // The init thread ends once its run (if any) returns.
         drop(self.init_requests.lock().take());
         let mut running = 0;
@@ -199,6 +196,9 @@ impl<T: Send + 'static> Store<T> {
         self.settled.notify_all();
         self.rounds.notify_all();
         drop(st);
+        if let Some(table) = &self.dedup {
+            table.clear(); // keys are user values: dropped outside the lock
+        }
         self.room.bump();
         self.nudge();
         Finish {
