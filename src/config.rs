@@ -75,7 +75,7 @@ impl<K: Task> Builder<K> {
                 run_deadline: None,
                 clock: Clock::System,
                 batching: Batching::Ticked,
-                adaptive: None,
+                adaptive_min: None,
             },
             overflow: None,
             weigher: None,
@@ -95,7 +95,9 @@ impl<K: Task> Builder<K> {
     /// by 10% when runs get slower than that, and by half when runs fail
     /// (retry, error or panic). [`Stats::concurrency_limit`](crate::Stats::concurrency_limit)
     /// shows where it stands. Default: off (`max_concurrency` batches may run).
-    /// An empty range or a zero minimum is rejected by `start`.
+    /// An empty range or a zero minimum is rejected by `start`. The range's top
+    /// is `max_concurrency`: a later `.max_concurrency(n)` moves it (and a
+    /// minimum above it is rejected).
     ///
     /// ```
     /// use buffered_task::{Builder, Outcome, Task};
@@ -113,8 +115,8 @@ impl<K: Task> Builder<K> {
     /// ```
     pub fn adaptive_concurrency(mut self, range: std::ops::RangeInclusive<usize>) -> Self {
         let (min, max) = range.into_inner();
-        self.config.adaptive = Some((min, max));
-        self.config.max_concurrency = max;
+        self.config.adaptive_min = Some(min);
+        self.config.max_concurrency = max; // the ceiling: a later `max_concurrency` moves it
         self
     }
 
@@ -427,7 +429,7 @@ impl<K: Task> Builder<K> {
         if c.max_concurrency > MAX_CONCURRENCY {
             return Err(BuildError::TooManyWorkers(c.max_concurrency));
         }
-        if let Some((min, max)) = c.adaptive {
+        if let Some((min, max)) = c.adaptive() {
             if min == 0 || min > max {
                 return Err(BuildError::ConcurrencyRange(min, max));
             }

@@ -58,12 +58,16 @@ pub(crate) struct Config {
     pub(crate) run_deadline: Option<Duration>,
     pub(crate) clock: Clock,
     pub(crate) batching: Batching,
-    /// Adaptive concurrency between these (min, max); `max` is
-    /// `max_concurrency`.
-    pub(crate) adaptive: Option<(usize, usize)>,
+    /// Adaptive concurrency from this minimum up to `max_concurrency`.
+    pub(crate) adaptive_min: Option<usize>,
 }
 
 impl Config {
+    /// The adaptive range, if any: (min, `max_concurrency`).
+    pub(crate) fn adaptive(&self) -> Option<(usize, usize)> {
+        self.adaptive_min.map(|min| (min, self.max_concurrency))
+    }
+
     /// Whether a full batch in the buffers is flushed at once (only with a ticker).
     pub(crate) fn auto_flush(&self) -> bool {
         matches!(self.flush_interval, FlushInterval::Every(_))

@@ -79,3 +79,37 @@ fn an_empty_or_zero_range_is_rejected() {
         );
     }
 }
+
+/// The range's top is `max_concurrency`: a later `.max_concurrency(n)` moves
+/// it (the limit never passes the worker count), and one below the minimum
+/// is rejected.
+#[test]
+fn max_concurrency_after_the_range_is_its_top() {
+    let clock = ManualClock::new(); // never moves: every run is as fast as the best
+    let handle = Builder::new(Script::new(|_: &[u32], _: &()| Outcome::Ok), ())
+        .max_batch_size(1)
+        .adaptive_concurrency(2..=16)
+        .max_concurrency(4)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .clock(&clock)
+        .start()
+        .unwrap();
+    handle.push_back((0..200).collect()).unwrap();
+    handle.wait_idle(HANG).unwrap();
+    assert_eq!(
+        handle.stats().concurrency_limit,
+        4,
+        "grew to the top, not past it"
+    );
+    handle.shutdown_drain().unwrap();
+    let refused = Builder::new(Script::new(|_: &[u32], _: &()| Outcome::Ok), ())
+        .adaptive_concurrency(2..=16)
+        .max_concurrency(1)
+        .start();
+    assert!(
+        matches!(refused, Err(BuildError::ConcurrencyRange(2, 1))),
+        "{:?}",
+        refused.err()
+    );
+}

@@ -374,11 +374,8 @@ impl<T: Send + 'static> Store<T> {
             seen: None,
             idle_since: None,
             gen: 0,
-            limit: match config.adaptive {
-                Some((min, _)) => min,
-                None => config.max_concurrency,
-            },
-            aimd: config.adaptive.map(|(min, max)| Aimd::new(min, max)),
+            limit: config.adaptive_min.unwrap_or(config.max_concurrency),
+            aimd: config.adaptive().map(|(min, max)| Aimd::new(min, max)),
         };
         Store {
             born: config.clock.now(),
@@ -407,7 +404,7 @@ impl<T: Send + 'static> Store<T> {
 
     /// Whether runs are timed for adaptive concurrency.
     pub(crate) fn adaptive(&self) -> bool {
-        self.config.adaptive.is_some()
+        self.config.adaptive_min.is_some()
     }
 
     /// Whether a batch's record is looked at (an observer, or a feature).
