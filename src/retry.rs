@@ -459,6 +459,20 @@ mod test {
         }
     }
 
+    /// Issue #9, defect 15: the jitter is seeded from std's random hasher
+    /// keys, not from a clock or a constant, so two engines (or processes)
+    /// made at the same moment do not retry in step.
+    #[test]
+    fn each_retry_set_draws_its_own_jitter() {
+        let draws = || {
+            let mut r: Retries<u8> = Retries::new(RetryPolicy::new(3));
+            (0..8)
+                .map(|_| r.jitter(Duration::from_secs(1)))
+                .collect::<Vec<_>>()
+        };
+        assert_ne!(draws(), draws());
+    }
+
     #[test]
     fn retried_entries_keep_their_count_and_new_ones_start_afresh() {
         let r: Rules<u8> = Rules {

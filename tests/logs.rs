@@ -118,12 +118,14 @@ fn failed_and_panicked_run_lines_are_rate_limited() {
         handle.flush().unwrap();
         wait_until(|| handle.stats().dead_lettered == 100);
     }
-    // 100 runs failed (and 100 more dead-lettered): one line each so far.
-    assert_eq!(warns("failing", "run failed").len(), 1);
-    assert_eq!(
-        lines(log::Level::Error, "panicking", "run panicked").len(),
-        1
-    );
+    // 100 runs failed (and 100 more dead-lettered): one line each so far,
+    // with the run's error and the panic's message.
+    let failed = warns("failing", "run failed");
+    assert_eq!(failed.len(), 1);
+    assert!(failed[0].contains("the node is down"), "{}", failed[0]);
+    let panicked = lines(log::Level::Error, "panicking", "run panicked");
+    assert_eq!(panicked.len(), 1);
+    assert!(panicked[0].contains("decoder bug"), "{}", panicked[0]);
     clock.advance(Duration::from_secs(1));
     failing.buffer(vec![7], Priority::Back).unwrap();
     failing.flush().unwrap();

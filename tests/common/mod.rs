@@ -100,6 +100,16 @@ pub fn wait_until(mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until `problem` says there is none (`None`), yielding between
+/// looks; after [`HANG`], panics with the last problem it gave.
+pub fn eventually(mut problem: impl FnMut() -> Option<String>) {
+    let start = std::time::Instant::now();
+    while let Some(what) = problem() {
+        assert!(start.elapsed() < HANG, "{what}");
+        std::thread::yield_now();
+    }
+}
+
 /// A gate that holds `run` calls until it is opened.
 #[derive(Clone)]
 pub struct Gate {
