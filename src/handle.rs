@@ -155,7 +155,8 @@ impl<T: Send + 'static> Handle<T> {
     ///
     /// # Errors
     ///
-    /// As [`Handle::buffer`], with `Full` for any bounded queue without room.
+    /// As [`Handle::buffer`], with `Full` where a `Reject` or `Block` bound has
+    /// no room (under `DropNewest` the excess overflows, as with `buffer`).
     pub fn try_buffer(&self, entries: Vec<T>, priority: Priority) -> Result<(), BufferError<T>> {
         self.hand_over(entries, priority, Wait::Never)
     }
@@ -240,7 +241,7 @@ impl<T: Send + 'static> Handle<T> {
     }
 
     /// Puts entries straight at the back of the queue (skipping the buffers) and
-    /// fills the free slots. Waits only for room under `Block` (see
+    /// wakes idle workers for them. Waits only for room under `Block` (see
     /// [`Handle::push_back_timeout`]).
     ///
     /// # Errors
@@ -266,7 +267,7 @@ impl<T: Send + 'static> Handle<T> {
     }
 
     /// Puts entries straight at the front of the queue, in their order, and
-    /// fills the free slots. Waits only for room under `Block` (see
+    /// wakes idle workers for them. Waits only for room under `Block` (see
     /// [`Handle::push_front_timeout`]).
     ///
     /// # Errors
@@ -300,8 +301,9 @@ impl<T: Send + 'static> Handle<T> {
             .map_err(|(refusal, e)| refused(refusal, e))
     }
 
-    /// Moves the buffered entries into the queue and fills the free slots, on
-    /// this thread; returns when that is done.
+    /// Moves the buffered entries into the queue and wakes idle workers for
+    /// them, on this thread; returns when that is done (once a shutdown that
+    /// hands entries back has begun, the buffers stay for its report).
     ///
     /// # Errors
     ///
@@ -389,7 +391,8 @@ impl<T: Send + 'static> Handle<T> {
     /// Entries handed over after the call are not waited for, nor are new
     /// entries a run returns; a retried entry is (it was handed over before).
     /// `timeout` is on the engine's clock; `Duration::MAX` waits without limit.
-    /// Returns `Ok` at once once the engine has stopped.
+    /// Returns `Ok` at once once the engine has finished (a shutdown has taken
+    /// every entry out).
     ///
     /// # Errors
     ///

@@ -1,7 +1,8 @@
 //! The store: every entry the engine holds while it waits, every counter, and
 //! the engine's phase, under one lock. It is the one owner of that state; every
 //! thread talks to it through the methods here, each a short critical section
-//! that never calls user code.
+//! that never calls user code (the one exception: a dedup key's `Eq`, see
+//! `dedup`).
 //!
 //! # The hand-out protocol
 //!
@@ -17,17 +18,23 @@
 //!
 //! - **Batches are pulled, not pushed.** A worker takes its next batch from the
 //!   store under the lock (retries that are due first, then the queue), in the
-//!   same critical section that accounts the batch it finished. There is no job
-//!   channel: nothing is ever handed out ahead, so nothing needs recalling, and
-//!   front entries, shrinks and shutdowns act on everything that has not started.
-//! - **Wake-ups.** A worker with nothing to take counts itself `idle` and waits on
-//!   `work`. Whoever adds entries wakes `min(idle, batches now available)`
-//!   workers; a woken worker that finds nothing waits again. No batch can be
-//!   missed: a worker looks at the store before it waits, under the lock.
-//! - **Two locks.** The buffers have their own lock, the only one a hand-over
-//!   takes; everything else is under the state lock, which workers take. When
-//!   both are needed (a flush, a count, a stop) the buffers' lock is taken
-//!   first. Workers never take the buffers' lock.
+//!   same critical section that accounts the batch it finished (a failed batch's
+//!   leftovers are reported between the two, with its slot `Reporting`). There
+//!   is no job channel: nothing is ever handed out ahead, so nothing needs
+//!   recalling, and front entries, shrinks and shutdowns act on everything that
+//!   has not started. Under natural batching, a worker with nothing queued takes
+//!   the buffers too.
+//! - **Wake-ups.** A worker with nothing to take spins a moment on `work_added`,
+//!   then counts itself `idle` and waits on `work`. Whoever adds entries wakes
+//!   `min(idle, batches now available)` workers; a woken worker that finds
+//!   nothing waits again. No batch can be missed: a worker looks at the store
+//!   before it waits, under the lock.
+//! - **Two locks.** The buffers have their own lock, the callers' lock: a
+//!   hand-over takes it (and the state lock too when it moves the buffers into
+//!   the queue, pushes straight into it, or checks a bound). Everything else is
+//!   under the state lock. When both are needed (a flush, a count, a stop, a
+//!   natural-batching worker taking the buffers, a failed run's new entries
+//!   under a bound) the callers' lock is taken first.
 //! - **Flushes.** `flush()`, the coordinator's tick and (with a ticker) a
 //!   hand-over that fills a batch move the buffers into the queue, on the calling
 //!   thread, holding both locks. What a bounded queue cannot take is counted
@@ -65,11 +72,12 @@
 //! - `running` equals the number of `Run` slots, and never exceeds
 //!   `max_concurrency` (one slot per worker thread).
 //!
-//! Two values are also readable without the lock: `stopping` (set with the
-//! phase, read by `Sink::is_stopping` on every push) and `heap` (heap bytes the
-//! weigher reports for waiting entries, added by the thread that hands entries
-//! in and subtracted by the one that takes them out; approximate while entries
-//! move, clamped at zero).
+//! Some values are also readable without the lock: `stopping` (set with
+//! `closed`, read by `Sink::is_stopping` on every push and by `is_stopped`),
+//! `heap` (heap bytes the weigher reports for waiting entries, added by the
+//! thread that hands entries in and subtracted by the one that takes them
+//! out; approximate while entries move, clamped at zero), and two hints that
+//! are always checked again under the lock: `idle_workers` and `work_added`.
 
 mod guard;
 mod handout;
@@ -772,7 +780,7 @@ impl<T: Send + 'static> Store<T> {
 
     // ---- control calls -------------------------------------------------------
 
-    /// Moves the buffers into the queue and fills the free slots; `wait`
+    /// Moves the buffers into the queue and wakes idle workers; `wait`
     /// bounds the wait for the callers' lock.
     pub(crate) fn flush(&self, wait: Option<Duration>) -> Result<(), ControlError> {
         let intake = match wait {
