@@ -759,18 +759,26 @@ impl<T: Send + 'static> Store<T> {
         let mut st = self.lock();
         drop(intake); // admitted: the state lock is enough now
         st.counters.accepted += entries.len() as u64;
+        self.enqueue(st, entries, priority);
+    }
+
+    /// Queues accepted entries (under an enforced bound they were admitted
+    /// already: all go in; otherwise what the bound cannot take overflows),
+    /// wakes workers for them, then lets go of the lock and reports the
+    /// overflow.
+    fn enqueue(&self, mut st: Guard<'_, T>, entries: Vec<T>, priority: Priority) {
         let now = self.clock().now();
-        let overflow = if self.config.enforced() {
-            match priority {
-                Priority::Back => st.queue.push_back_unbounded(entries, now),
-                Priority::Front => st.queue.push_front_unbounded(entries, now),
+        let overflow = match (self.config.enforced(), priority) {
+            (true, Priority::Back) => {
+                st.queue.push_back_unbounded(entries, now);
+                Vec::new()
             }
-            Vec::new()
-        } else {
-            match priority {
-                Priority::Back => st.queue.push_back(entries, now),
-                Priority::Front => st.queue.push_front(entries, now),
+            (true, Priority::Front) => {
+                st.queue.push_front_unbounded(entries, now);
+                Vec::new()
             }
+            (false, Priority::Back) => st.queue.push_back(entries, now),
+            (false, Priority::Front) => st.queue.push_front(entries, now),
         };
         let overflow = st.overflowed(overflow, OverflowReason::Full);
         self.wake_workers(&mut st);
@@ -984,17 +992,7 @@ impl<T: Send + 'static> Store<T> {
             self.report(piece, OverflowReason::Shutdown);
             return;
         }
-        let now = self.clock().now();
-        let overflow = if self.config.enforced() {
-            st.queue.push_back_unbounded(piece, now);
-            Vec::new()
-        } else {
-            st.queue.push_back(piece, now)
-        };
-        let overflow = st.overflowed(overflow, OverflowReason::Full);
-        self.wake_workers(&mut st);
-        drop(st);
-        self.report(overflow, OverflowReason::Full);
+        self.enqueue(st, piece, Priority::Back);
     }
 }
 
