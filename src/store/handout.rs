@@ -450,8 +450,14 @@ impl<T: Send + 'static> Store<T> {
 
     /// A worker is unwinding from a panic outside `run` with a batch in hand:
     /// the batch goes back to the front of the queue (or, once the engine has
-    /// finished, to the overflow handler).
+    /// finished, to the overflow handler). Taking it had unweighed it and
+    /// unmarked its keys: it is waiting again, so both are put back first
+    /// (a front admission, which drops nothing), outside the lock.
     pub(crate) fn orphan(&self, w: usize, entries: Vec<T>) {
+        self.add_heap(self.weigh(&entries));
+        if let Some(table) = &self.dedup {
+            table.admit(&entries, true);
+        }
         let mut st = self.lock();
         st.end_run(w, Slot::Free);
         let late = if st.phase == Phase::Finished {

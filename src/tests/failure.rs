@@ -132,6 +132,31 @@ fn a_worker_failure_gives_its_batch_back() {
     assert_eq!(handle.stats().queued, 0);
 }
 
+/// The batch a failed worker gives back is waiting again, weighed again: the
+/// heap the weigher reported for it counts in `memory_usage` once more.
+#[test]
+fn a_worker_failure_gives_its_batch_back_weighed() {
+    let (task, _ran) = record(0);
+    let name = "fail-worker-weighed";
+    let handle = Builder::new(task, ())
+        .name(name)
+        .max_batch_size(2)
+        .max_concurrency(1)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .weigher(|_: &u32| 100)
+        .dedup_by_key(|e: &u32| *e)
+        .start()
+        .unwrap();
+    fault::arm(name, "worker");
+    handle.push_back(vec![1, 2, 3, 4, 5]).unwrap();
+    wait_stopped(&handle);
+    let per_entry = std::mem::size_of::<u32>() + 100;
+    assert_eq!(handle.memory_usage().unwrap(), 5 * per_entry);
+    let report = handle.shutdown_return().unwrap();
+    assert_eq!(sorted(report.unprocessed), vec![1, 2, 3, 4, 5]);
+}
+
 #[test]
 fn an_init_failure_keeps_what_it_streamed_and_a_drop_returns() {
     let (task, ran) = record(25);
