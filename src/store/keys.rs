@@ -116,6 +116,7 @@ impl<T: Send + 'static> Store<T> {
         if let Some(table) = &self.dedup {
             table.count_dropped(dups.len());
         }
+        let _mark = crate::threads::handling(self.id); // as in `report`
         self.reporter.overflow(dups, OverflowReason::Duplicate);
     }
 
