@@ -139,9 +139,11 @@ fn a_stopped_worker_past_its_lease_finds_its_rows_done_by_another() {
 
     // A claims everything with a short lease and is stopped before it can ack.
     let mut a = worker_command(&["once", &url(), &queue, "500"])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut go = a.stdin.take().unwrap();
     let mut out = BufReader::new(a.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
@@ -156,6 +158,8 @@ fn a_stopped_worker_past_its_lease_finds_its_rows_done_by_another() {
 
     // A wakes up: its late ack touches no row, and writes no effect.
     signal(&a, "CONT");
+    writeln!(go, "ack").unwrap(); // its run ends now
+    drop(go);
     line.clear();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "acked 0");
@@ -724,14 +728,18 @@ fn drain(
     });
 }
 
-/// Claims one chunk, prints `claimed <n>`, waits 300 ms (a run), acknowledges,
-/// prints `acked <rows>` and exits: the tests stop it between the two.
+/// Claims one chunk, prints `claimed <n>`, runs until a line comes on stdin
+/// (the test decides when the run ends, so it can stop the process first),
+/// acknowledges, prints `acked <rows>` and exits.
 fn once(url: &str, queue: &str, lease: Duration) {
     let done = done_table(queue);
     let mut q = PgQueue::connect(url, QueueConfig::new(queue).lease(lease)).expect("connect");
     let claimed = q.claim(50).expect("claim");
     println!("claimed {}", claimed.len());
-    std::thread::sleep(Duration::from_millis(300)); // the run
+    let mut go = String::new();
+    std::io::stdin()
+        .read_line(&mut go)
+        .expect("the test's go-ahead"); // the run
     let values: Vec<i64> = claimed
         .iter()
         .map(|c| decode_u64(&c.payload).unwrap() as i64)
