@@ -278,19 +278,33 @@ impl<K: Task> Builder<K> {
     /// Drops an entry whose key is already waiting (buffered, queued or
     /// retrying): it is not queued again. The dropped entry is counted in
     /// [`Stats::deduplicated`](crate::Stats::deduplicated) and handed to the
-    /// overflow handler as [`OverflowReason::Duplicate`]. A front-priority
-    /// entry is never dropped: it is urgent and goes to the front, and a
-    /// waiting twin still runs later (entries are the user's values, which
-    /// the engine cannot tell apart, so it never guesses which of two is the
-    /// older). An entry handed over while one with its key *runs* is queued
-    /// again (the running one may have read old data). A refused hand-over
-    /// (`Stopped`, `Full`, `Timeout`) hands its duplicates back with the rest
-    /// and counts none; a bound is checked against the whole hand-over,
-    /// duplicates included (they are found once it is admitted). Keys are
-    /// marked only while an entry with them waits, so no entry is dropped as
-    /// the duplicate of nothing, with one narrow exception: an entry a worker
-    /// has just taken out of the queue holds its key until its run is about
-    /// to start (a twin handed over in that instant is dropped).
+    /// overflow handler as [`OverflowReason::Duplicate`].
+    ///
+    /// The promise: **every entry runs, or is dropped as the duplicate of a
+    /// run of its key that begins after it was handed over**, or shares the
+    /// fate of the twin it waited behind (that twin overflowed, was shed, or
+    /// failed for good). Nothing is dropped as the duplicate of nothing, or
+    /// of a run that had already begun. The entries themselves are your
+    /// values, which the engine cannot tell apart: of twins, whichever a
+    /// worker takes first runs, so the value that runs is the older one for
+    /// back entries, and usually the front one otherwise:
+    ///
+    /// - A back hand-over (and a retry, and an `init` entry) whose key waits
+    ///   is dropped at once.
+    /// - A front hand-over is never dropped at once: it goes to the front,
+    ///   so a waiting twin's work **moves to the front**. The twin stays
+    ///   where it was, and is dropped as a duplicate when a worker reaches it
+    ///   (counted and reported then). If the twin reaches a worker first (it
+    ///   was queued while the front entry was still buffered, or it is a due
+    ///   retry, which goes first), the twin runs and the front entry is the
+    ///   one dropped.
+    /// - An entry handed over while one with its key *runs* is queued again
+    ///   (the running one may have read old data).
+    ///
+    /// A refused hand-over (`Stopped`, `Full`, `Timeout`) hands its
+    /// duplicates back with the rest and counts none; a bound is checked
+    /// against the whole hand-over, duplicates included (they are found once
+    /// it is admitted).
     ///
     /// The key function is called outside every lock; a panic in it keeps the
     /// entry, as if it had no key. Keys are hashed with std's SipHash, keyed
@@ -313,8 +327,12 @@ impl<K: Task> Builder<K> {
     ///     .start()?;
     /// handle.buffer(vec![(7, "head".into()), (7, "reorg".into())], Priority::Back)?;
     /// assert_eq!(handle.stats().buffered, 1);
-    /// assert_eq!(handle.stats().deduplicated, 1);
-    /// # handle.shutdown_drain()?;
+    /// assert_eq!(handle.stats().deduplicated, 1); // "reorg": at once
+    /// handle.buffer(vec![(7, "urgent".into())], Priority::Front)?; // "head"'s place
+    /// assert_eq!(handle.stats().buffered, 2);
+    /// handle.shutdown_drain()?;
+    /// assert_eq!(handle.stats().processed, 1); // one run for block 7: "urgent"
+    /// assert_eq!(handle.stats().deduplicated, 2); // "head", as a worker reached it
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn dedup_by_key<Q>(mut self, key: impl Fn(&K::Entry) -> Q + Send + Sync + 'static) -> Self

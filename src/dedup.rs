@@ -1,24 +1,39 @@
 //! Key de-duplication: an entry whose key is already waiting is not queued
-//! again.
+//! again, and a front entry takes the place of a waiting twin.
 //!
-//! The table holds the keys *marked* waiting. It cannot tell two entries with
-//! one key apart (entries are the user's values, kept as they are), so it only
-//! counts: a key is marked when an entry comes in with nothing marked (a
-//! hand-over only once it is admitted), and unmarked when any entry with that
-//! key leaves the waiting set (a worker takes it, it overflows or is shed).
-//! Hence the
-//! invariant, which every rule below keeps: **a key is marked only while at
-//! least one entry with it waits**. A mark never outlives its entries, so no
-//! entry is ever dropped as the duplicate of nothing; where the table cannot
-//! know, it errs towards an extra run.
+//! Entries are the user's values, kept as they are: the table cannot tell two
+//! entries with one key apart, so it keeps, per key, a *record*: how many
+//! entries with the key are in the waiting set (buffered, queued, retrying, or
+//! just taken out and not yet recorded here), and whether a run is **owed**:
+//! some entry with the key came in after the last run of it began. The
+//! contract that follows from it:
 //!
-//! - a back hand-over (or a retry, or `init`) whose key is marked is a
-//!   duplicate: dropped at once, counted and reported;
-//! - a front hand-over is never dropped: it is urgent, goes to the front and
-//!   runs first, marking its key if nothing is marked; a waiting twin still
-//!   runs later (the table cannot tell which of two entries is the older);
-//! - a new entry handed over while one with its key *runs* is queued again
-//!   (the running one may have read old data).
+//! - **Every entry runs, or is dropped as the duplicate of a run of its key
+//!   that begins after it came in**, or shares the fate of the twin it waited
+//!   behind (that twin overflowed, was shed, or its run failed for good). No
+//!   entry is dropped as the duplicate of nothing, or of a run that had
+//!   already begun.
+//! - A back hand-over (or a retry, or an `init` entry) whose key is owed is
+//!   dropped at once: a twin waits, and whichever twin a worker takes first
+//!   runs after this one came in.
+//! - A front hand-over is never dropped at once. It goes to the front, so it is
+//!   usually the first of its twins to reach a worker: the waiting entry's work
+//!   **moves to the front**. Of twins that wait together, the first a worker
+//!   takes runs; the others are dropped as its duplicates when a worker takes
+//!   them (counted and reported then).
+//! - A new entry handed over while one with its key *runs* is kept: the run
+//!   may have read old data, so the key is owed again.
+//!
+//! **When a run begins.** A worker records its batch here before it calls
+//! `run` (the keys are user code, so after the store's lock): a run begins
+//! after every arrival recorded before it, and so covers them. Entries that
+//! leave unrun (overflow, a shrink) are taken out under the store's lock and
+//! recorded after it too; meanwhile the table would still count them as
+//! waiting. So the store counts them *in flight* as it takes them out (see
+//! [`Departures`]), and a back hand-over whose key is owed is dropped only
+//! while none are: otherwise it is kept, and dropped later if a run covers
+//! it. A failed run's entries come back as back hand-overs; a batch a failed
+//! worker gives back comes back as a front one.
 //!
 //! Keys are computed by the user's function outside every lock (it is user
 //! code, contained), and hashed there too, with std's SipHash keyed at random
@@ -26,41 +41,49 @@
 //! hash whose collisions can be chosen would let them turn every lookup into a
 //! list walk. Then the table's own lock, a leaf that nothing else is held
 //! under, is taken once per call (a hand-over takes it under the callers'
-//! lock, to mark only once admitted); under it the set only compares (the hash
-//! first, the key's `Eq` where the hashes match). Keys leave the set, and the
+//! lock, to mark only once admitted); under it the map only compares (the hash
+//! first, the key's `Eq` where the hashes match). Keys leave the map, and the
 //! ones not taken into it are dropped, outside the locks.
 
 use crate::unwind::catch;
 use parking_lot::Mutex;
 use std::collections::hash_map::RandomState;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
 
 /// What the store asks of a key table (the key type is hidden behind it).
 pub(crate) trait Table<T>: Send + Sync {
     /// Entries coming in another way than a hand-over (`init`, a run's
-    /// retries): which to keep (`false`: a duplicate, dropped).
+    /// retries, a batch a failed worker gives back): which to keep (`false`:
+    /// a duplicate, dropped).
     fn admit(&self, entries: &[T], front: bool) -> Vec<bool>;
     /// A hand-over's keys, computed now (outside every lock: user code), to
     /// be marked once the hand-over is admitted (under the callers' lock, so
     /// that no other hand-over sees the marks of one that is then refused).
     fn prepare<'a>(&'a self, entries: &[T]) -> Box<dyn Prepared + 'a>;
-    /// These entries left the waiting set: a worker took them, or they
-    /// overflowed or were shed.
+    /// A worker took these entries, and will run them once this returns:
+    /// which to run (`None`: all of them; `false`: a duplicate, covered by a
+    /// run recorded after it came in).
+    fn taken(&self, entries: &[T]) -> Option<Vec<bool>>;
+    /// These entries left the waiting set unrun (they overflowed or were
+    /// shed), in a departure counted by [`Departures::depart`].
     fn left(&self, entries: &[T]);
-    /// The engine stopped: every key is forgotten.
+    /// The engine stopped: every key is forgotten, and the table is off.
     fn clear(&self);
     /// Counts `n` entries dropped as duplicates (counted by the store as it
     /// reports them, with the handler called right after).
     fn count_dropped(&self, n: usize);
     /// Entries dropped as duplicates so far.
     fn dropped(&self) -> u64;
+    /// Where the store counts entries leaving the waiting set.
+    fn departures(&self) -> Arc<Departures>;
 }
 
-/// Keys computed by [`Table::prepare`]. The keys that were not marked stay in
-/// it: drop it (contained) once the engine's locks are released, since a key
-/// is a user value whose `Drop` is user code.
+/// Keys computed by [`Table::prepare`]. The keys that were not taken into the
+/// table stay in it: drop it (contained) once the engine's locks are
+/// released, since a key is a user value whose `Drop` is user code.
 pub(crate) trait Prepared {
     /// Marks the keys: which entries to keep (`false`: a duplicate).
     fn mark(&mut self, front: bool) -> Vec<bool>;
@@ -69,21 +92,70 @@ pub(crate) trait Prepared {
 /// Called to get an entry's key.
 pub(crate) type KeyFn<T, K> = Box<dyn Fn(&T) -> K + Send + Sync>;
 
+/// Entries leaving the waiting set unrun, counted by the store under its
+/// state lock (the only atomic of key de-duplication, shared by the store
+/// and the table). The invariant: `in_flight` counts the entries taken out
+/// of the waiting set as overflow whose departure the table has not recorded
+/// yet. [`Departures::depart`] adds them under the state lock, before they
+/// are handed to anyone; the table subtracts them under its own lock, in the
+/// critical section that records them. So a hand-over, under the table's
+/// lock, sees each such departure either recorded or in flight, never
+/// neither. (`SeqCst`: the argument is about one order of all these steps.)
+pub(crate) struct Departures {
+    in_flight: AtomicUsize,
+}
+
+impl Departures {
+    fn new() -> Self {
+        Departures {
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    /// `n` waiting entries leave unrun now (under the store's state lock).
+    pub(crate) fn depart(&self, n: usize) {
+        self.in_flight.fetch_add(n, SeqCst);
+    }
+
+    /// `n` departing entries are recorded (under the table's lock).
+    fn recorded(&self, n: usize) {
+        let _ = self
+            .in_flight
+            .fetch_update(SeqCst, SeqCst, |f| Some(f.saturating_sub(n)));
+    }
+
+    /// Whether entries that left unrun are not recorded yet (under the
+    /// table's lock).
+    fn in_flight(&self) -> bool {
+        self.in_flight.load(SeqCst) > 0
+    }
+}
+
+/// A key's record (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Record {
+    /// Entries with the key in the waiting set (at least one while the
+    /// record exists).
+    n: u32,
+    /// A run is owed: an entry with the key came in after the last run of it
+    /// was recorded (and so began).
+    owed: bool,
+}
+
 /// The table's state under its lock.
 struct Marks<K> {
-    /// The keys marked waiting.
-    set: Set<K>,
+    map: Map<K>,
     /// Entries admitted without a key (the key function or `Hash` panicked):
     /// when one leaves, its key cannot be computed again either, and this
     /// count tells it from an entry whose key has changed since it came in
-    /// (whose mark would then stay: the table turns off instead).
+    /// (the table then turns off: its counts can no longer be trusted).
     keyless: usize,
 }
 
 impl<K> Default for Marks<K> {
     fn default() -> Self {
         Marks {
-            set: Set::default(),
+            map: Map::default(),
             keyless: 0,
         }
     }
@@ -123,7 +195,8 @@ impl<K> Hash for Hashed<K> {
 }
 
 /// A hand-over's keys, waiting to be marked (`None`: the table is off), then
-/// the ones that were not (to be dropped outside the locks).
+/// the ones that were not taken into the table (to be dropped outside the
+/// locks).
 struct PreparedKeys<'a, T, K> {
     table: &'a KeyTable<T, K>,
     n: usize,
@@ -144,7 +217,7 @@ impl<T, K: Hash + Eq> Prepared for PreparedKeys<'_, T, K> {
     }
 }
 
-/// The set's hasher: the hash is already there.
+/// The map's hasher: the hash is already there.
 #[derive(Default)]
 struct Ready(u64);
 
@@ -162,7 +235,16 @@ impl Hasher for Ready {
     }
 }
 
-type Set<K> = HashSet<Hashed<K>, BuildHasherDefault<Ready>>;
+type Map<K> = HashMap<Hashed<K>, Record, BuildHasherDefault<Ready>>;
+
+/// How an entry leaves the waiting set.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Leaving {
+    /// A worker took it: its run begins once it is recorded.
+    Taken,
+    /// It overflowed or was shed (counted in flight until recorded).
+    Unrun,
+}
 
 /// The table for keys of type `K`.
 ///
@@ -170,19 +252,23 @@ type Set<K> = HashSet<Hashed<K>, BuildHasherDefault<Ready>>;
 /// do the keys' drops (but for a table that breaks down: below); its `Eq`
 /// runs under the table's lock, and for a hand-over under the callers' lock
 /// too (it must not call into the engine). All are user code, so they run
-/// contained. A key that cannot be computed
-/// on the way in keeps its entry, as if it had no duplicate. Anything else
-/// (a panic under the lock, or a key that cannot be computed again when its
-/// entry leaves) may leave the table half updated: it is emptied and
-/// de-duplication is off for the rest of the engine's life (logged at error
-/// level). Entries are then all kept: none is lost, at worst one runs twice.
+/// contained. A key that cannot be computed on the way in keeps its entry, as
+/// if it had no duplicate. Anything else (a panic under the lock, a key that
+/// cannot be computed again when its entry leaves, or one whose record is
+/// gone) may leave the table wrong: it is emptied and de-duplication is off
+/// for the rest of the engine's life (logged at error level). Entries are
+/// then all kept: none is lost, at worst one runs twice.
 pub(crate) struct KeyTable<T, K> {
     key: KeyFn<T, K>,
     hasher: RandomState,
     marks: Mutex<Marks<K>>,
+    departures: Arc<Departures>,
     dropped: AtomicU64,
-    /// A key's `Hash`, `Eq` or `Drop` panicked: every entry is kept.
+    /// A key's `Hash`, `Eq` or `Drop` panicked, or the counts went wrong:
+    /// every entry is kept.
     broken: AtomicBool,
+    /// The engine stopped: every entry is kept (there are no more runs).
+    closed: AtomicBool,
 }
 
 impl<T, K: Hash + Eq> KeyTable<T, K> {
@@ -191,9 +277,16 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
             key,
             hasher: RandomState::new(),
             marks: Mutex::new(Marks::default()),
+            departures: Arc::new(Departures::new()),
             dropped: AtomicU64::new(0),
             broken: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         }
+    }
+
+    /// The table keeps every entry and records nothing.
+    fn off(&self) -> bool {
+        self.broken.load(SeqCst) || self.closed.load(SeqCst)
     }
 
     /// Empties the table (the keys are user values: dropped contained, and
@@ -203,10 +296,10 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         crate::unwind::drop_quietly("dedup keys", old);
     }
 
-    /// Runs `f` on the marks (contained; see the type's doc). `None`: it
-    /// panicked now or earlier, and the table is off.
+    /// Runs `f` on the marks (contained; see the type's doc). `None`: the
+    /// table is off, or `f` panicked (and the table is now off).
     fn with_marks<R>(&self, f: impl FnOnce(&mut Marks<K>) -> R) -> Option<R> {
-        if self.broken.load(Ordering::Acquire) {
+        if self.off() {
             crate::unwind::drop_quietly("dedup keys", f); // it holds keys
             return None;
         }
@@ -226,7 +319,7 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
     /// The table cannot be trusted any more: it is emptied, and every entry
     /// is kept from now on.
     fn break_down(&self, why: &str) {
-        if !self.broken.swap(true, Ordering::AcqRel) {
+        if !self.broken.swap(true, SeqCst) {
             log::error!("{why}; de-duplication is off from now on");
         }
         self.forget_all();
@@ -235,61 +328,102 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
     /// Keys with entries in the engine.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.marks.lock().set.len()
+        self.marks.lock().map.len()
     }
 
-    /// Marks `keys` (of entries coming in): which entries to keep.
-    /// Which entries to keep, and the keys not taken into the set (the
-    /// caller drops them once the locks are released).
+    /// Marks the keys of entries coming in: which entries to keep, and the
+    /// keys not taken into the map (the caller drops them once the locks are
+    /// released). See the module doc for the rules.
     fn mark_keys(&self, keys: Vec<Option<Hashed<K>>>, front: bool) -> (Vec<bool>, Vec<Hashed<K>>) {
         let n = keys.len();
         let marked = self.with_marks(|marks| {
+            let in_flight = self.departures.in_flight();
             let mut left_over = Vec::new();
+            let mut overfull = false;
             let keep = keys
                 .into_iter()
-                .map(|key| match key {
-                    None => {
+                .map(|key| {
+                    let Some(key) = key else {
                         marks.keyless += 1;
-                        true
+                        return true;
+                    };
+                    let Some(r) = marks.map.get_mut(&key) else {
+                        let fresh = Record { n: 1, owed: true };
+                        marks.map.insert(key, fresh);
+                        return true;
+                    };
+                    let keep = front || in_flight || !r.owed;
+                    if keep {
+                        match r.n.checked_add(1) {
+                            Some(n) => r.n = n,
+                            None => overfull = true,
+                        }
+                        r.owed = true;
                     }
-                    Some(key) if !marks.set.contains(&key) => marks.set.insert(key),
-                    Some(key) => {
-                        left_over.push(key);
-                        front // see the module doc
-                    }
+                    left_over.push(key);
+                    keep
                 })
                 .collect();
-            (keep, left_over)
+            (keep, left_over, overfull)
         });
-        marked.unwrap_or_else(|| (vec![true; n], Vec::new()))
+        match marked {
+            Some((keep, left_over, false)) => (keep, left_over),
+            Some((_, left_over, true)) => {
+                crate::unwind::drop_quietly("dedup keys", left_over);
+                self.break_down("a dedup key has 2^32 entries waiting");
+                (vec![true; n], Vec::new())
+            }
+            None => (vec![true; n], Vec::new()),
+        }
     }
 
-    /// Entries leaving the waiting set: their keys are unmarked.
-    fn leaving(&self, entries: &[T]) {
-        if self.broken.load(Ordering::Acquire) {
-            return;
+    /// Entries leaving the waiting set: their records are updated; for a
+    /// worker's, which of them to run (see the module doc).
+    fn leaving(&self, entries: &[T], how: Leaving) -> Option<Vec<bool>> {
+        let n = entries.len();
+        let unrun = if how == Leaving::Unrun { n } else { 0 };
+        if self.off() {
+            self.departures.recorded(unrun);
+            return None;
         }
         let keys = self.keys(entries);
         let left = self.with_marks(|marks| {
             let mut lost = false;
+            let mut run: Option<Vec<bool>> = None;
             let mut removed = Vec::with_capacity(keys.len());
-            for key in keys {
-                match key {
-                    Some(key) => {
-                        removed.extend(marks.set.take(&key));
-                        removed.push(key);
+            for (i, key) in keys.into_iter().enumerate() {
+                let Some(key) = key else {
+                    lost |= !marks.keyless_left();
+                    continue;
+                };
+                let Some(r) = marks.map.get_mut(&key) else {
+                    lost = true; // its key changed, or a record was lost
+                    removed.push(key);
+                    continue;
+                };
+                if how == Leaving::Taken {
+                    if r.owed {
+                        r.owed = false; // this run covers every arrival so far
+                    } else {
+                        run.get_or_insert_with(|| vec![true; n])[i] = false;
                     }
-                    None => lost |= !marks.keyless_left(),
                 }
+                r.n = r.n.saturating_sub(1);
+                if r.n == 0 {
+                    removed.extend(marks.map.remove_entry(&key).map(|(k, _)| k));
+                }
+                removed.push(key);
             }
-            (lost, removed)
+            self.departures.recorded(unrun);
+            (lost, removed, run)
         });
-        if let Some((lost, removed)) = left {
-            crate::unwind::drop_quietly("dedup keys", removed); // outside the lock
-            if lost {
-                self.break_down("a dedup key could not be computed again as its entry left");
-            }
+        let (lost, removed, run) = left?;
+        crate::unwind::drop_quietly("dedup keys", removed); // outside the lock
+        if lost {
+            self.break_down("a dedup key could not be computed again as its entry left");
+            return None;
         }
+        run
     }
 
     /// The entries' keys, hashed (`None` where the key function or the key's
@@ -327,7 +461,7 @@ where
     K: Hash + Eq + Send + Sync,
 {
     fn admit(&self, entries: &[T], front: bool) -> Vec<bool> {
-        if self.broken.load(Ordering::Acquire) {
+        if self.off() {
             return vec![true; entries.len()];
         }
         let (keep, left_over) = self.mark_keys(self.keys(entries), front);
@@ -336,7 +470,7 @@ where
     }
 
     fn prepare<'a>(&'a self, entries: &[T]) -> Box<dyn Prepared + 'a> {
-        let keys = if self.broken.load(Ordering::Acquire) {
+        let keys = if self.off() {
             None
         } else {
             Some(self.keys(entries))
@@ -349,20 +483,29 @@ where
         })
     }
 
+    fn taken(&self, entries: &[T]) -> Option<Vec<bool>> {
+        self.leaving(entries, Leaving::Taken)
+    }
+
     fn left(&self, entries: &[T]) {
-        self.leaving(entries);
+        self.leaving(entries, Leaving::Unrun);
     }
 
     fn clear(&self) {
+        self.closed.store(true, SeqCst);
         self.forget_all();
     }
 
     fn count_dropped(&self, n: usize) {
-        self.dropped.fetch_add(n as u64, Ordering::Relaxed);
+        self.dropped.fetch_add(n as u64, SeqCst);
     }
 
     fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.load(SeqCst)
+    }
+
+    fn departures(&self) -> Arc<Departures> {
+        self.departures.clone()
     }
 }
 
@@ -370,8 +513,20 @@ where
 mod test {
     use super::*;
 
-    fn table() -> KeyTable<(u32, &'static str), u32> {
-        KeyTable::new(Box::new(|e: &(u32, &str)| e.0))
+    type E = (u32, &'static str);
+
+    fn table() -> KeyTable<E, u32> {
+        KeyTable::new(Box::new(|e: &E| e.0))
+    }
+
+    /// A worker takes `entries` and records them: which run.
+    fn take(t: &KeyTable<E, u32>, entries: &[E]) -> Vec<bool> {
+        t.taken(entries)
+            .unwrap_or_else(|| vec![true; entries.len()])
+    }
+
+    fn in_flight(t: &KeyTable<E, u32>) -> usize {
+        t.departures.in_flight.load(SeqCst)
     }
 
     #[test]
@@ -382,7 +537,7 @@ mod test {
             vec![true, true, false]
         );
         assert_eq!(t.admit(&[(2, "d")], false), vec![false]);
-        t.left(&[(1, "a"), (2, "b")]); // taken
+        assert_eq!(take(&t, &[(1, "a"), (2, "b")]), vec![true, true]);
         assert_eq!(t.len(), 0);
     }
 
@@ -390,21 +545,62 @@ mod test {
     fn while_one_runs_another_is_queued_again() {
         let t = table();
         t.admit(&[(1, "a")], false);
-        t.left(&[(1, "a")]); // taken: runs now
+        assert_eq!(take(&t, &[(1, "a")]), vec![true]); // runs now
         assert_eq!(t.admit(&[(1, "b")], false), vec![true]); // queued again
+        assert_eq!(take(&t, &[(1, "b")]), vec![true]);
+        assert_eq!(t.len(), 0);
     }
 
     #[test]
-    fn a_front_duplicate_is_kept_and_no_mark_outlives_the_entries() {
+    fn a_front_twin_takes_the_place_of_the_waiting_one() {
         let t = table();
         t.admit(&[(1, "old")], false);
         assert_eq!(t.admit(&[(1, "new")], true), vec![true]);
-        t.left(&[(1, "new")]); // taken first: the key is unmarked
-                               // "old" still waits unmarked: a back twin is kept (an extra run, never
-                               // a drop against nothing).
-        assert_eq!(t.admit(&[(1, "again")], false), vec![true]);
-        t.left(&[(1, "old")]);
-        t.left(&[(1, "again")]);
+        assert_eq!(take(&t, &[(1, "new")]), vec![true]); // at the front: runs
+        assert_eq!(take(&t, &[(1, "old")]), vec![false]); // covered by it
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn of_twins_the_first_taken_runs() {
+        let t = table();
+        t.admit(&[(1, "old")], false);
+        t.admit(&[(1, "new")], true);
+        assert_eq!(take(&t, &[(1, "old")]), vec![true]);
+        assert_eq!(take(&t, &[(1, "new")]), vec![false]);
+        // Two in one batch: the first runs.
+        t.admit(&[(2, "a")], false);
+        t.admit(&[(2, "b")], true);
+        assert_eq!(take(&t, &[(2, "b"), (2, "a")]), vec![true, false]);
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn an_arrival_after_a_twin_began_is_owed_a_run() {
+        let t = table();
+        t.admit(&[(1, "a")], false);
+        t.admit(&[(1, "f")], true);
+        assert_eq!(take(&t, &[(1, "f")]), vec![true]); // "a" still waits
+        assert_eq!(t.admit(&[(1, "d")], false), vec![true]); // after f began
+        assert_eq!(take(&t, &[(1, "a")]), vec![true]); // covers d
+        assert_eq!(take(&t, &[(1, "d")]), vec![false]);
+        assert_eq!(t.len(), 0);
+    }
+
+    /// A shrink has taken "a" out, not yet recorded: "b" must not be dropped
+    /// as its duplicate.
+    #[test]
+    fn an_arrival_while_a_shed_twin_is_in_flight_is_kept() {
+        let t = table();
+        t.admit(&[(1, "a"), (2, "x")], false);
+        t.departures.depart(1);
+        assert_eq!(t.admit(&[(1, "b")], false), vec![true]);
+        assert_eq!(t.admit(&[(2, "y")], false), vec![true], "kept, to be safe");
+        t.left(&[(1, "a")]);
+        assert_eq!(in_flight(&t), 0);
+        assert_eq!(t.admit(&[(1, "c")], false), vec![false]); // "b" waits
+        assert_eq!(take(&t, &[(1, "b")]), vec![true]);
+        assert_eq!(take(&t, &[(2, "x"), (2, "y")]), vec![true, false]);
         assert_eq!(t.len(), 0);
     }
 
@@ -412,10 +608,25 @@ mod test {
     fn entries_that_leave_unrun_free_their_key() {
         let t = table();
         t.admit(&[(1, "a"), (2, "b")], false);
+        t.departures.depart(1);
         t.left(&[(1, "a")]);
         assert_eq!(t.admit(&[(1, "c")], false), vec![true]);
         t.clear();
         assert_eq!(t.len(), 0);
-        assert_eq!(t.admit(&[(2, "d")], false), vec![true]);
+        assert_eq!(t.admit(&[(1, "e"), (1, "f")], false), vec![true, true]);
+        assert_eq!(t.len(), 0, "a closed table records nothing");
+    }
+
+    #[test]
+    fn a_key_that_changes_turns_the_table_off() {
+        let flip = Arc::new(AtomicBool::new(false));
+        let f = flip.clone();
+        let t: KeyTable<E, u32> =
+            KeyTable::new(Box::new(move |e: &E| e.0 + u32::from(f.load(SeqCst))));
+        t.admit(&[(1, "a"), (1, "b")], false);
+        flip.store(true, SeqCst);
+        assert_eq!(take(&t, &[(1, "a")]), vec![true]);
+        assert!(t.off());
+        assert_eq!(t.admit(&[(1, "c"), (1, "d")], false), vec![true, true]);
     }
 }

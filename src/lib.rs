@@ -216,7 +216,7 @@
 //! - `par_each` (the `rayon` feature, on by default): per-entry CPU work inside
 //!   a batch on a rayon pool, retrying only the entries that fail.
 //! - [`Builder::dedup_by_key`]: an entry whose key already waits is not queued
-//!   again.
+//!   again; a front one moves the work to the front.
 //! - [`Builder::adaptive_concurrency`]: how many batches run at once follows
 //!   the backend (AIMD).
 //!

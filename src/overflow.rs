@@ -27,7 +27,9 @@ pub enum OverflowReason {
     /// back, or the engine stopped after an internal failure.
     Shutdown,
     /// Under [`Builder::dedup_by_key`](crate::Builder::dedup_by_key), an entry
-    /// with the same key was already waiting.
+    /// with the same key was already waiting: a run of that key begins after
+    /// this entry came in (reported as it comes in, or, for a twin a front
+    /// entry took the place of, when a worker reaches it).
     Duplicate,
 }
 

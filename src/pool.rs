@@ -110,15 +110,20 @@ fn run_one<K: Task>(
     store: &Store<K::Entry>,
     job: Job<K::Entry>,
 ) -> (Done<K::Entry>, Option<Duration>) {
-    store.taken(&job.entries); // their keys are no longer waiting
     let mut holding = Holding {
         store,
         worker: w,
         job: Some(job),
     };
-    let Some(job) = holding.job.as_ref() else {
+    let Some(job) = holding.job.as_mut() else {
         return (Done::Nothing, None);
     };
+    store.taken(job); // their keys are no longer waiting
+    if job.entries.is_empty() {
+        holding.job = None;
+        return (Done::Ok(0), None); // all of them duplicates, reported
+    }
+    let job = &*job;
     store.unweigh(&job.entries);
     fault::hit(store.name(), "worker");
     let watch = store.watched().then(|| Watch::start(store, w, job));

@@ -68,7 +68,8 @@ pub struct Stats {
     pub concurrency_limit: usize,
     /// Entries dropped as duplicates under
     /// [`dedup_by_key`](crate::Builder::dedup_by_key) (a waiting entry had the
-    /// same key).
+    /// same key; a twin a front entry took the place of counts when a worker
+    /// reaches it).
     pub deduplicated: u64,
     /// Entries the engine has taken: hand-overs, pushes, `init` chunks, and
     /// new entries returned by runs.

@@ -1,7 +1,8 @@
 //! Randomized, seeded stress: 1,000,000 entries from 8 threads with random
 //! priorities into a bounded queue; `run` randomly panics, retries all or some;
 //! a chaos thread shrinks, expands and flushes; the engine is shut down at a
-//! random moment. The overflow policy is drawn too (drop-newest, reject, block).
+//! random moment. The overflow policy is drawn too (drop-newest, reject, block),
+//! and so are the batching mode, a retry policy and key de-duplication.
 //! The accounting invariant must hold: every entry given leaves
 //! exactly once (processed, handed back, or overflowed).
 //!
@@ -69,6 +70,11 @@ fn round(seed: u64) {
                 Duration::from_millis(2),
             ))
             .dead_letter_handler(move |entries, _| dead.dead_lettered(&entries));
+    }
+    if rng.gen_bool(0.5) {
+        let keys = rng.gen_range(100..=100_000u64);
+        println!("seed {seed}: dedup_by_key, {keys} keys");
+        builder = builder.dedup_by_key(move |id: &u64| id % keys);
     }
     let handle = builder
         .name("chaos")

@@ -1,6 +1,7 @@
 //! Key de-duplication: a key already waiting takes no second entry; a front
-//! entry is never dropped (it runs first, its twin too); a key that is running is queued
-//! again; the dropped entries are counted and reported.
+//! entry takes the place of a waiting twin (it runs first, the twin is
+//! dropped as its duplicate); a key that is running is queued again; the
+//! dropped entries are counted and reported.
 
 mod common;
 use buffered_task::{Builder, FlushInterval, Outcome, OverflowReason, Priority};
@@ -17,7 +18,10 @@ type Entry = (u32, u32);
 fn rig(
     held: &Held<Entry>,
     task: Script<Entry, ()>,
-) -> (buffered_task::Handle<Entry>, Receiver<OverflowReason>) {
+) -> (
+    buffered_task::Handle<Entry>,
+    Receiver<(Vec<Entry>, OverflowReason)>,
+) {
     let (tx, reasons) = unbounded();
     let books = held.books.clone();
     let handle = Builder::new(task, ())
@@ -28,7 +32,7 @@ fn rig(
         .dedup_by_key(|e: &Entry| e.0)
         .overflow_handler(move |v, r| {
             books.overflowed(&v);
-            tx.send(r).unwrap();
+            tx.send((v, r)).unwrap();
         })
         .start()
         .unwrap();
@@ -48,7 +52,14 @@ fn a_waiting_key_takes_no_second_entry() {
     books.push_back(&handle, vec![(2, 1)]).unwrap(); // 2 waits in the buffers
     handle.flush().unwrap();
     books.push_back(&handle, vec![(1, 2), (3, 0)]).unwrap(); // 1 waits in the queue
-    assert_eq!(recv_n(&reasons, 3), vec![OverflowReason::Duplicate; 3]);
+    assert_eq!(
+        recv_n(&reasons, 3),
+        vec![
+            (vec![(1, 1)], OverflowReason::Duplicate),
+            (vec![(2, 1)], OverflowReason::Duplicate),
+            (vec![(1, 2)], OverflowReason::Duplicate)
+        ]
+    );
     assert_eq!(handle.stats().deduplicated, 3);
     held.gate.open();
     let ran: Vec<Vec<Entry>> = recv_n(&held.ran, 4);
@@ -59,11 +70,13 @@ fn a_waiting_key_takes_no_second_entry() {
     books.finish(handle.shutdown_drain().unwrap());
 }
 
-/// A front entry is never dropped as a duplicate: it is urgent and runs
-/// first; its waiting twin runs too (the table cannot tell them apart, and
-/// dropping the wrong one would lose the newer data).
+/// A front duplicate takes the place of its waiting twin: it is never
+/// dropped as it comes in, goes to the front and runs first; the twin, which
+/// waited from before that run started, is dropped as its duplicate when the
+/// worker reaches it (counted and reported then). A back twin that comes in
+/// while both wait is dropped at once.
 #[test]
-fn a_front_duplicate_runs_first_and_the_waiting_one_too() {
+fn a_front_duplicate_moves_the_work_to_the_front() {
     let (task, held) = held::<Entry>();
     let (handle, reasons) = rig(&held, task);
     let books = &held.books;
@@ -73,22 +86,28 @@ fn a_front_duplicate_runs_first_and_the_waiting_one_too() {
         .push_back(&handle, vec![(1, 0), (2, 0), (3, 0)])
         .unwrap();
     books.push_front(&handle, vec![(3, 1)]).unwrap();
-    books.push_back(&handle, vec![(3, 2)]).unwrap(); // (3, 0) waits: dropped
+    books.push_back(&handle, vec![(3, 2)]).unwrap(); // (3, 0) and (3, 1) wait
+    assert_eq!(
+        recv(&reasons),
+        (vec![(3, 2)], OverflowReason::Duplicate),
+        "dropped at once"
+    );
+    assert_eq!(handle.stats().deduplicated, 1);
     held.gate.open();
-    let ran: Vec<Vec<Entry>> = recv_n(&held.ran, 5);
+    let ran: Vec<Vec<Entry>> = recv_n(&held.ran, 4);
     assert_eq!(
         ran,
-        vec![
-            vec![(0, 0)],
-            vec![(3, 1)],
-            vec![(1, 0)],
-            vec![(2, 0)],
-            vec![(3, 0)]
-        ]
+        vec![vec![(0, 0)], vec![(3, 1)], vec![(1, 0)], vec![(2, 0)]]
     );
-    assert_eq!(recv(&reasons), OverflowReason::Duplicate); // (3, 2)
+    handle.wait_idle(HANG).unwrap();
+    assert_eq!(
+        recv(&reasons),
+        (vec![(3, 0)], OverflowReason::Duplicate),
+        "the twin is dropped when the worker reaches it"
+    );
+    assert_empty(&held.ran);
     books.finish(handle.shutdown_drain().unwrap());
-    assert_eq!(handle.stats().deduplicated, 1);
+    assert_eq!(handle.stats().deduplicated, 2);
 }
 
 #[test]

@@ -87,11 +87,12 @@ fn a_refused_front_hand_over_leaves_no_phantom_waiting_key() {
     books.finish(handle.shutdown_drain().unwrap());
 }
 
-/// A front hand-over whose key waits in a retry backoff does not supersede
-/// it: due retries are taken before the queue, so the old entry would run
-/// first and the newer front one would be dropped. Both run instead.
+/// A front hand-over whose key waits in a retry backoff: due retries are
+/// taken before the queue, so the retry is the first twin a worker reaches,
+/// and it runs (after the front one came in); the front one is then dropped
+/// as its duplicate. Never both dropped, never both run.
 #[test]
-fn a_front_duplicate_of_a_waiting_retry_does_not_drop_the_new_entry() {
+fn a_front_duplicate_of_a_waiting_retry_is_covered_by_the_retry() {
     let clock = ManualClock::new();
     let first = Arc::new(AtomicBool::new(true));
     let f = first.clone();
@@ -122,18 +123,20 @@ fn a_front_duplicate_of_a_waiting_retry_does_not_drop_the_new_entry() {
     books.push_back(&handle, vec![(9, 0)]).unwrap();
     assert_eq!(recv(&started), vec![(9, 0)]); // the worker is busy
     books.push_front(&handle, vec![(5, 1)]).unwrap(); // (5, 0) waits as a retry
+    assert!(
+        reasons.try_recv().is_err(),
+        "a front entry is kept as it comes in"
+    );
     clock.advance(Duration::from_secs(60)); // the retry is due
     permit.send(()).unwrap(); // (9, 0) done
-    let mut ran = vec![recv(&started)];
-    permit.send(()).unwrap();
-    ran.push(recv(&started));
+    assert_eq!(recv(&started), vec![(5, 0)], "the due retry first");
     permit.send(()).unwrap();
     handle.wait_idle(HANG).unwrap();
     let dropped: Vec<_> = reasons.try_iter().collect();
+    assert_empty(&started);
     books.finish(handle.shutdown_drain().unwrap());
-    ran.sort();
-    assert_eq!(ran, vec![vec![(5, 0)], vec![(5, 1)]], "both run");
-    assert!(dropped.is_empty(), "{dropped:?}");
+    assert_eq!(dropped, vec![((5, 1), OverflowReason::Duplicate)]);
+    assert_eq!(handle.stats().deduplicated, 1);
 }
 
 /// A key function that panics for one entry (deterministically) keeps that

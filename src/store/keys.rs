@@ -3,7 +3,7 @@
 //! marked under it once the hand-over is admitted; the entries it drops are
 //! counted and reported as duplicates.
 
-use super::{Refusal, Store, Wait};
+use super::{Job, Refusal, Store, Wait};
 use crate::dedup::{Prepared, Table};
 use crate::intake::Entries;
 use crate::intake::Intake;
@@ -144,12 +144,26 @@ impl<T: Send + 'static> Store<T> {
         }
     }
 
-    /// A worker took these entries: their keys are no longer waiting (a new
-    /// entry with one of them is queued again while this one runs).
-    pub(crate) fn taken(&self, entries: &[T]) {
-        if let Some(table) = &self.dedup {
-            table.left(entries);
+    /// A worker took this batch: its keys are no longer waiting (a new entry
+    /// with one of them is kept while this one runs). An entry whose work a
+    /// run that started after it came in covers (a twin taken before it) is
+    /// dropped from the batch as a duplicate, counted and reported (with the
+    /// worker's run slot still held, so `wait_idle` waits for its handler).
+    pub(crate) fn taken(&self, job: &mut Job<T>) {
+        let Some(table) = &self.dedup else {
+            return;
+        };
+        let Some(run) = table.taken(&job.entries) else {
+            return;
+        };
+        if let Some(attempts) = job.attempts.take() {
+            let (kept, _) = split(attempts, &run);
+            job.attempts = Some(kept);
         }
+        let (kept, dups) = split(std::mem::take(&mut job.entries), &run);
+        job.entries = kept;
+        self.unweigh(&dups);
+        self.duplicates(dups);
     }
 }
 

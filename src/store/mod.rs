@@ -92,7 +92,7 @@ pub(crate) use timers::InitDecision;
 
 use crate::adaptive::Aimd;
 use crate::clock::{Clock, Listener};
-use crate::dedup::Table;
+use crate::dedup::{Departures, Table};
 use crate::error::{ControlError, ShrinkError};
 use crate::intake::{admit, Admit, Entries, Intake};
 use crate::observe::{BatchObserver, BatchRecord};
@@ -234,6 +234,9 @@ struct State<T> {
     /// adaptive concurrency says).
     limit: usize,
     aimd: Option<Aimd>,
+    /// Where entries leaving the waiting set are told to the key table, if
+    /// there is one (see `dedup::Departures`).
+    departures: Option<Arc<Departures>>,
 }
 
 impl<T> State<T> {
@@ -270,8 +273,13 @@ impl<T> State<T> {
     }
 
     /// Counts overflow only (a failed run's leftovers: its worker's reporting
-    /// slot holds `wait_idle` back meanwhile).
+    /// slot holds `wait_idle` back meanwhile). The entries leave the waiting
+    /// set now: the key table, told here, records them when they are
+    /// reported (`Store::report_unheld`).
     fn count_overflow(&mut self, n: usize, reason: OverflowReason) {
+        if let (Some(d), false) = (&self.departures, n == 0) {
+            d.depart(n);
+        }
         let c = &mut self.counters;
         let counter = match reason {
             OverflowReason::Full => &mut c.overflow_full,
@@ -384,6 +392,7 @@ impl<T: Send + 'static> Store<T> {
             gen: 0,
             limit: config.adaptive_min.unwrap_or(config.max_concurrency),
             aimd: config.adaptive().map(|(min, max)| Aimd::new(min, max)),
+            departures: parts.dedup.as_ref().map(|t| t.departures()),
         };
         Store {
             born: config.clock.now(),
