@@ -9,6 +9,9 @@
 //! [--work-us=1]` instead measures how throughput grows with the number of
 //! workers, for a fixed busy cost per entry, against plain threads doing the same
 //! work with no engine (see the README's Scaling section).
+//!
+//! `cargo run --release --example bench_report -- --dedup [--pairs=5]` measures
+//! only bulk with and without `dedup_by_key`, alternating, and memory with it.
 
 #[path = "../benches/common/mod.rs"]
 mod common;
@@ -45,6 +48,10 @@ fn main() {
     };
     if std::env::args().any(|a| a == "--scaling") {
         scaling(n);
+        return;
+    }
+    if std::env::args().any(|a| a == "--dedup") {
+        dedup_pairs(n, memory("--memory-dedup"));
         return;
     }
     let bytes_per_u64 = memory("--memory-only");
@@ -197,6 +204,27 @@ fn main() {
 /// `--scaling`: throughput against the number of workers, for a fixed busy cost
 /// per entry (and for none: the engine's own ceiling), the engine against plain
 /// threads sharing the same batches through one atomic index.
+/// Bulk with and without `dedup_by_key`, alternating in one process.
+fn dedup_pairs(n: impl Fn(u64) -> u64, bytes_per_u64: Option<f64>) {
+    let pairs: usize = std::env::args()
+        .find_map(|a| a.strip_prefix("--pairs=").and_then(|p| p.parse().ok()))
+        .unwrap_or(5);
+    let total = n(2_000_000);
+    println!("bulk, 2 workers, batch 500, {total} entries, all keys new");
+    for i in 0..pairs {
+        let on = meps(total, bulk_dedup(total, 1000, 500, 2));
+        let off = meps(total, bulk_crate(total, 1000, 500, 2));
+        println!(
+            "pair {i}: dedup on {on:.1} M/s, off {off:.1} M/s, on/off {:.3}",
+            on / off
+        );
+    }
+    println!(
+        "memory with dedup on: {} bytes per queued u64",
+        bytes_per_u64.map_or("n/a".into(), |v| format!("{v:.2}"))
+    );
+}
+
 fn scaling(n: impl Fn(u64) -> u64) {
     let arg = |name: &str| std::env::args().find_map(|a| a.strip_prefix(name).map(str::to_string));
     let workers: Vec<usize> = arg("--workers=")

@@ -47,8 +47,9 @@
 
 use crate::unwind::catch;
 use parking_lot::Mutex;
+use std::cell::Cell;
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
@@ -131,20 +132,39 @@ impl Departures {
     }
 }
 
-/// A key's record (see the module doc).
+/// A key's record (see the module doc), in 32 bits so that it fits beside a
+/// 32-bit hash in what would be a `u64` key's padding: how many entries with
+/// the key are in the waiting set (at least one while the record is in the
+/// table), and whether a run is owed (an entry with the key came in after
+/// the last run of it was recorded, and so began).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Record {
-    /// Entries with the key in the waiting set (at least one while the
-    /// record exists).
-    n: u32,
-    /// A run is owed: an entry with the key came in after the last run of it
-    /// was recorded (and so began).
-    owed: bool,
+struct Record(u32);
+
+impl Record {
+    const OWED: u32 = 1 << 31;
+
+    /// A key's first entry: one waits, a run is owed.
+    fn first() -> Self {
+        Record(1 | Self::OWED)
+    }
+
+    /// `None`: more entries than the record can count.
+    fn new(n: u32, owed: bool) -> Option<Self> {
+        (n < Self::OWED).then_some(Record(n | if owed { Self::OWED } else { 0 }))
+    }
+
+    fn n(self) -> u32 {
+        self.0 & !Self::OWED
+    }
+
+    fn owed(self) -> bool {
+        self.0 & Self::OWED != 0
+    }
 }
 
 /// The table's state under its lock.
 struct Marks<K> {
-    map: Map<K>,
+    set: Set<K>,
     /// Entries admitted without a key (the key function or `Hash` panicked):
     /// when one leaves, its key cannot be computed again either, and this
     /// count tells it from an entry whose key has changed since it came in
@@ -155,7 +175,7 @@ struct Marks<K> {
 impl<K> Default for Marks<K> {
     fn default() -> Self {
         Marks {
-            map: Map::default(),
+            set: Set::default(),
             keyless: 0,
         }
     }
@@ -174,9 +194,13 @@ impl<K> Marks<K> {
     }
 }
 
-/// A key with its hash, computed outside the table's lock.
+/// A key with its hash, computed outside the table's lock, and, once it is
+/// in the table, its record. The record is changed in place under the
+/// table's lock (a `Cell`: the set gives no `&mut` to its elements); the
+/// hash and `Eq` never look at it. 16 bytes for a `u64` key.
 struct Hashed<K> {
-    hash: u64,
+    hash: u32,
+    record: Cell<Record>,
     key: K,
 }
 
@@ -190,7 +214,10 @@ impl<K: Eq> Eq for Hashed<K> {}
 
 impl<K> Hash for Hashed<K> {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash);
+        // The table takes its bucket from the low bits and a tag from the
+        // top seven: both come from the 32 bits kept.
+        let h = u64::from(self.hash);
+        state.write_u64(h << 32 | h);
     }
 }
 
@@ -217,7 +244,7 @@ impl<T, K: Hash + Eq> Prepared for PreparedKeys<'_, T, K> {
     }
 }
 
-/// The map's hasher: the hash is already there.
+/// The set's hasher: the hash is already there.
 #[derive(Default)]
 struct Ready(u64);
 
@@ -235,7 +262,7 @@ impl Hasher for Ready {
     }
 }
 
-type Map<K> = HashMap<Hashed<K>, Record, BuildHasherDefault<Ready>>;
+type Set<K> = HashSet<Hashed<K>, BuildHasherDefault<Ready>>;
 
 /// How an entry leaves the waiting set.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -328,7 +355,7 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
     /// Keys with entries in the engine.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.marks.lock().map.len()
+        self.marks.lock().set.len()
     }
 
     /// Marks the keys of entries coming in: which entries to keep, and the
@@ -347,18 +374,18 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
                         marks.keyless += 1;
                         return true;
                     };
-                    let Some(r) = marks.map.get_mut(&key) else {
-                        let fresh = Record { n: 1, owed: true };
-                        marks.map.insert(key, fresh);
+                    let Some(slot) = marks.set.get(&key) else {
+                        key.record.set(Record::first());
+                        marks.set.insert(key);
                         return true;
                     };
-                    let keep = front || in_flight || !r.owed;
+                    let r = slot.record.get();
+                    let keep = front || in_flight || !r.owed();
                     if keep {
-                        match r.n.checked_add(1) {
-                            Some(n) => r.n = n,
+                        match Record::new(r.n() + 1, true) {
+                            Some(r) => slot.record.set(r),
                             None => overfull = true,
                         }
-                        r.owed = true;
                     }
                     left_over.push(key);
                     keep
@@ -396,21 +423,28 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
                     lost |= !marks.keyless_left();
                     continue;
                 };
-                let Some(r) = marks.map.get_mut(&key) else {
+                // Taken out, and put back if entries with the key still wait
+                // (rare: twins), so the common case probes once.
+                let Some(slot) = marks.set.take(&key) else {
                     lost = true; // its key changed, or a record was lost
                     removed.push(key);
                     continue;
                 };
+                let r = slot.record.get();
+                let mut owed = r.owed();
                 if how == Leaving::Taken {
-                    if r.owed {
-                        r.owed = false; // this run covers every arrival so far
+                    if owed {
+                        owed = false; // this run covers every arrival so far
                     } else {
                         run.get_or_insert_with(|| vec![true; n])[i] = false;
                     }
                 }
-                r.n = r.n.saturating_sub(1);
-                if r.n == 0 {
-                    removed.extend(marks.map.remove_entry(&key).map(|(k, _)| k));
+                match Record::new(r.n().saturating_sub(1), owed) {
+                    Some(r) if r.n() > 0 => {
+                        slot.record.set(r);
+                        marks.set.insert(slot);
+                    }
+                    _ => removed.push(slot),
                 }
                 removed.push(key);
             }
@@ -434,7 +468,8 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         let one = |e: &T| {
             let key = (self.key)(e);
             Hashed {
-                hash: self.hasher.hash_one(&key),
+                hash: self.hasher.hash_one(&key) as u32, // see `Hashed`
+                record: Cell::new(Record::first()),
                 key,
             }
         };
