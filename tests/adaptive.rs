@@ -1,7 +1,9 @@
 //! Adaptive concurrency in the engine: the limit starts at the minimum, grows
 //! while runs succeed, halves when they fail, and no more batches than the
-//! limit run at once. (The controller's settling against a simulated backend
-//! is tested in `src/adaptive.rs`, in counted rounds.)
+//! limit run at once; against a simulated backend it settles between the
+//! backend's knee and its failures, and recovers with it (in counted rounds
+//! on a manual clock, here through the engine and in `src/adaptive.rs` for
+//! the controller alone).
 
 mod common;
 use buffered_task::{BuildError, Builder, FlushInterval, ManualClock, Outcome};
@@ -9,6 +11,7 @@ use common::*;
 use crossbeam_channel::unbounded;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[test]
 fn the_limit_follows_success_and_failure_and_bounds_the_runs() {
@@ -112,4 +115,80 @@ fn max_concurrency_after_the_range_is_its_top() {
         "{:?}",
         refused.err()
     );
+}
+
+/// The backend, through the engine: each round hands over exactly
+/// `limit` entries (batch 1), waits until they all run at once, lets the
+/// backend's latency for that many concurrent calls pass on a manual clock
+/// (1 ms up to the knee, 4 ms past it), and lets them return: all fail past
+/// `fails_above` concurrent calls. The limit settles within [N, 2N) for a
+/// knee at N and failures past 2N, follows a degraded backend down, and
+/// recovers with it.
+#[test]
+fn the_limit_settles_against_a_simulated_backend_and_recovers() {
+    let n = 4;
+    let clock = ManualClock::new();
+    let (started_tx, started) = unbounded::<()>();
+    let (answer_tx, answer) = unbounded::<bool>(); // true: the call succeeds
+    let task = Script::new(move |_: &[u64], _: &()| {
+        started_tx.send(()).unwrap();
+        if answer.recv_timeout(HANG).unwrap() {
+            Outcome::Ok
+        } else {
+            Outcome::RetryEntries(Vec::new()) // a failed call, nothing to retry
+        }
+    });
+    let handle = Builder::new(task, ())
+        .max_batch_size(1)
+        .max_concurrency(4 * n)
+        .adaptive_concurrency(1..=4 * n)
+        .flush_interval(FlushInterval::Never)
+        .poll(false)
+        .clock(&clock)
+        .start()
+        .unwrap();
+    let mut next = 0u64;
+    let mut rounds = |count: usize, knee: usize, fails_above: usize| -> Vec<usize> {
+        (0..count)
+            .map(|_| {
+                let at_once = handle.stats().concurrency_limit;
+                let entries: Vec<u64> = (next..next + at_once as u64).collect();
+                next += at_once as u64;
+                handle.push_back(entries).unwrap();
+                recv_n(&started, at_once); // all of them at once
+                let latency = if at_once <= knee { 1 } else { 4 };
+                clock.advance(Duration::from_millis(latency));
+                for _ in 0..at_once {
+                    answer_tx.send(at_once <= fails_above).unwrap();
+                }
+                eventually(|| {
+                    let s = handle.stats();
+                    let busy = s.running + s.queued;
+                    (busy > 0).then(|| format!("round not over: {s:?}"))
+                });
+                handle.stats().concurrency_limit
+            })
+            .collect()
+    };
+    let warm = rounds(100, n, 2 * n);
+    assert!(warm.iter().any(|&l| l >= n), "it grows: {warm:?}");
+    let settled = rounds(300, n, 2 * n);
+    assert!(
+        settled.iter().all(|&l| (n..2 * n).contains(&l)),
+        "{settled:?}"
+    );
+    // The backend degrades (knee at 1, failures past 2), then recovers.
+    let degraded = rounds(200, 1, 2);
+    assert!(
+        degraded[100..].iter().all(|&l| (1..=2).contains(&l)),
+        "{degraded:?}"
+    );
+    let recovered = rounds(400, n, 2 * n);
+    assert!(
+        recovered[200..].iter().all(|&l| (n..2 * n).contains(&l)),
+        "{recovered:?}"
+    );
+    let stats = handle.stats();
+    handle.shutdown_drain().unwrap();
+    assert!(stats.retried == 0 && stats.processed > 0, "{stats:?}");
 }
