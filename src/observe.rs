@@ -81,7 +81,9 @@ pub(crate) fn record_metrics(r: &BatchRecord) {
 }
 
 /// Gauges and running totals from a stats snapshot (published by the
-/// coordinator): entries handed over, overflowed, buffered, queued, running.
+/// coordinator): entries handed over, overflowed (full, shrink, shutdown),
+/// dropped as duplicates, buffered, queued, running, and the concurrency
+/// limit.
 #[cfg(feature = "metrics")]
 pub(crate) fn record_stats(engine: &str, s: &crate::stats::Stats) {
     let e = engine.to_string();
@@ -90,6 +92,10 @@ pub(crate) fn record_stats(engine: &str, s: &crate::stats::Stats) {
     let overflowed = s.overflowed_full + s.overflowed_shrink + s.overflowed_shutdown;
     metrics::counter!("buffered_task_entries_overflowed_total", "engine" => e.clone())
         .absolute(overflowed);
+    metrics::counter!("buffered_task_entries_deduplicated_total", "engine" => e.clone())
+        .absolute(s.deduplicated);
+    metrics::gauge!("buffered_task_concurrency_limit", "engine" => e.clone())
+        .set(s.concurrency_limit as f64);
     metrics::gauge!("buffered_task_buffered", "engine" => e.clone()).set(s.buffered as f64);
     metrics::gauge!("buffered_task_queue_depth", "engine" => e.clone()).set(s.queued as f64);
     metrics::gauge!("buffered_task_running", "engine" => e).set(s.running as f64);

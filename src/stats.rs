@@ -72,7 +72,8 @@ pub struct Stats {
     /// reaches it).
     pub deduplicated: u64,
     /// Entries the engine has taken: hand-overs, pushes, `init` chunks, and
-    /// new entries returned by runs.
+    /// new entries returned by runs (not those dropped as duplicates as they
+    /// came in).
     pub accepted: u64,
     /// Hand-overs (and `init` chunks) waiting for room under
     /// [`OverflowPolicy::Block`](crate::OverflowPolicy::Block) now.
