@@ -770,3 +770,51 @@ fn shrink_largest(state: &MonitorState, used: u64) -> CheckOutcome {
     );
     CheckOutcome::NothingToShrink
 }
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn sizes_read_in_binary_units() {
+        assert_eq!(human(0), "0 B");
+        assert_eq!(human(1023), "1023 B");
+        assert_eq!(human(1024), "1.0 KiB");
+        assert_eq!(human(1536 * 1024), "1.5 MiB");
+        assert_eq!(human(3 << 30), "3.0 GiB");
+        assert_eq!(human(u64::MAX), "16777216.0 TiB"); // the largest unit stays
+    }
+
+    #[test]
+    fn the_kernel_files_are_read_by_field() {
+        let rollup = "00400000-7fff0000 ---p 00000000 00:00 0    [rollup]\n\
+                      Rss:              123456 kB\n\
+                      Pss:               99999 kB\n";
+        assert_eq!(kib_field(rollup, "Rss:"), Some(123_456));
+        let status = "Name:\tbuffered\nVmRSS:\t    2048 kB\nThreads:\t3\n";
+        assert_eq!(kib_field(status, "VmRSS:"), Some(2048));
+        assert_eq!(kib_field(status, "VmSwap:"), None);
+        assert_eq!(kib_field("Rss: many kB\n", "Rss:"), None);
+    }
+
+    /// On Linux the default probe reads `smaps_rollup` where the kernel has
+    /// it, and it agrees with `status` to within what threads have not yet
+    /// reported.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_default_probe_reads_this_process() {
+        let used = ProcessRss.used_bytes().expect("readable on Linux");
+        assert!(used > 0);
+        if let Ok(rollup) = std::fs::read_to_string("/proc/self/smaps_rollup") {
+            let kib = kib_field(&rollup, "Rss:").expect("an Rss line");
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let vm = kib_field(&status, "VmRSS:").expect("a VmRSS line");
+            // Read at different moments: the probe's figure lies near both.
+            let (lo, hi) = (kib.min(vm) / 2, kib.max(vm) * 2);
+            assert!(
+                (lo * 1024..=hi * 1024).contains(&used),
+                "{used} vs {kib} / {vm} KiB"
+            );
+        }
+    }
+}
