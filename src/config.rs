@@ -282,15 +282,19 @@ impl<K: Task> Builder<K> {
     ///
     /// The promise: **every entry runs, or is dropped as the duplicate of a
     /// run of its key that begins after it was handed over**, or shares the
-    /// fate of the twin it waited behind (that twin overflowed, was shed, or
-    /// failed for good). Nothing is dropped as the duplicate of nothing, or
-    /// of a run that had already begun. The entries themselves are your
+    /// fate of the twin it waited behind (that twin overflowed, was shed, was
+    /// handed back by a shutdown or after an internal failure, or failed for
+    /// good). Nothing is dropped as the duplicate of nothing, or of a run
+    /// that had already begun. The entries themselves are your
     /// values, which the engine cannot tell apart: of twins, whichever a
     /// worker takes first runs, so the value that runs is the older one for
     /// back entries, and usually the front one otherwise:
     ///
     /// - A back hand-over (and a retry, and an `init` entry) whose key waits
-    ///   is dropped at once.
+    ///   is dropped at once; where the engine cannot be sure the twin still
+    ///   waits (one is leaving as overflow, or a bound has yet to take it),
+    ///   it is kept instead, and dropped if a worker reaches it after a
+    ///   twin's run has begun.
     /// - A front hand-over is never dropped at once: it goes to the front,
     ///   so a waiting twin's work **moves to the front**. The twin stays
     ///   where it was, and is dropped as a duplicate when a worker reaches it
@@ -306,16 +310,21 @@ impl<K: Task> Builder<K> {
     /// against the whole hand-over, duplicates included (they are found once
     /// it is admitted).
     ///
-    /// The key function is called outside every lock; a panic in it keeps the
-    /// entry, as if it had no key. Keys are hashed with std's SipHash, keyed
-    /// at random (keys from outside cannot be chosen to collide), outside
-    /// every lock too; the key type's `Eq` runs under the key table's own
-    /// lock (and, for a hand-over, the callers' lock) and must not call into
-    /// the engine. Where the table could be left
-    /// wrong (a panic in `Eq` or in a key's `Drop`, or a key that cannot be
-    /// computed again when its entry leaves), de-duplication turns off for
-    /// the rest of the engine's life, logged at error level: every entry is
-    /// kept from then on, none is lost. Default: no de-duplication.
+    /// The key function is called outside every lock, as an entry comes in
+    /// and again as it leaves (it should give the same key each time); a
+    /// panic in it keeps the entry, as if it had no key. Keys are hashed with
+    /// std's SipHash, keyed at random (keys from outside cannot be chosen to
+    /// collide), and dropped, outside every lock too; the key type's `Eq`
+    /// runs under the key table's own lock (and, for a hand-over, the
+    /// callers' lock) and must not call into the engine. If an entry's key
+    /// cannot be computed as it leaves while entries without a key wait, the
+    /// engine cannot tell which left, and from then on drops twins only as
+    /// workers reach them (logged at warn). Where the table could be left
+    /// wrong (a panic in `Eq`, a key that changed, or one that cannot be
+    /// computed as its entry leaves with no keyless entry waiting),
+    /// de-duplication turns off for the rest of the engine's life, logged at
+    /// error level: every entry is kept from then on, none is lost. Default:
+    /// no de-duplication.
     ///
     /// ```
     /// use buffered_task::{Builder, FlushInterval, Outcome, Priority, Task};

@@ -3,19 +3,22 @@
 //!
 //! Entries are the user's values, kept as they are: the table cannot tell two
 //! entries with one key apart, so it keeps, per key, a *record*: how many
-//! entries with the key are in the waiting set (buffered, queued, retrying, or
-//! just taken out and not yet recorded here), and whether a run is **owed**:
-//! some entry with the key came in after the last run of it began. The
-//! contract that follows from it:
+//! entries with the key it counts as waiting, and whether a run is **owed**
+//! (some entry with the key came in after the last run of it began). Counted
+//! as waiting: every entry marked here that has not yet been recorded as
+//! leaving: buffered, queued, retrying, just taken out by a worker or as
+//! overflow, and also marked before the store has it (a run's retries and new
+//! entries, an `init` chunk, on their way in). The contract that follows:
 //!
 //! - **Every entry runs, or is dropped as the duplicate of a run of its key
 //!   that begins after it came in**, or shares the fate of the twin it waited
-//!   behind (that twin overflowed, was shed, or its run failed for good). No
-//!   entry is dropped as the duplicate of nothing, or of a run that had
-//!   already begun.
+//!   behind (that twin overflowed, was shed, was handed back by a shutdown or
+//!   after an internal failure, or its run failed for good). No entry is
+//!   dropped as the duplicate of nothing, or of a run that had already begun.
 //! - A back hand-over (or a retry, or an `init` entry) whose key is owed is
-//!   dropped at once: a twin waits, and whichever twin a worker takes first
-//!   runs after this one came in.
+//!   dropped at once, where the table is sure a twin still waits (see
+//!   *Unsettled entries*; where it is not, the entry is kept, and dropped if
+//!   a worker reaches it after a twin's run has begun).
 //! - A front hand-over is never dropped at once. It goes to the front, so it is
 //!   usually the first of its twins to reach a worker: the waiting entry's work
 //!   **moves to the front**. Of twins that wait together, the first a worker
@@ -26,14 +29,17 @@
 //!
 //! **When a run begins.** A worker records its batch here before it calls
 //! `run` (the keys are user code, so after the store's lock): a run begins
-//! after every arrival recorded before it, and so covers them. Entries that
-//! leave unrun (overflow, a shrink) are taken out under the store's lock and
-//! recorded after it too; meanwhile the table would still count them as
-//! waiting. So the store counts them *in flight* as it takes them out (see
-//! [`Departures`]), and a back hand-over whose key is owed is dropped only
-//! while none are: otherwise it is kept, and dropped later if a run covers
-//! it. A failed run's entries come back as back hand-overs; a batch a failed
-//! worker gives back comes back as a front one.
+//! after every arrival recorded before it, and so covers them.
+//!
+//! **Unsettled entries.** Some entries are counted as waiting here while they
+//! may not be, or soon not be: entries taken out as overflow under the store's
+//! lock and recorded after it, and entries marked before a bound has decided
+//! whether to take them (a run's new entries, an `init` chunk, a hand-over on
+//! its way into a bounded queue). The store counts them unsettled meanwhile
+//! (see [`Departures`]), and a back hand-over whose key is owed is dropped at
+//! once only while none are. A failed run's own entries are marked before its
+//! new ones (they go back whatever the bound), and a batch a failed worker
+//! gives back comes back as a front hand-over.
 //!
 //! Keys are computed by the user's function outside every lock (it is user
 //! code, contained), and hashed there too, with std's SipHash keyed at random
@@ -41,13 +47,15 @@
 //! hash whose collisions can be chosen would let them turn every lookup into a
 //! list walk. Then the table's own lock, a leaf that nothing else is held
 //! under, is taken once per call (a hand-over takes it under the callers'
-//! lock, to mark only once admitted); under it the map only compares (the hash
-//! first, the key's `Eq` where the hashes match). Keys leave the map, and the
-//! ones not taken into it are dropped, outside the locks.
+//! lock, to mark only once admitted); under it the set only compares (the hash
+//! first, the key's `Eq` where the hashes match: a panic in it is caught
+//! there). The keys stay with their callers while the lock is held; keys
+//! leave the set, and the ones not taken into it are dropped, outside the
+//! locks (for a hand-over, outside the callers' lock too).
 
 use crate::unwind::catch;
 use parking_lot::Mutex;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
@@ -93,42 +101,51 @@ pub(crate) trait Prepared {
 /// Called to get an entry's key.
 pub(crate) type KeyFn<T, K> = Box<dyn Fn(&T) -> K + Send + Sync>;
 
-/// Entries leaving the waiting set unrun, counted by the store under its
-/// state lock (the only atomic of key de-duplication, shared by the store
-/// and the table). The invariant: `in_flight` counts the entries taken out
-/// of the waiting set as overflow whose departure the table has not recorded
-/// yet. [`Departures::depart`] adds them under the state lock, before they
-/// are handed to anyone; the table subtracts them under its own lock, in the
-/// critical section that records them. So a hand-over, under the table's
-/// lock, sees each such departure either recorded or in flight, never
-/// neither. (`SeqCst`: the argument is about one order of all these steps.)
+/// Entries whose place in the waiting set the table cannot trust yet,
+/// counted by the store (the only atomic of key de-duplication, shared by the
+/// store and the table): entries marked in the table that may still be
+/// refused (a run's new entries before the bound has looked at them, an
+/// `init` chunk or a hand-over before a bounded queue has taken it), and
+/// entries taken out as overflow whose departure the table has not recorded
+/// yet. The invariant: the store [`holds`](Departures::hold) them before any
+/// other hand-over could mark against them (before marking them, or under
+/// the lock that takes them out), and [`releases`](Departures::release) them
+/// only once it is settled: admitted, or, if refused, held again as
+/// overflow first (`State::count_overflow`), which the table releases under
+/// its own lock as it records them. So a hand-over, under the table's lock,
+/// never sees such an entry counted as waiting without seeing the count
+/// above zero; it then keeps its entry rather than drop it. (`SeqCst`: the
+/// argument is about one order of all these steps.)
 pub(crate) struct Departures {
-    in_flight: AtomicUsize,
+    unsettled: AtomicUsize,
 }
 
 impl Departures {
     fn new() -> Self {
         Departures {
-            in_flight: AtomicUsize::new(0),
+            unsettled: AtomicUsize::new(0),
         }
     }
 
-    /// `n` waiting entries leave unrun now (under the store's state lock).
-    pub(crate) fn depart(&self, n: usize) {
-        self.in_flight.fetch_add(n, SeqCst);
+    /// `n` entries are not settled from now on.
+    pub(crate) fn hold(&self, n: usize) {
+        if n > 0 {
+            self.unsettled.fetch_add(n, SeqCst);
+        }
     }
 
-    /// `n` departing entries are recorded (under the table's lock).
-    fn recorded(&self, n: usize) {
-        let _ = self
-            .in_flight
-            .fetch_update(SeqCst, SeqCst, |f| Some(f.saturating_sub(n)));
+    /// `n` held entries are settled.
+    pub(crate) fn release(&self, n: usize) {
+        if n > 0 {
+            let _ = self
+                .unsettled
+                .fetch_update(SeqCst, SeqCst, |f| Some(f.saturating_sub(n)));
+        }
     }
 
-    /// Whether entries that left unrun are not recorded yet (under the
-    /// table's lock).
-    fn in_flight(&self) -> bool {
-        self.in_flight.load(SeqCst) > 0
+    /// Whether any entry is not settled (under the table's lock).
+    fn unsettled(&self) -> bool {
+        self.unsettled.load(SeqCst) > 0
     }
 }
 
@@ -165,11 +182,18 @@ impl Record {
 /// The table's state under its lock.
 struct Marks<K> {
     set: Set<K>,
-    /// Entries admitted without a key (the key function or `Hash` panicked):
-    /// when one leaves, its key cannot be computed again either, and this
-    /// count tells it from an entry whose key has changed since it came in
-    /// (the table then turns off: its counts can no longer be trusted).
+    /// Entries admitted without a key (the key function or `Hash` panicked).
+    /// When an entry's key cannot be computed as it leaves, it is taken for
+    /// one of them; if none is left, the table turns off (its counts can no
+    /// longer be trusted).
     keyless: usize,
+    /// An entry left without a key while keyless ones waited: it may have
+    /// come in *with* a key (a key function that panics only now and then),
+    /// whose record then stays behind, counting an entry that has gone. So
+    /// from then on no back hand-over is dropped as it comes in: twins are
+    /// dropped only as workers reach them, which never needs the counts to
+    /// be right.
+    suspect: bool,
 }
 
 impl<K> Default for Marks<K> {
@@ -177,6 +201,7 @@ impl<K> Default for Marks<K> {
         Marks {
             set: Set::default(),
             keyless: 0,
+            suspect: false,
         }
     }
 }
@@ -205,9 +230,25 @@ struct Hashed<K> {
 }
 
 impl<K: Eq> PartialEq for Hashed<K> {
+    /// The key's `Eq` is user code, run under the table's lock: a panic in it
+    /// is caught here, so it never unwinds through the set (which would drop
+    /// keys, user values, under the lock). It reads as "not equal", and the
+    /// table breaks down once the operation is over (see `EQ_PANICKED`).
     fn eq(&self, other: &Self) -> bool {
-        self.hash == other.hash && self.key == other.key
+        if self.hash != other.hash {
+            return false;
+        }
+        catch(|| self.key == other.key).unwrap_or_else(|msg| {
+            EQ_PANICKED.with(|p| *p.borrow_mut() = Some(msg));
+            false
+        })
     }
+}
+
+thread_local! {
+    /// A key's `Eq` panicked on this thread, with this message, since the
+    /// table last looked (it looks after each critical section).
+    static EQ_PANICKED: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
 impl<K: Eq> Eq for Hashed<K> {}
@@ -221,24 +262,21 @@ impl<K> Hash for Hashed<K> {
     }
 }
 
-/// A hand-over's keys, waiting to be marked (`None`: the table is off), then
-/// the ones that were not taken into the table (to be dropped outside the
-/// locks).
+/// A hand-over's keys, waiting to be marked (`None`: the table is off); once
+/// marked, the keys not taken into the table, and the table's old marks if it
+/// broke down meanwhile. All are user values, dropped with this once the
+/// callers' lock is released.
 struct PreparedKeys<'a, T, K> {
     table: &'a KeyTable<T, K>,
     n: usize,
     keys: Option<Vec<Option<Hashed<K>>>>,
-    left_over: Vec<Hashed<K>>,
+    trash: Option<Marks<K>>,
 }
 
 impl<T, K: Hash + Eq> Prepared for PreparedKeys<'_, T, K> {
     fn mark(&mut self, front: bool) -> Vec<bool> {
-        match self.keys.take() {
-            Some(keys) => {
-                let (keep, left_over) = self.table.mark_keys(keys, front);
-                self.left_over = left_over;
-                keep
-            }
+        match &mut self.keys {
+            Some(keys) => self.table.mark_keys(keys, front, &mut self.trash),
             None => vec![true; self.n],
         }
     }
@@ -269,30 +307,33 @@ type Set<K> = HashSet<Hashed<K>, BuildHasherDefault<Ready>>;
 enum Leaving {
     /// A worker took it: its run begins once it is recorded.
     Taken,
-    /// It overflowed or was shed (counted in flight until recorded).
+    /// It overflowed or was shed (counted unsettled until recorded).
     Unrun,
 }
 
 /// The table for keys of type `K`.
 ///
 /// The key function and the key type's `Hash` run outside the locks, and so
-/// do the keys' drops (but for a table that breaks down: below); its `Eq`
-/// runs under the table's lock, and for a hand-over under the callers' lock
-/// too (it must not call into the engine). All are user code, so they run
-/// contained. A key that cannot be computed on the way in keeps its entry, as
-/// if it had no duplicate. Anything else (a panic under the lock, a key that
-/// cannot be computed again when its entry leaves, or one whose record is
-/// gone) may leave the table wrong: it is emptied and de-duplication is off
-/// for the rest of the engine's life (logged at error level). Entries are
-/// then all kept: none is lost, at worst one runs twice.
+/// do the keys' drops; its `Eq` runs under the table's lock, and for a
+/// hand-over under the callers' lock too (it must not call into the engine).
+/// All are user code, so they run contained. The key function may be called
+/// more than once for an entry (as it comes in and as it leaves, and again
+/// for each entry of a batch in which it panicked): it should give the same
+/// key each time. A key that cannot be computed on the way in keeps its
+/// entry, as if it had no duplicate; one that cannot be computed as its entry
+/// leaves, while such keyless entries wait, makes the table wary (see
+/// `Marks::suspect`). Anything else (a panic in `Eq`, a key that cannot be
+/// computed as its entry leaves with no keyless entry waiting, or one whose
+/// record is gone) may leave the table wrong: it is emptied and
+/// de-duplication is off for the rest of the engine's life (logged at error
+/// level). Entries are then all kept: none is lost, at worst one runs twice.
 pub(crate) struct KeyTable<T, K> {
     key: KeyFn<T, K>,
     hasher: RandomState,
     marks: Mutex<Marks<K>>,
     departures: Arc<Departures>,
     dropped: AtomicU64,
-    /// A key's `Hash`, `Eq` or `Drop` panicked, or the counts went wrong:
-    /// every entry is kept.
+    /// A key's `Eq` panicked, or the counts went wrong: every entry is kept.
     broken: AtomicBool,
     /// The engine stopped: every entry is kept (there are no more runs).
     closed: AtomicBool,
@@ -316,40 +357,40 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         self.broken.load(SeqCst) || self.closed.load(SeqCst)
     }
 
-    /// Empties the table (the keys are user values: dropped contained, and
-    /// not under the lock).
-    fn forget_all(&self) {
-        let old = std::mem::take(&mut *self.marks.lock());
-        crate::unwind::drop_quietly("dedup keys", old);
-    }
-
-    /// Runs `f` on the marks (contained; see the type's doc). `None`: the
-    /// table is off, or `f` panicked (and the table is now off).
-    fn with_marks<R>(&self, f: impl FnOnce(&mut Marks<K>) -> R) -> Option<R> {
+    /// Runs `f` on the marks, under the table's lock. `f` owns no keys: the
+    /// callers keep them, so nothing of the user's is dropped under the lock.
+    /// `None`: the table is off, or it broke down now (a key's `Eq` panicked,
+    /// or, never expected, `f` did), and its marks are in `trash`, for the
+    /// caller to drop where no lock is held.
+    fn with_marks<R>(
+        &self,
+        trash: &mut Option<Marks<K>>,
+        f: impl FnOnce(&mut Marks<K>) -> R,
+    ) -> Option<R> {
         if self.off() {
-            crate::unwind::drop_quietly("dedup keys", f); // it holds keys
             return None;
         }
         let result = catch(|| {
             let mut marks = self.marks.lock();
             f(&mut marks)
         });
-        match result {
-            Ok(r) => Some(r),
-            Err(msg) => {
-                self.break_down(&format!("a dedup key's Eq or Drop panicked: {msg}"));
-                None
-            }
-        }
+        let eq_panicked = EQ_PANICKED.with(|p| p.borrow_mut().take());
+        let why = match (result, eq_panicked) {
+            (Ok(r), None) => return Some(r),
+            (_, Some(msg)) => format!("a dedup key's Eq panicked: {msg}"),
+            (Err(msg), None) => format!("the dedup table failed: {msg}"),
+        };
+        *trash = self.break_down(&why);
+        None
     }
 
-    /// The table cannot be trusted any more: it is emptied, and every entry
-    /// is kept from now on.
-    fn break_down(&self, why: &str) {
+    /// The table cannot be trusted any more: every entry is kept from now on.
+    /// Returns its marks, for the caller to drop where no lock is held.
+    fn break_down(&self, why: &str) -> Option<Marks<K>> {
         if !self.broken.swap(true, SeqCst) {
             log::error!("{why}; de-duplication is off from now on");
         }
-        self.forget_all();
+        Some(std::mem::take(&mut *self.marks.lock()))
     }
 
     /// Keys with entries in the engine.
@@ -358,49 +399,52 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         self.marks.lock().set.len()
     }
 
-    /// Marks the keys of entries coming in: which entries to keep, and the
-    /// keys not taken into the map (the caller drops them once the locks are
-    /// released). See the module doc for the rules.
-    fn mark_keys(&self, keys: Vec<Option<Hashed<K>>>, front: bool) -> (Vec<bool>, Vec<Hashed<K>>) {
+    /// Marks the keys of entries coming in: which entries to keep. The keys
+    /// taken into the table are taken out of `keys`; the rest stay there, for
+    /// the caller to drop once its locks are released (and so does `trash`).
+    /// See the module doc for the rules.
+    fn mark_keys(
+        &self,
+        keys: &mut [Option<Hashed<K>>],
+        front: bool,
+        trash: &mut Option<Marks<K>>,
+    ) -> Vec<bool> {
         let n = keys.len();
-        let marked = self.with_marks(|marks| {
-            let in_flight = self.departures.in_flight();
-            let mut left_over = Vec::new();
+        let marked = self.with_marks(trash, |marks| {
+            let unsettled = self.departures.unsettled();
             let mut overfull = false;
             let keep = keys
-                .into_iter()
-                .map(|key| {
-                    let Some(key) = key else {
+                .iter_mut()
+                .map(|slot| {
+                    let Some(key) = slot else {
                         marks.keyless += 1;
                         return true;
                     };
-                    let Some(slot) = marks.set.get(&key) else {
+                    let Some(known) = marks.set.get(key) else {
                         key.record.set(Record::first());
-                        marks.set.insert(key);
+                        marks.set.extend(slot.take());
                         return true;
                     };
-                    let r = slot.record.get();
-                    let keep = front || in_flight || !r.owed();
+                    let r = known.record.get();
+                    let keep = front || unsettled || marks.suspect || !r.owed();
                     if keep {
                         match Record::new(r.n() + 1, true) {
-                            Some(r) => slot.record.set(r),
+                            Some(r) => known.record.set(r),
                             None => overfull = true,
                         }
                     }
-                    left_over.push(key);
                     keep
                 })
                 .collect();
-            (keep, left_over, overfull)
+            (keep, overfull)
         });
         match marked {
-            Some((keep, left_over, false)) => (keep, left_over),
-            Some((_, left_over, true)) => {
-                crate::unwind::drop_quietly("dedup keys", left_over);
-                self.break_down("a dedup key has 2^32 entries waiting");
-                (vec![true; n], Vec::new())
+            Some((keep, false)) => keep,
+            Some((_, true)) => {
+                *trash = self.break_down("a dedup key has 2^31 entries waiting");
+                vec![true; n]
             }
-            None => (vec![true; n], Vec::new()),
+            None => vec![true; n],
         }
     }
 
@@ -410,27 +454,31 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         let n = entries.len();
         let unrun = if how == Leaving::Unrun { n } else { 0 };
         if self.off() {
-            self.departures.recorded(unrun);
+            self.departures.release(unrun);
             return None;
         }
-        let keys = self.keys(entries);
-        let left = self.with_marks(|marks| {
+        let mut keys = self.keys(entries);
+        let mut removed = Vec::new();
+        let mut trash = None;
+        let left = self.with_marks(&mut trash, |marks| {
             let mut lost = false;
+            let was_suspect = marks.suspect;
             let mut run: Option<Vec<bool>> = None;
-            let mut removed = Vec::with_capacity(keys.len());
-            for (i, key) in keys.into_iter().enumerate() {
-                let Some(key) = key else {
-                    lost |= !marks.keyless_left();
+            for (i, slot) in keys.iter_mut().enumerate() {
+                let Some(key) = slot else {
+                    match marks.keyless_left() {
+                        true => marks.suspect = true,
+                        false => lost = true,
+                    }
                     continue;
                 };
                 // Taken out, and put back if entries with the key still wait
                 // (rare: twins), so the common case probes once.
-                let Some(slot) = marks.set.take(&key) else {
+                let Some(known) = marks.set.take(key) else {
                     lost = true; // its key changed, or a record was lost
-                    removed.push(key);
                     continue;
                 };
-                let r = slot.record.get();
+                let r = known.record.get();
                 let mut owed = r.owed();
                 if how == Leaving::Taken {
                     if owed {
@@ -441,20 +489,27 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
                 }
                 match Record::new(r.n().saturating_sub(1), owed) {
                     Some(r) if r.n() > 0 => {
-                        slot.record.set(r);
-                        marks.set.insert(slot);
+                        known.record.set(r);
+                        marks.set.insert(known);
                     }
-                    _ => removed.push(slot),
+                    _ => removed.push(known),
                 }
-                removed.push(key);
             }
-            self.departures.recorded(unrun);
-            (lost, removed, run)
+            self.departures.release(unrun);
+            (lost, run, marks.suspect && !was_suspect)
         });
-        let (lost, removed, run) = left?;
-        crate::unwind::drop_quietly("dedup keys", removed); // outside the lock
+        // Outside the lock: the keys are user values.
+        crate::unwind::drop_quietly("dedup keys", (keys, removed, trash));
+        let (lost, run, suspect) = left?;
+        if suspect {
+            log::warn!(
+                "an entry without a dedup key left while others waited: duplicates are \
+                 dropped only as workers reach them from now on"
+            );
+        }
         if lost {
-            self.break_down("a dedup key could not be computed again as its entry left");
+            let old = self.break_down("a dedup key could not be computed again as its entry left");
+            crate::unwind::drop_quietly("dedup keys", old);
             return None;
         }
         run
@@ -463,7 +518,8 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
     /// The entries' keys, hashed (`None` where the key function or the key's
     /// `Hash` panicked: on the way in, such an entry is kept, as if it had no
     /// duplicate). One `catch` for the whole call; only after a panic is each
-    /// entry tried on its own.
+    /// entry tried on its own (so the key function may be called twice for
+    /// an entry).
     fn keys(&self, entries: &[T]) -> Vec<Option<Hashed<K>>> {
         let one = |e: &T| {
             let key = (self.key)(e);
@@ -499,8 +555,10 @@ where
         if self.off() {
             return vec![true; entries.len()];
         }
-        let (keep, left_over) = self.mark_keys(self.keys(entries), front);
-        crate::unwind::drop_quietly("dedup keys", left_over); // outside the lock
+        let mut keys = self.keys(entries);
+        let mut trash = None;
+        let keep = self.mark_keys(&mut keys, front, &mut trash);
+        crate::unwind::drop_quietly("dedup keys", (keys, trash)); // outside the lock
         keep
     }
 
@@ -514,7 +572,7 @@ where
             table: self,
             n: entries.len(),
             keys,
-            left_over: Vec::new(),
+            trash: None,
         })
     }
 
@@ -528,7 +586,8 @@ where
 
     fn clear(&self) {
         self.closed.store(true, SeqCst);
-        self.forget_all();
+        let old = std::mem::take(&mut *self.marks.lock());
+        crate::unwind::drop_quietly("dedup keys", old); // outside the lock
     }
 
     fn count_dropped(&self, n: usize) {
@@ -560,8 +619,8 @@ mod test {
             .unwrap_or_else(|| vec![true; entries.len()])
     }
 
-    fn in_flight(t: &KeyTable<E, u32>) -> usize {
-        t.departures.in_flight.load(SeqCst)
+    fn unsettled(t: &KeyTable<E, u32>) -> usize {
+        t.departures.unsettled.load(SeqCst)
     }
 
     #[test]
@@ -625,14 +684,14 @@ mod test {
     /// A shrink has taken "a" out, not yet recorded: "b" must not be dropped
     /// as its duplicate.
     #[test]
-    fn an_arrival_while_a_shed_twin_is_in_flight_is_kept() {
+    fn an_arrival_while_a_shed_twin_is_unsettled_is_kept() {
         let t = table();
         t.admit(&[(1, "a"), (2, "x")], false);
-        t.departures.depart(1);
+        t.departures.hold(1);
         assert_eq!(t.admit(&[(1, "b")], false), vec![true]);
         assert_eq!(t.admit(&[(2, "y")], false), vec![true], "kept, to be safe");
         t.left(&[(1, "a")]);
-        assert_eq!(in_flight(&t), 0);
+        assert_eq!(unsettled(&t), 0);
         assert_eq!(t.admit(&[(1, "c")], false), vec![false]); // "b" waits
         assert_eq!(take(&t, &[(1, "b")]), vec![true]);
         assert_eq!(take(&t, &[(2, "x"), (2, "y")]), vec![true, false]);
@@ -643,7 +702,7 @@ mod test {
     fn entries_that_leave_unrun_free_their_key() {
         let t = table();
         t.admit(&[(1, "a"), (2, "b")], false);
-        t.departures.depart(1);
+        t.departures.hold(1);
         t.left(&[(1, "a")]);
         assert_eq!(t.admit(&[(1, "c")], false), vec![true]);
         t.clear();
@@ -663,5 +722,28 @@ mod test {
         assert_eq!(take(&t, &[(1, "a")]), vec![true]);
         assert!(t.off());
         assert_eq!(t.admit(&[(1, "c"), (1, "d")], false), vec![true, true]);
+    }
+
+    /// "d" came in with key 7; its key panics as it leaves, while "a"
+    /// (keyless from the start) waits: the table takes "d" for "a", and key
+    /// 7's record stays behind. From then on a back twin is kept, not
+    /// dropped against that record.
+    #[test]
+    fn a_keyless_departure_makes_the_table_wary_not_wrong() {
+        let flaky = Arc::new(AtomicBool::new(false));
+        let f = flaky.clone();
+        let t: KeyTable<E, u32> = KeyTable::new(Box::new(move |e: &E| {
+            if e.1 == "a" || (e.1 == "d" && f.load(SeqCst)) {
+                panic!("deliberate: no key");
+            }
+            e.0
+        }));
+        t.admit(&[(7, "d"), (3, "a")], false);
+        flaky.store(true, SeqCst);
+        assert_eq!(take(&t, &[(7, "d")]), vec![true]);
+        assert_eq!(t.admit(&[(7, "e")], false), vec![true]);
+        assert_eq!(t.admit(&[(7, "f")], true), vec![true]);
+        assert_eq!(take(&t, &[(7, "f"), (7, "e")]), vec![true, false]);
+        assert!(!t.off());
     }
 }

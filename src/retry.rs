@@ -322,6 +322,9 @@ pub(crate) struct Settled<T> {
     pub(crate) error: Option<crate::task::RunError>,
     /// The batch itself, to be dropped by the worker (outside every lock).
     pub(crate) spent: Vec<T>,
+    /// New entries the key table counts unsettled until the bound has looked
+    /// at them (see `dedup::Departures`).
+    pub(crate) unsettled: usize,
 }
 
 impl<T> Settled<T> {
@@ -364,6 +367,7 @@ pub(crate) fn settle<T>(
         panic,
         error,
         spent: Vec::new(),
+        unsettled: 0,
     };
     match policy {
         None => settle_counted(&mut out, batch, again),

@@ -3,7 +3,8 @@
 //!
 //! The counters are plain integers inside the store's state, changed only under
 //! its lock in the same step as the entries they count, so every snapshot is
-//! exact and taken at one instant.
+//! exact and taken at one instant (one exception: `Stats::deduplicated`,
+//! counted by the key table as duplicates are reported).
 
 use std::time::Duration;
 
@@ -20,7 +21,8 @@ pub struct DebugCount {
 }
 
 /// A snapshot of an engine's counters, from [`Handle::stats`](crate::Handle::stats),
-/// taken at one instant under the engine's lock (no message to any thread).
+/// taken at one instant under the engine's lock (no message to any thread;
+/// only `deduplicated` is counted outside it).
 ///
 /// After a shutdown it holds the final figures: nothing buffered, queued or
 /// waiting. Only a run still going when a shutdown deadline passed can change
@@ -67,13 +69,16 @@ pub struct Stats {
     /// it has found.
     pub concurrency_limit: usize,
     /// Entries dropped as duplicates under
-    /// [`dedup_by_key`](crate::Builder::dedup_by_key) (a waiting entry had the
-    /// same key; a twin a front entry took the place of counts when a worker
-    /// reaches it).
+    /// [`dedup_by_key`](crate::Builder::dedup_by_key): as they came in (a
+    /// waiting entry had the same key), or as a worker reached them (a twin
+    /// whose run had begun since). Counted as they are reported, outside the
+    /// engine's lock: the one counter that may trail the others by the
+    /// hand-overs in progress.
     pub deduplicated: u64,
     /// Entries the engine has taken: hand-overs, pushes, `init` chunks, and
     /// new entries returned by runs (not those dropped as duplicates as they
-    /// came in).
+    /// came in; those dropped as a worker reached them count here, and in
+    /// `deduplicated`).
     pub accepted: u64,
     /// Hand-overs (and `init` chunks) waiting for room under
     /// [`OverflowPolicy::Block`](crate::OverflowPolicy::Block) now.

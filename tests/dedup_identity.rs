@@ -326,7 +326,9 @@ fn a_hand_over_while_its_twin_is_being_shed_is_kept() {
 struct Tape {
     clock: std::sync::atomic::AtomicU64,
     came_in: parking_lot::Mutex<std::collections::HashMap<Entry, u64>>,
-    began: parking_lot::Mutex<Vec<(u32, u64)>>,
+    /// (key, when, since): a run began, or an entry that came in at `since`
+    /// left unrun.
+    began: parking_lot::Mutex<Vec<(u32, u64, u64)>>,
 }
 
 impl Tape {
@@ -340,16 +342,30 @@ impl Tape {
             came.insert(*e, t);
         }
     }
+    /// A run of these entries begins: it covers every entry of their keys
+    /// that came in before.
     fn begins(&self, batch: &[Entry]) {
         let t = self.tick();
-        self.began.lock().extend(batch.iter().map(|e| (e.0, t)));
+        self.began.lock().extend(batch.iter().map(|e| (e.0, t, 0)));
+    }
+    /// These entries leave unrun: each covers (shares its fate with) the
+    /// entries of its key that came in after it and before now.
+    fn leave_unrun(&self, entries: &[Entry]) {
+        let t = self.tick();
+        let came = self.came_in.lock();
+        let mut began = self.began.lock();
+        for e in entries {
+            began.push((e.0, t, came.get(e).copied().unwrap_or(u64::MAX)));
+        }
     }
     /// A duplicate with no twin that left (mostly: whose run began) after it
-    /// came in.
+    /// came in; a twin that left unrun must have come in before it.
     fn uncovered(&self, dup: &Entry) -> Option<String> {
         let came = *self.came_in.lock().get(dup)?;
         let began = self.began.lock();
-        let covered = began.iter().any(|&(k, t)| k == dup.0 && t > came);
+        let covered = began
+            .iter()
+            .any(|&(k, t, since)| k == dup.0 && t > came && since <= came);
         (!covered).then(|| format!("{dup:?} came in at {came}, no twin left after"))
     }
 }
@@ -393,7 +409,7 @@ fn every_duplicate_is_covered_under_a_mixed_load() {
             .overflow_handler(move |v: Vec<Entry>, r| {
                 bk.overflowed(&v);
                 if r != OverflowReason::Duplicate {
-                    tp.begins(&v); // left unrun: its duplicates share its fate
+                    tp.leave_unrun(&v); // its duplicates share its fate
                 }
                 for e in v {
                     reason_tx.send((e, r)).unwrap();

@@ -348,6 +348,7 @@ impl<T: Send + 'static> Store<T> {
         gen: u64,
     ) -> Leftovers<T> {
         let logs = self.failure_logs(&s);
+        let unsettled = s.unsettled;
         self.add_heap(heap);
         let c = &mut st.counters;
         c.processed += s.processed;
@@ -377,6 +378,7 @@ impl<T: Send + 'static> Store<T> {
                 OverflowReason::Full,
             )
         };
+        self.release_unsettled(unsettled); // refused ones are counted as overflow now
         self.wake_workers(st);
         Leftovers {
             overflow,

@@ -121,13 +121,16 @@ impl<T: Send + 'static> Store<T> {
     }
 
     /// A failed run's entries come back: each is admitted again as a back
-    /// hand-over (one whose key another waiting entry holds is dropped).
+    /// hand-over (one whose key another waiting entry holds is dropped). The
+    /// batch's own entries first: they go back whatever the bound, so a retry
+    /// never yields to a new entry the bound then refuses. The new ones may
+    /// be refused: they are held unsettled from before their keys are marked
+    /// until `apply` has looked at them (see `dedup::Departures`).
     pub(crate) fn readmit(&self, s: &mut crate::retry::Settled<T>) {
         let Some(table) = &self.dedup else {
             return;
         };
         s.requeue = self.drop_duplicates(std::mem::take(&mut s.requeue), Priority::Back);
-        s.fresh = self.drop_duplicates(std::mem::take(&mut s.fresh), Priority::Back);
         let later = std::mem::take(&mut s.later.entries);
         if !later.is_empty() {
             let attempts = std::mem::take(&mut s.later.attempts);
@@ -141,6 +144,31 @@ impl<T: Send + 'static> Store<T> {
             let (kept, dups) = split(later, &keep);
             s.later.entries = kept;
             self.duplicates(dups);
+        }
+        s.unsettled = self.hold_unsettled(true, || s.fresh.len());
+        s.fresh = self.drop_duplicates(std::mem::take(&mut s.fresh), Priority::Back);
+    }
+
+    /// Under key de-duplication, counts `n()` entries unsettled (see
+    /// `dedup::Departures`) when `at_risk`: a bound may still refuse them
+    /// once their keys are marked. Returns how many, for
+    /// [`release_unsettled`](Self::release_unsettled).
+    pub(super) fn hold_unsettled(&self, at_risk: bool, n: impl FnOnce() -> usize) -> usize {
+        match &self.departures {
+            Some(d) if at_risk => {
+                let n = n();
+                d.hold(n);
+                n
+            }
+            _ => 0,
+        }
+    }
+
+    /// The entries [`hold_unsettled`](Self::hold_unsettled) counted are
+    /// settled: admitted, or counted again as overflow.
+    pub(super) fn release_unsettled(&self, held: usize) {
+        if let Some(d) = &self.departures {
+            d.release(held);
         }
     }
 

@@ -272,13 +272,14 @@ impl<T> State<T> {
         Overflow { entries, gen }
     }
 
-    /// Counts overflow only (a failed run's leftovers: its worker's reporting
-    /// slot holds `wait_idle` back meanwhile). The entries leave the waiting
-    /// set now: the key table, told here, records them when they are
-    /// reported (`Store::report_unheld`).
+    /// Counts overflow: every overflow passes here, under the state lock (on
+    /// its own, for a failed run's leftovers, whose worker's reporting slot
+    /// holds `wait_idle` back meanwhile). The entries leave the waiting set
+    /// now: the key table, told here, records them when they are reported
+    /// (`Store::report_unheld`), and counts them unsettled until then.
     fn count_overflow(&mut self, n: usize, reason: OverflowReason) {
         if let (Some(d), false) = (&self.departures, n == 0) {
-            d.depart(n);
+            d.hold(n);
         }
         let c = &mut self.counters;
         let counter = match reason {
@@ -342,6 +343,9 @@ pub(crate) struct Store<T> {
     pub(crate) workers: WorkerHooks,
     /// Key de-duplication, if asked for (see `dedup`).
     dedup: Option<Box<dyn Table<T>>>,
+    /// Its count of entries not settled yet (see `dedup::Departures`; the
+    /// state has it too, for overflow).
+    departures: Option<Arc<Departures>>,
     /// Requests to the init thread; dropped by `finish`, which ends it.
     init_requests: Mutex<Option<Sender<()>>>,
 }
@@ -394,6 +398,7 @@ impl<T: Send + 'static> Store<T> {
             aimd: config.adaptive().map(|(min, max)| Aimd::new(min, max)),
             departures: parts.dedup.as_ref().map(|t| t.departures()),
         };
+        let departures = state.departures.clone();
         Store {
             born: config.clock.now(),
             intake: Padded(Mutex::new(Intake::new())),
@@ -415,6 +420,7 @@ impl<T: Send + 'static> Store<T> {
             observer: parts.observer,
             workers: parts.workers,
             dedup: parts.dedup,
+            departures,
             init_requests: Mutex::new(None),
         }
     }
@@ -664,9 +670,11 @@ impl<T: Send + 'static> Store<T> {
         }
         let now = self.clock().now();
         let (front, back) = intake.take();
+        let at_risk = st.queue.max_len().is_some() && !self.config.enforced();
+        let held = self.hold_unsettled(at_risk, || chunks_len(&front) + chunks_len(&back));
         drop(intake);
         let mut overflow = Vec::new();
-        if st.queue.max_len().is_none() || self.config.enforced() {
+        if !at_risk {
             // Admitted at hand-over, or no bound: it all goes in.
             for chunk in front.into_iter().rev() {
                 st.queue.push_front_unbounded(chunk, now);
@@ -683,6 +691,7 @@ impl<T: Send + 'static> Store<T> {
             }
         }
         let overflow = st.overflowed(overflow, OverflowReason::Full);
+        self.release_unsettled(held);
         self.wake_workers(st);
         overflow
     }
@@ -766,9 +775,12 @@ impl<T: Send + 'static> Store<T> {
     ) {
         self.add_heap(heap);
         let mut st = self.lock();
+        let at_risk = st.queue.max_len().is_some() && !self.config.enforced();
+        let held = self.hold_unsettled(at_risk, || entries.len());
         drop(intake); // admitted: the state lock is enough now
         st.counters.accepted += entries.len() as u64;
         self.enqueue(st, entries, priority);
+        self.release_unsettled(held);
     }
 
     /// Queues accepted entries (under an enforced bound they were admitted
@@ -946,6 +958,8 @@ impl<T: Send + 'static> Feed<T> for Store<T> {
     /// larger than the room, waiting in between (unless the engine is
     /// stopping); it is never refused.
     fn feed(&self, chunk: Vec<T>) {
+        // Without an enforced bound, a bounded queue may refuse the chunk.
+        let held = self.hold_unsettled(!self.config.enforced(), || chunk.len());
         let mut chunk = self.drop_duplicates(chunk, Priority::Back);
         // Weighed whole, before any lock (the weigher is user code); the heap
         // count is approximate while the pieces go in.
@@ -967,6 +981,7 @@ impl<T: Send + 'static> Feed<T> for Store<T> {
             drop(intake);
             self.queue_piece(st, piece);
         }
+        self.release_unsettled(held);
     }
 }
 
@@ -1032,6 +1047,11 @@ impl<T: Send + 'static> Listener for Store<T> {
             }
         }
     }
+}
+
+/// Entries in a list of chunks.
+fn chunks_len<T>(chunks: &[Vec<T>]) -> usize {
+    chunks.iter().map(Vec::len).sum()
 }
 
 /// How long a manual clock's `advance` waits for a coordinator that may be
