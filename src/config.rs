@@ -311,20 +311,21 @@ impl<K: Task> Builder<K> {
     /// it is admitted).
     ///
     /// The key function is called outside every lock, as an entry comes in
-    /// and again as it leaves (it should give the same key each time); a
-    /// panic in it keeps the entry, as if it had no key. Keys are hashed with
-    /// std's SipHash, keyed at random (keys from outside cannot be chosen to
-    /// collide), and dropped, outside every lock too; the key type's `Eq`
-    /// runs under the key table's own lock (and, for a hand-over, the
-    /// callers' lock) and must not call into the engine. If an entry's key
-    /// cannot be computed as it leaves while entries without a key wait, the
-    /// engine cannot tell which left, and from then on drops twins only as
-    /// workers reach them (logged at warn). Where the table could be left
-    /// wrong (a panic in `Eq`, a key that changed, or one that cannot be
-    /// computed as its entry leaves with no keyless entry waiting),
-    /// de-duplication turns off for the rest of the engine's life, logged at
-    /// error level: every entry is kept from then on, none is lost. Default:
-    /// no de-duplication.
+    /// and again as it leaves, and **must give the same key for an entry
+    /// each time** (the promise above rests on it: a key that changes into
+    /// another waiting key goes unnoticed until a record is found missing);
+    /// a panic in it keeps the entry, as if it had no key. Keys are hashed
+    /// with std's SipHash, keyed at random (keys from outside cannot be
+    /// chosen to collide), and dropped, outside every lock too; the key
+    /// type's `Eq` runs under the key table's own lock (and, for a
+    /// hand-over, the callers' lock) and must not call into the engine (a
+    /// panic in it is caught there). If an entry's key cannot be computed as
+    /// it leaves while other keys are recorded, the engine cannot tell which
+    /// entry left, and from then on drops twins only as workers reach them
+    /// (logged at warn). Where the table is seen to be wrong (a panic in
+    /// `Eq`, a record found missing), de-duplication turns off for the rest
+    /// of the engine's life, logged at error level: every entry is kept from
+    /// then on, none is lost. Default: no de-duplication.
     ///
     /// ```
     /// use buffered_task::{Builder, FlushInterval, Outcome, Priority, Task};
@@ -511,7 +512,10 @@ impl<K: Task> Builder<K> {
             weigher,
             observer,
             workers,
-            dedup,
+            dedup: dedup.map(|mut table| {
+                table.set_name(&config.name);
+                table
+            }),
         };
         let handle = Handle::new(engine::start(task, state, config, parts)?);
         if let Some(monitor) = monitor {

@@ -67,7 +67,7 @@ pub(crate) trait Table<T>: Send + Sync {
     /// Entries coming in another way than a hand-over (`init`, a run's
     /// retries, a batch a failed worker gives back): which to keep (`false`:
     /// a duplicate, dropped).
-    fn admit(&self, entries: &[T], front: bool) -> Vec<bool>;
+    fn admit(&self, entries: &[T], front: bool, own: usize) -> Vec<bool>;
     /// A hand-over's keys, computed now (outside every lock: user code), to
     /// be marked once the hand-over is admitted (under the callers' lock, so
     /// that no other hand-over sees the marks of one that is then refused).
@@ -77,7 +77,7 @@ pub(crate) trait Table<T>: Send + Sync {
     /// run recorded after it came in).
     fn taken(&self, entries: &[T]) -> Option<Vec<bool>>;
     /// These entries left the waiting set unrun (they overflowed or were
-    /// shed), in a departure counted by [`Departures::depart`].
+    /// shed), held unsettled by the store meanwhile ([`Departures::hold`]).
     fn left(&self, entries: &[T]);
     /// The engine stopped: every key is forgotten, and the table is off.
     fn clear(&self);
@@ -88,6 +88,8 @@ pub(crate) trait Table<T>: Send + Sync {
     fn dropped(&self) -> u64;
     /// Where the store counts entries leaving the waiting set.
     fn departures(&self) -> Arc<Departures>;
+    /// The engine's name, for log lines.
+    fn set_name(&mut self, name: &str);
 }
 
 /// Keys computed by [`Table::prepare`]. The keys that were not taken into the
@@ -95,7 +97,7 @@ pub(crate) trait Table<T>: Send + Sync {
 /// released, since a key is a user value whose `Drop` is user code.
 pub(crate) trait Prepared {
     /// Marks the keys: which entries to keep (`false`: a duplicate).
-    fn mark(&mut self, front: bool) -> Vec<bool>;
+    fn mark(&mut self, front: bool, own: usize) -> Vec<bool>;
 }
 
 /// Called to get an entry's key.
@@ -142,11 +144,6 @@ impl Departures {
                 .fetch_update(SeqCst, SeqCst, |f| Some(f.saturating_sub(n)));
         }
     }
-
-    /// Whether any entry is not settled (under the table's lock).
-    fn unsettled(&self) -> bool {
-        self.unsettled.load(SeqCst) > 0
-    }
 }
 
 /// A key's record (see the module doc), in 32 bits so that it fits beside a
@@ -187,12 +184,12 @@ struct Marks<K> {
     /// one of them; if none is left, the table turns off (its counts can no
     /// longer be trusted).
     keyless: usize,
-    /// An entry left without a key while keyless ones waited: it may have
-    /// come in *with* a key (a key function that panics only now and then),
-    /// whose record then stays behind, counting an entry that has gone. So
-    /// from then on no back hand-over is dropped as it comes in: twins are
-    /// dropped only as workers reach them, which never needs the counts to
-    /// be right.
+    /// An entry left without a key (taken for one of the keyless ones) while
+    /// keys were recorded: it may have come in *with* a key (a key function
+    /// that panics only now and then), whose record then stays behind,
+    /// counting an entry that has gone. So from then on no back hand-over is
+    /// dropped as it comes in: twins are dropped only as workers reach them,
+    /// which never needs the counts to be right.
     suspect: bool,
 }
 
@@ -245,7 +242,17 @@ impl<K: Eq> PartialEq for Hashed<K> {
     }
 }
 
+/// Logs the line of a table that broke down on this thread, if any (the
+/// logger is user code: called where no lock is held).
+pub(crate) fn log_break_down() {
+    if let Some(line) = BROKE.with(|b| b.borrow_mut().take()) {
+        log::error!("{line}");
+    }
+}
+
 thread_local! {
+    /// The line of a table that broke down on this thread, not yet logged.
+    static BROKE: RefCell<Option<String>> = const { RefCell::new(None) };
     /// A key's `Eq` panicked on this thread, with this message, since the
     /// table last looked (it looks after each critical section).
     static EQ_PANICKED: RefCell<Option<String>> = const { RefCell::new(None) };
@@ -273,10 +280,17 @@ struct PreparedKeys<'a, T, K> {
     trash: Option<Marks<K>>,
 }
 
+impl<T, K> Drop for PreparedKeys<'_, T, K> {
+    /// Dropped once the callers' lock is released.
+    fn drop(&mut self) {
+        log_break_down();
+    }
+}
+
 impl<T, K: Hash + Eq> Prepared for PreparedKeys<'_, T, K> {
-    fn mark(&mut self, front: bool) -> Vec<bool> {
+    fn mark(&mut self, front: bool, own: usize) -> Vec<bool> {
         match &mut self.keys {
-            Some(keys) => self.table.mark_keys(keys, front, &mut self.trash),
+            Some(keys) => self.table.mark_keys(keys, front, own, &mut self.trash),
             None => vec![true; self.n],
         }
     }
@@ -316,18 +330,25 @@ enum Leaving {
 /// The key function and the key type's `Hash` run outside the locks, and so
 /// do the keys' drops; its `Eq` runs under the table's lock, and for a
 /// hand-over under the callers' lock too (it must not call into the engine).
-/// All are user code, so they run contained. The key function may be called
-/// more than once for an entry (as it comes in and as it leaves, and again
-/// for each entry of a batch in which it panicked): it should give the same
-/// key each time. A key that cannot be computed on the way in keeps its
-/// entry, as if it had no duplicate; one that cannot be computed as its entry
-/// leaves, while such keyless entries wait, makes the table wary (see
-/// `Marks::suspect`). Anything else (a panic in `Eq`, a key that cannot be
-/// computed as its entry leaves with no keyless entry waiting, or one whose
-/// record is gone) may leave the table wrong: it is emptied and
-/// de-duplication is off for the rest of the engine's life (logged at error
-/// level). Entries are then all kept: none is lost, at worst one runs twice.
+/// All are user code, so they run contained (a panic in `Eq` is caught
+/// where it is called: the panic hook, and the drop of its payload, run
+/// there too, under the locks). The key function may be called more than
+/// once for an entry (as it comes in and as it leaves, and again for each
+/// entry of a batch in which it panicked), and must give the same key each
+/// time: the table cannot tell a key that changed into another waiting key
+/// (it takes that key's record, and leaves its own behind) until a record is
+/// found missing. A key that cannot be computed on the way in keeps its
+/// entry, as if it had no duplicate; one that cannot be computed as its
+/// entry leaves is taken for a keyless one, and makes the table wary (see
+/// `Marks::suspect`). What is seen to leave the table wrong (a panic in
+/// `Eq`, a key that cannot be computed as its entry leaves with no keyless
+/// entry waiting, a record found missing) empties it, and de-duplication is
+/// off for the rest of the engine's life (logged at error level, once the
+/// locks are released). Entries are then all kept: none is lost, at worst
+/// one runs twice.
 pub(crate) struct KeyTable<T, K> {
+    /// The engine's name, for log lines.
+    name: String,
     key: KeyFn<T, K>,
     hasher: RandomState,
     marks: Mutex<Marks<K>>,
@@ -342,6 +363,7 @@ pub(crate) struct KeyTable<T, K> {
 impl<T, K: Hash + Eq> KeyTable<T, K> {
     pub(crate) fn new(key: KeyFn<T, K>) -> Self {
         KeyTable {
+            name: String::new(),
             key,
             hasher: RandomState::new(),
             marks: Mutex::new(Marks::default()),
@@ -388,7 +410,8 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
     /// Returns its marks, for the caller to drop where no lock is held.
     fn break_down(&self, why: &str) -> Option<Marks<K>> {
         if !self.broken.swap(true, SeqCst) {
-            log::error!("{why}; de-duplication is off from now on");
+            let line = format!("{}: {why}; de-duplication is off from now on", self.name);
+            BROKE.with(|b| *b.borrow_mut() = Some(line));
         }
         Some(std::mem::take(&mut *self.marks.lock()))
     }
@@ -407,11 +430,13 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         &self,
         keys: &mut [Option<Hashed<K>>],
         front: bool,
+        own: usize,
         trash: &mut Option<Marks<K>>,
     ) -> Vec<bool> {
         let n = keys.len();
         let marked = self.with_marks(trash, |marks| {
-            let unsettled = self.departures.unsettled();
+            // Others' unsettled entries, not this call's own.
+            let unsettled = self.departures.unsettled.load(SeqCst) > own;
             let mut overfull = false;
             let keep = keys
                 .iter_mut()
@@ -422,7 +447,12 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
                     };
                     let Some(known) = marks.set.get(key) else {
                         key.record.set(Record::first());
-                        marks.set.extend(slot.take());
+                        // `replace`, not `insert`: an element the set finds
+                        // equal now (an `Eq` that panicked a moment ago) goes
+                        // back to the caller, never dropped under the lock.
+                        if let Some(k) = slot.take() {
+                            *slot = marks.set.replace(k);
+                        }
                         return true;
                     };
                     let r = known.record.get();
@@ -467,7 +497,8 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
             for (i, slot) in keys.iter_mut().enumerate() {
                 let Some(key) = slot else {
                     match marks.keyless_left() {
-                        true => marks.suspect = true,
+                        // With no record in the table, none can be stale.
+                        true => marks.suspect |= !marks.set.is_empty(),
                         false => lost = true,
                     }
                     continue;
@@ -500,16 +531,19 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         });
         // Outside the lock: the keys are user values.
         crate::unwind::drop_quietly("dedup keys", (keys, removed, trash));
+        log_break_down();
         let (lost, run, suspect) = left?;
         if suspect {
             log::warn!(
-                "an entry without a dedup key left while others waited: duplicates are \
-                 dropped only as workers reach them from now on"
+                "{}: an entry left without a dedup key while other keys were recorded: \
+                 duplicates are dropped only as workers reach them from now on",
+                self.name
             );
         }
         if lost {
             let old = self.break_down("a dedup key could not be computed again as its entry left");
             crate::unwind::drop_quietly("dedup keys", old);
+            log_break_down();
             return None;
         }
         run
@@ -538,7 +572,8 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
                 Ok(k) => Some(k),
                 Err(msg) => {
                     log::error!(
-                        "the dedup key function or the key's Hash panicked (entry kept): {msg}"
+                        "{}: the dedup key function or the key's Hash panicked (entry kept): {msg}",
+                        self.name
                     );
                     None
                 }
@@ -551,14 +586,15 @@ impl<T, K> Table<T> for KeyTable<T, K>
 where
     K: Hash + Eq + Send + Sync,
 {
-    fn admit(&self, entries: &[T], front: bool) -> Vec<bool> {
+    fn admit(&self, entries: &[T], front: bool, own: usize) -> Vec<bool> {
         if self.off() {
             return vec![true; entries.len()];
         }
         let mut keys = self.keys(entries);
         let mut trash = None;
-        let keep = self.mark_keys(&mut keys, front, &mut trash);
+        let keep = self.mark_keys(&mut keys, front, own, &mut trash);
         crate::unwind::drop_quietly("dedup keys", (keys, trash)); // outside the lock
+        log_break_down();
         keep
     }
 
@@ -601,6 +637,10 @@ where
     fn departures(&self) -> Arc<Departures> {
         self.departures.clone()
     }
+
+    fn set_name(&mut self, name: &str) {
+        self.name = name.to_string();
+    }
 }
 
 #[cfg(test)]
@@ -627,10 +667,10 @@ mod test {
     fn a_waiting_key_takes_no_second_entry_from_the_back() {
         let t = table();
         assert_eq!(
-            t.admit(&[(1, "a"), (2, "b"), (1, "c")], false),
+            t.admit(&[(1, "a"), (2, "b"), (1, "c")], false, 0),
             vec![true, true, false]
         );
-        assert_eq!(t.admit(&[(2, "d")], false), vec![false]);
+        assert_eq!(t.admit(&[(2, "d")], false, 0), vec![false]);
         assert_eq!(take(&t, &[(1, "a"), (2, "b")]), vec![true, true]);
         assert_eq!(t.len(), 0);
     }
@@ -638,9 +678,9 @@ mod test {
     #[test]
     fn while_one_runs_another_is_queued_again() {
         let t = table();
-        t.admit(&[(1, "a")], false);
+        t.admit(&[(1, "a")], false, 0);
         assert_eq!(take(&t, &[(1, "a")]), vec![true]); // runs now
-        assert_eq!(t.admit(&[(1, "b")], false), vec![true]); // queued again
+        assert_eq!(t.admit(&[(1, "b")], false, 0), vec![true]); // queued again
         assert_eq!(take(&t, &[(1, "b")]), vec![true]);
         assert_eq!(t.len(), 0);
     }
@@ -648,8 +688,8 @@ mod test {
     #[test]
     fn a_front_twin_takes_the_place_of_the_waiting_one() {
         let t = table();
-        t.admit(&[(1, "old")], false);
-        assert_eq!(t.admit(&[(1, "new")], true), vec![true]);
+        t.admit(&[(1, "old")], false, 0);
+        assert_eq!(t.admit(&[(1, "new")], true, 0), vec![true]);
         assert_eq!(take(&t, &[(1, "new")]), vec![true]); // at the front: runs
         assert_eq!(take(&t, &[(1, "old")]), vec![false]); // covered by it
         assert_eq!(t.len(), 0);
@@ -658,13 +698,13 @@ mod test {
     #[test]
     fn of_twins_the_first_taken_runs() {
         let t = table();
-        t.admit(&[(1, "old")], false);
-        t.admit(&[(1, "new")], true);
+        t.admit(&[(1, "old")], false, 0);
+        t.admit(&[(1, "new")], true, 0);
         assert_eq!(take(&t, &[(1, "old")]), vec![true]);
         assert_eq!(take(&t, &[(1, "new")]), vec![false]);
         // Two in one batch: the first runs.
-        t.admit(&[(2, "a")], false);
-        t.admit(&[(2, "b")], true);
+        t.admit(&[(2, "a")], false, 0);
+        t.admit(&[(2, "b")], true, 0);
         assert_eq!(take(&t, &[(2, "b"), (2, "a")]), vec![true, false]);
         assert_eq!(t.len(), 0);
     }
@@ -672,10 +712,10 @@ mod test {
     #[test]
     fn an_arrival_after_a_twin_began_is_owed_a_run() {
         let t = table();
-        t.admit(&[(1, "a")], false);
-        t.admit(&[(1, "f")], true);
+        t.admit(&[(1, "a")], false, 0);
+        t.admit(&[(1, "f")], true, 0);
         assert_eq!(take(&t, &[(1, "f")]), vec![true]); // "a" still waits
-        assert_eq!(t.admit(&[(1, "d")], false), vec![true]); // after f began
+        assert_eq!(t.admit(&[(1, "d")], false, 0), vec![true]); // after f began
         assert_eq!(take(&t, &[(1, "a")]), vec![true]); // covers d
         assert_eq!(take(&t, &[(1, "d")]), vec![false]);
         assert_eq!(t.len(), 0);
@@ -686,13 +726,17 @@ mod test {
     #[test]
     fn an_arrival_while_a_shed_twin_is_unsettled_is_kept() {
         let t = table();
-        t.admit(&[(1, "a"), (2, "x")], false);
+        t.admit(&[(1, "a"), (2, "x")], false, 0);
         t.departures.hold(1);
-        assert_eq!(t.admit(&[(1, "b")], false), vec![true]);
-        assert_eq!(t.admit(&[(2, "y")], false), vec![true], "kept, to be safe");
+        assert_eq!(t.admit(&[(1, "b")], false, 0), vec![true]);
+        assert_eq!(
+            t.admit(&[(2, "y")], false, 0),
+            vec![true],
+            "kept, to be safe"
+        );
         t.left(&[(1, "a")]);
         assert_eq!(unsettled(&t), 0);
-        assert_eq!(t.admit(&[(1, "c")], false), vec![false]); // "b" waits
+        assert_eq!(t.admit(&[(1, "c")], false, 0), vec![false]); // "b" waits
         assert_eq!(take(&t, &[(1, "b")]), vec![true]);
         assert_eq!(take(&t, &[(2, "x"), (2, "y")]), vec![true, false]);
         assert_eq!(t.len(), 0);
@@ -701,13 +745,13 @@ mod test {
     #[test]
     fn entries_that_leave_unrun_free_their_key() {
         let t = table();
-        t.admit(&[(1, "a"), (2, "b")], false);
+        t.admit(&[(1, "a"), (2, "b")], false, 0);
         t.departures.hold(1);
         t.left(&[(1, "a")]);
-        assert_eq!(t.admit(&[(1, "c")], false), vec![true]);
+        assert_eq!(t.admit(&[(1, "c")], false, 0), vec![true]);
         t.clear();
         assert_eq!(t.len(), 0);
-        assert_eq!(t.admit(&[(1, "e"), (1, "f")], false), vec![true, true]);
+        assert_eq!(t.admit(&[(1, "e"), (1, "f")], false, 0), vec![true, true]);
         assert_eq!(t.len(), 0, "a closed table records nothing");
     }
 
@@ -717,11 +761,11 @@ mod test {
         let f = flip.clone();
         let t: KeyTable<E, u32> =
             KeyTable::new(Box::new(move |e: &E| e.0 + u32::from(f.load(SeqCst))));
-        t.admit(&[(1, "a"), (1, "b")], false);
+        t.admit(&[(1, "a"), (1, "b")], false, 0);
         flip.store(true, SeqCst);
         assert_eq!(take(&t, &[(1, "a")]), vec![true]);
         assert!(t.off());
-        assert_eq!(t.admit(&[(1, "c"), (1, "d")], false), vec![true, true]);
+        assert_eq!(t.admit(&[(1, "c"), (1, "d")], false, 0), vec![true, true]);
     }
 
     /// "d" came in with key 7; its key panics as it leaves, while "a"
@@ -738,11 +782,11 @@ mod test {
             }
             e.0
         }));
-        t.admit(&[(7, "d"), (3, "a")], false);
+        t.admit(&[(7, "d"), (3, "a")], false, 0);
         flaky.store(true, SeqCst);
         assert_eq!(take(&t, &[(7, "d")]), vec![true]);
-        assert_eq!(t.admit(&[(7, "e")], false), vec![true]);
-        assert_eq!(t.admit(&[(7, "f")], true), vec![true]);
+        assert_eq!(t.admit(&[(7, "e")], false, 0), vec![true]);
+        assert_eq!(t.admit(&[(7, "f")], true, 0), vec![true]);
         assert_eq!(take(&t, &[(7, "f"), (7, "e")]), vec![true, false]);
         assert!(!t.off());
     }

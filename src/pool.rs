@@ -118,7 +118,7 @@ fn run_one<K: Task>(
     let Some(job) = holding.job.as_mut() else {
         return (Done::Nothing, None);
     };
-    store.taken(job); // their keys are no longer waiting
+    store.taken(w, job); // their keys are no longer waiting
     if job.entries.is_empty() {
         holding.job = None;
         return (Done::Ok(0), None); // all of them duplicates, reported

@@ -35,6 +35,14 @@ impl<T> State<T> {
         self.running += 1;
     }
 
+    /// Worker `w`'s run lost `n` entries before it began (dropped as
+    /// duplicates).
+    pub(super) fn run_shrank(&mut self, w: usize, n: usize) {
+        if let Some(Slot::Run(run)) = self.slots.get_mut(w) {
+            run.entries = run.entries.saturating_sub(n);
+        }
+    }
+
     /// Ends worker `w`'s run, if it has one, and puts its slot in `next`.
     pub(super) fn end_run(&mut self, w: usize, next: Slot) {
         if let Some(Slot::Run(_)) = self.slots.get(w) {
@@ -458,7 +466,7 @@ impl<T: Send + 'static> Store<T> {
     pub(crate) fn orphan(&self, w: usize, entries: Vec<T>) {
         self.add_heap(self.weigh(&entries));
         if let Some(table) = &self.dedup {
-            table.admit(&entries, true);
+            table.admit(&entries, true, 0);
         }
         let mut st = self.lock();
         st.end_run(w, Slot::Free);

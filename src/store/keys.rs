@@ -25,7 +25,7 @@ impl<T: Send + 'static> Store<T> {
             return self.hand_over_kept(entries, priority, wait);
         };
         let a = self
-            .admit_keyed(table.as_ref(), entries.into_vec(), priority, wait)
+            .admit_keyed(table.as_ref(), entries.into_vec(), priority, wait, false)
             .map_err(|(refusal, all)| (refusal, Entries::Many(all)))?;
         if a.kept.is_empty() {
             drop(a.intake);
@@ -49,13 +49,14 @@ impl<T: Send + 'static> Store<T> {
         let Some(table) = &self.dedup else {
             return self.push_kept(entries, priority, wait);
         };
-        let a = self.admit_keyed(table.as_ref(), entries, priority, wait)?;
+        let a = self.admit_keyed(table.as_ref(), entries, priority, wait, true)?;
         if a.kept.is_empty() {
             drop(a.intake);
             self.add_heap(a.heap);
         } else {
             self.queue_admitted(a.intake, a.kept, priority, a.heap);
         }
+        self.release_unsettled(a.held);
         drop_quietly("dedup keys", a.keys);
         self.unweigh(&a.dups);
         self.duplicates(a.dups);
@@ -72,6 +73,7 @@ impl<T: Send + 'static> Store<T> {
         entries: Vec<T>,
         priority: Priority,
         wait: Wait,
+        pushed: bool,
     ) -> Result<Admitted<'a, T>, (Refusal, Vec<T>)> {
         let heap = self.weigh(&entries);
         let mut keys = table.prepare(&entries);
@@ -81,26 +83,35 @@ impl<T: Send + 'static> Store<T> {
             drop_quietly("dedup keys", keys);
             return Err((refusal, entries));
         }
-        let (kept, dups) = split(entries, &keys.mark(priority == Priority::Front));
+        // Straight into the queue, where a bound (or a shrink) may refuse
+        // them: unsettled from before their keys are marked.
+        let held = self.hold_unsettled(pushed && !self.config.enforced(), || entries.len());
+        let (kept, dups) = split(entries, &keys.mark(priority == Priority::Front, held));
         Ok(Admitted {
             intake,
             kept,
             dups,
             heap,
             keys,
+            held,
         })
     }
 
     /// Entries coming in another way (`init`, a run's retries): the
     /// duplicates are dropped and reported; the rest come back.
-    pub(crate) fn drop_duplicates(&self, entries: Vec<T>, priority: Priority) -> Vec<T> {
+    pub(crate) fn drop_duplicates(
+        &self,
+        entries: Vec<T>,
+        priority: Priority,
+        own: usize,
+    ) -> Vec<T> {
         let Some(table) = &self.dedup else {
             return entries;
         };
         if entries.is_empty() {
             return entries;
         }
-        let keep = table.admit(&entries, priority == Priority::Front);
+        let keep = table.admit(&entries, priority == Priority::Front, own);
         let (kept, dups) = split(entries, &keep);
         self.duplicates(dups);
         kept
@@ -130,11 +141,11 @@ impl<T: Send + 'static> Store<T> {
         let Some(table) = &self.dedup else {
             return;
         };
-        s.requeue = self.drop_duplicates(std::mem::take(&mut s.requeue), Priority::Back);
+        s.requeue = self.drop_duplicates(std::mem::take(&mut s.requeue), Priority::Back, 0);
         let later = std::mem::take(&mut s.later.entries);
         if !later.is_empty() {
             let attempts = std::mem::take(&mut s.later.attempts);
-            let keep = table.admit(&later, false);
+            let keep = table.admit(&later, false, 0);
             s.later.attempts = attempts
                 .into_iter()
                 .zip(&keep)
@@ -146,7 +157,7 @@ impl<T: Send + 'static> Store<T> {
             self.duplicates(dups);
         }
         s.unsettled = self.hold_unsettled(true, || s.fresh.len());
-        s.fresh = self.drop_duplicates(std::mem::take(&mut s.fresh), Priority::Back);
+        s.fresh = self.drop_duplicates(std::mem::take(&mut s.fresh), Priority::Back, s.unsettled);
     }
 
     /// Under key de-duplication, counts `n()` entries unsettled (see
@@ -177,7 +188,10 @@ impl<T: Send + 'static> Store<T> {
     /// run that started after it came in covers (a twin taken before it) is
     /// dropped from the batch as a duplicate, counted and reported (with the
     /// worker's run slot still held, so `wait_idle` waits for its handler).
-    pub(crate) fn taken(&self, job: &mut Job<T>) {
+    ///
+    /// Worker `w`'s run slot then counts only the entries that run (for a
+    /// shutdown's `still_running`, `wait_idle`'s count, the watchdog's line).
+    pub(crate) fn taken(&self, w: usize, job: &mut Job<T>) {
         let Some(table) = &self.dedup else {
             return;
         };
@@ -190,6 +204,7 @@ impl<T: Send + 'static> Store<T> {
         }
         let (kept, dups) = split(std::mem::take(&mut job.entries), &run);
         job.entries = kept;
+        self.lock().run_shrank(w, dups.len());
         self.unweigh(&dups);
         self.duplicates(dups);
     }
@@ -221,4 +236,6 @@ struct Admitted<'a, T> {
     heap: i64,
     /// The keys not marked: dropped once the callers' lock is released.
     keys: Box<dyn Prepared + 'a>,
+    /// Entries held unsettled (see `hold_unsettled`), released once queued.
+    held: usize,
 }

@@ -272,11 +272,12 @@ impl<T> State<T> {
         Overflow { entries, gen }
     }
 
-    /// Counts overflow: every overflow passes here, under the state lock (on
-    /// its own, for a failed run's leftovers, whose worker's reporting slot
-    /// holds `wait_idle` back meanwhile). The entries leave the waiting set
-    /// now: the key table, told here, records them when they are reported
-    /// (`Store::report_unheld`), and counts them unsettled until then.
+    /// Counts overflow. Every overflow passes here, under the state lock (but
+    /// what `abandon` counts once the engine has finished); a failed run's
+    /// leftovers only here, as their worker's reporting slot holds
+    /// `wait_idle` back meanwhile. The entries leave the waiting set now:
+    /// the key table is told when they are reported
+    /// (`Store::report_unheld`), and they count as unsettled until then.
     fn count_overflow(&mut self, n: usize, reason: OverflowReason) {
         if let (Some(d), false) = (&self.departures, n == 0) {
             d.hold(n);
@@ -579,11 +580,13 @@ impl<T: Send + 'static> Store<T> {
         if entries.is_empty() {
             return;
         }
+        // The weigher, the key function and the keys' drops below are user
+        // code on this thread too: `wait_idle` in any of them fails.
+        let _mark = threads::handling(self.id);
         self.unweigh(&entries);
         if let Some(table) = &self.dedup {
             table.left(&entries);
         }
-        let _mark = threads::handling(self.id); // `wait_idle` in it fails
         self.reporter.overflow(entries, reason);
     }
 
@@ -775,12 +778,9 @@ impl<T: Send + 'static> Store<T> {
     ) {
         self.add_heap(heap);
         let mut st = self.lock();
-        let at_risk = st.queue.max_len().is_some() && !self.config.enforced();
-        let held = self.hold_unsettled(at_risk, || entries.len());
         drop(intake); // admitted: the state lock is enough now
         st.counters.accepted += entries.len() as u64;
         self.enqueue(st, entries, priority);
-        self.release_unsettled(held);
     }
 
     /// Queues accepted entries (under an enforced bound they were admitted
@@ -960,7 +960,7 @@ impl<T: Send + 'static> Feed<T> for Store<T> {
     fn feed(&self, chunk: Vec<T>) {
         // Without an enforced bound, a bounded queue may refuse the chunk.
         let held = self.hold_unsettled(!self.config.enforced(), || chunk.len());
-        let mut chunk = self.drop_duplicates(chunk, Priority::Back);
+        let mut chunk = self.drop_duplicates(chunk, Priority::Back, held);
         // Weighed whole, before any lock (the weigher is user code); the heap
         // count is approximate while the pieces go in.
         self.add_heap(self.weigh(&chunk));
