@@ -9,7 +9,6 @@ use buffered_task::{
     Priority, RetryPolicy,
 };
 use common::*;
-use crossbeam_channel::unbounded;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +23,7 @@ type Entry = (u32, u32);
 #[test]
 fn a_refused_front_hand_over_leaves_no_phantom_waiting_key() {
     let (task, started, permit, books) = permitted(|_| false);
-    let (reason_tx, reasons) = unbounded();
-    let b = books.clone();
+    let (handler, reasons) = overflow_log(&books);
     let handle = Builder::new(task, ())
         .max_batch_size(1)
         .max_concurrency(1)
@@ -34,12 +32,7 @@ fn a_refused_front_hand_over_leaves_no_phantom_waiting_key() {
         .flush_interval(FlushInterval::Never)
         .poll(false)
         .dedup_by_key(|e: &Entry| e.0)
-        .overflow_handler(move |v, r| {
-            b.overflowed(&v);
-            for e in v {
-                reason_tx.send((e, r)).unwrap();
-            }
-        })
+        .overflow_handler(handler)
         .start()
         .unwrap();
     books.push_back(&handle, vec![(0, 0)]).unwrap();
@@ -98,8 +91,7 @@ fn a_front_duplicate_of_a_waiting_retry_is_covered_by_the_retry() {
     let f = first.clone();
     let (task, started, permit, books) =
         permitted(move |b| b == [(5, 0)] && f.swap(false, Ordering::SeqCst));
-    let (reason_tx, reasons) = unbounded();
-    let b = books.clone();
+    let (handler, reasons) = overflow_log(&books);
     let handle = Builder::new(task, ())
         .max_batch_size(1)
         .max_concurrency(1)
@@ -108,12 +100,7 @@ fn a_front_duplicate_of_a_waiting_retry_is_covered_by_the_retry() {
         .clock(&clock)
         .retry_policy(RetryPolicy::new(5).backoff(Duration::from_secs(10), Duration::from_secs(10)))
         .dedup_by_key(|e: &Entry| e.0)
-        .overflow_handler(move |v, r| {
-            b.overflowed(&v);
-            for e in v {
-                reason_tx.send((e, r)).unwrap();
-            }
-        })
+        .overflow_handler(handler)
         .start()
         .unwrap();
     books.push_back(&handle, vec![(5, 0)]).unwrap();
@@ -268,8 +255,7 @@ fn dedup_accounting_under_load() {
 #[test]
 fn control_without_the_refused_front_hand_over() {
     let (task, started, permit, books) = permitted(|_| false);
-    let (reason_tx, reasons) = unbounded();
-    let b = books.clone();
+    let (handler, reasons) = overflow_log(&books);
     let handle = Builder::new(task, ())
         .max_batch_size(1)
         .max_concurrency(1)
@@ -278,12 +264,7 @@ fn control_without_the_refused_front_hand_over() {
         .flush_interval(FlushInterval::Never)
         .poll(false)
         .dedup_by_key(|e: &Entry| e.0)
-        .overflow_handler(move |v, r| {
-            b.overflowed(&v);
-            for e in v {
-                reason_tx.send((e, r)).unwrap();
-            }
-        })
+        .overflow_handler(handler)
         .start()
         .unwrap();
     books.push_back(&handle, vec![(0, 0)]).unwrap();

@@ -19,20 +19,14 @@ type Entry = (u32, u32);
 #[test]
 fn an_entry_handed_over_while_its_twin_runs_is_covered_by_a_later_run() {
     let (task, started, permit, books) = permitted(|_| false);
-    let (reason_tx, reasons) = unbounded();
-    let b = books.clone();
+    let (handler, reasons) = overflow_log(&books);
     let handle = Builder::new(task, ())
         .max_batch_size(1)
         .max_concurrency(1)
         .flush_interval(FlushInterval::Never)
         .poll(false)
         .dedup_by_key(|e: &Entry| e.0)
-        .overflow_handler(move |v, r| {
-            b.overflowed(&v);
-            for e in v {
-                reason_tx.send((e, r)).unwrap();
-            }
-        })
+        .overflow_handler(handler)
         .start()
         .unwrap();
     books.push_back(&handle, vec![(0, 0)]).unwrap();
@@ -71,8 +65,7 @@ fn engine_with(
     builder: impl FnOnce(Builder<Script<Entry, ()>>) -> Builder<Script<Entry, ()>>,
 ) -> Rig {
     let (task, started, permit, books) = permitted(retry);
-    let (reason_tx, reasons) = unbounded();
-    let b = books.clone();
+    let (handler, reasons) = overflow_log(&books);
     let handle = builder(
         Builder::new(task, ())
             .max_batch_size(1)
@@ -81,12 +74,7 @@ fn engine_with(
             .poll(false)
             .dedup_by_key(|e: &Entry| e.0),
     )
-    .overflow_handler(move |v, r| {
-        b.overflowed(&v);
-        for e in v {
-            reason_tx.send((e, r)).unwrap();
-        }
-    })
+    .overflow_handler(handler)
     .start()
     .unwrap();
     (handle, started, permit, books, reasons)
@@ -162,8 +150,7 @@ fn twin_while_the_worker_is_taking(front: bool) {
     let (go_tx, go) = unbounded::<()>();
     let c = calls.clone();
     let (task, started, permit, books) = permitted(|_| false);
-    let (reason_tx, reasons) = unbounded();
-    let b = books.clone();
+    let (handler, reasons) = overflow_log(&books);
     let handle = Builder::new(task, ())
         .max_batch_size(1)
         .max_concurrency(1)
@@ -176,12 +163,7 @@ fn twin_while_the_worker_is_taking(front: bool) {
             }
             e.0
         })
-        .overflow_handler(move |v, r| {
-            b.overflowed(&v);
-            for e in v {
-                reason_tx.send((e, r)).unwrap();
-            }
-        })
+        .overflow_handler(handler)
         .start()
         .unwrap();
     books.push_back(&handle, vec![(5, 0)]).unwrap(); // taken at once
@@ -226,8 +208,7 @@ fn no_duplicate_of_a_hand_over_that_is_then_refused() {
     let (in_weigher_tx, in_weigher) = unbounded();
     let armed = Arc::new(AtomicBool::new(true));
     let a = armed.clone();
-    let (reason_tx, reasons) = unbounded();
-    let b = held.books.clone();
+    let (handler, reasons) = overflow_log(&held.books);
     let handle = Builder::new(task, ())
         .max_batch_size(1)
         .max_concurrency(1)
@@ -243,12 +224,7 @@ fn no_duplicate_of_a_hand_over_that_is_then_refused() {
             }
             8
         })
-        .overflow_handler(move |v: Vec<Entry>, r| {
-            b.overflowed(&v);
-            for e in v {
-                reason_tx.send((e, r)).unwrap();
-            }
-        })
+        .overflow_handler(handler)
         .start()
         .unwrap();
     held.books.push_back(&handle, vec![(0, 0)]).unwrap();

@@ -39,8 +39,7 @@ fn a_retry_is_not_dropped_as_the_duplicate_of_a_new_entry_the_bound_refuses() {
         }
     });
     let books = task.books();
-    let (reason_tx, reasons) = unbounded();
-    let b = books.clone();
+    let (handler, reasons) = overflow_log(&books);
     let handle = Builder::new(task, ())
         .max_batch_size(1)
         .max_concurrency(1)
@@ -50,12 +49,7 @@ fn a_retry_is_not_dropped_as_the_duplicate_of_a_new_entry_the_bound_refuses() {
         .poll(false)
         .retry_policy(RetryPolicy::new(5).backoff(Duration::ZERO, Duration::ZERO))
         .dedup_by_key(|e: &Entry| e.0)
-        .overflow_handler(move |v: Vec<Entry>, r| {
-            b.overflowed(&v);
-            for e in v {
-                reason_tx.send((e, r)).unwrap();
-            }
-        })
+        .overflow_handler(handler)
         .start()
         .unwrap();
     books.push_back(&handle, vec![(5, 0)]).unwrap();
@@ -106,8 +100,7 @@ fn a_hand_over_is_not_dropped_as_the_duplicate_of_a_new_entry_the_bound_refuses(
     let wg = wgate.clone();
     let armed = Arc::new(AtomicBool::new(true));
     let a = armed.clone();
-    let (reason_tx, reasons) = unbounded();
-    let b = books.clone();
+    let (handler, reasons) = overflow_log(&books);
     let handle = Builder::new(task, ())
         .max_batch_size(1)
         .max_concurrency(1)
@@ -124,12 +117,7 @@ fn a_hand_over_is_not_dropped_as_the_duplicate_of_a_new_entry_the_bound_refuses(
             }
             8
         })
-        .overflow_handler(move |v: Vec<Entry>, r| {
-            b.overflowed(&v);
-            for e in v {
-                reason_tx.send((e, r)).unwrap();
-            }
-        })
+        .overflow_handler(handler)
         .start()
         .unwrap();
     books.push_back(&handle, vec![(0, 0)]).unwrap();
@@ -172,8 +160,7 @@ fn a_key_that_cannot_be_computed_as_its_entry_leaves_is_not_left_owed() {
     let calls_d = Arc::new(AtomicUsize::new(0));
     let c = calls_d.clone();
     let (task, started, permit, books) = permitted(|_| false);
-    let (reason_tx, reasons) = unbounded();
-    let b = books.clone();
+    let (handler, reasons) = overflow_log(&books);
     let handle = Builder::new(task, ())
         .max_batch_size(1)
         .max_concurrency(1)
@@ -188,12 +175,7 @@ fn a_key_that_cannot_be_computed_as_its_entry_leaves_is_not_left_owed() {
             }
             e.0
         })
-        .overflow_handler(move |v: Vec<Entry>, r| {
-            b.overflowed(&v);
-            for e in v {
-                reason_tx.send((e, r)).unwrap();
-            }
-        })
+        .overflow_handler(handler)
         .start()
         .unwrap();
     books.push_back(&handle, vec![(0, 0)]).unwrap();
@@ -342,8 +324,7 @@ fn a_hand_over_is_not_dropped_as_the_duplicate_of_an_init_entry_the_queue_refuse
     let wg = wgate.clone();
     let armed = Arc::new(AtomicBool::new(true));
     let a = armed.clone();
-    let (reason_tx, reasons) = unbounded();
-    let b = books.clone();
+    let (handler, reasons) = overflow_log(&books);
     let handle = Builder::new(task, ())
         .max_batch_size(1)
         .max_concurrency(1)
@@ -359,12 +340,7 @@ fn a_hand_over_is_not_dropped_as_the_duplicate_of_an_init_entry_the_queue_refuse
             }
             8
         })
-        .overflow_handler(move |v: Vec<Entry>, r| {
-            b.overflowed(&v);
-            for e in v {
-                reason_tx.send((e, r)).unwrap();
-            }
-        })
+        .overflow_handler(handler)
         .start()
         .unwrap();
     wait_until(|| handle.stats().init_runs >= 1); // the first init: nothing

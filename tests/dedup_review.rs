@@ -389,20 +389,14 @@ fn one_keyless_entry_that_ran_alone_does_not_make_the_table_wary_for_good() {
 #[test]
 fn still_running_does_not_count_entries_dropped_as_duplicates() {
     let (task, started, permit, books) = permitted(|_| false);
-    let (reason_tx, reasons) = unbounded();
-    let b = books.clone();
+    let (handler, reasons) = overflow_log(&books);
     let handle = Builder::new(task, ())
         .max_batch_size(2)
         .max_concurrency(1)
         .flush_interval(FlushInterval::Never)
         .poll(false)
         .dedup_by_key(|e: &Entry| e.0)
-        .overflow_handler(move |v: Vec<Entry>, r| {
-            b.overflowed(&v);
-            for e in v {
-                reason_tx.send((e, r)).unwrap();
-            }
-        })
+        .overflow_handler(handler)
         .start()
         .unwrap();
     books.push_back(&handle, vec![(0, 0)]).unwrap();

@@ -456,3 +456,28 @@ where
     let books = task.books();
     (task, started, permit_tx, books)
 }
+
+/// Entries that overflowed, each with its reason.
+pub type Overflowed<T> = Receiver<(T, buffered_task::OverflowReason)>;
+
+/// An overflow handler that books what overflowed and sends each entry with
+/// its reason; and the receiving end.
+pub fn overflow_log<T>(
+    books: &Arc<Books<T>>,
+) -> (
+    impl Fn(Vec<T>, buffered_task::OverflowReason) + Send + Sync + 'static,
+    Overflowed<T>,
+)
+where
+    T: Clone + Ord + std::fmt::Debug + Send + 'static,
+{
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let books = books.clone();
+    let handler = move |v: Vec<T>, r| {
+        books.overflowed(&v);
+        for e in v {
+            let _ = tx.send((e, r));
+        }
+    };
+    (handler, rx)
+}
