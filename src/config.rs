@@ -290,11 +290,15 @@ impl<K: Task> Builder<K> {
     /// worker takes first runs, so the value that runs is the older one for
     /// back entries, and usually the front one otherwise:
     ///
-    /// - A back hand-over (and a retry, and an `init` entry) whose key waits
-    ///   is dropped at once; where the engine cannot be sure the twin still
-    ///   waits (one is leaving as overflow, or a bound has yet to take it),
-    ///   it is kept instead, and dropped if a worker reaches it after a
-    ///   twin's run has begun.
+    /// - A back hand-over (and an `init` entry) whose key waits is dropped
+    ///   at once. A buffered twin counts as waiting: if a bounded queue
+    ///   refuses it at the flush (`DropNewest`), what was dropped against it
+    ///   shares its fate. Where the engine cannot be sure the twin still
+    ///   waits (it is leaving as overflow, or it is on its way straight into
+    ///   a bounded queue: a push, an `init` chunk, a run's new entries), the
+    ///   entry is kept instead, and dropped if a worker reaches it after a
+    ///   twin's run has begun. So is a failed run's retry, unless the bound
+    ///   is enforced (`Reject`, `Block`: nothing admitted is refused).
     /// - A front hand-over is never dropped at once: it goes to the front,
     ///   so a waiting twin's work **moves to the front**. The twin stays
     ///   where it was, and is dropped as a duplicate when a worker reaches it

@@ -15,10 +15,12 @@
 //!   behind (that twin overflowed, was shed, was handed back by a shutdown or
 //!   after an internal failure, or its run failed for good). No entry is
 //!   dropped as the duplicate of nothing, or of a run that had already begun.
-//! - A back hand-over (or a retry, or an `init` entry) whose key is owed is
-//!   dropped at once, where the table is sure a twin still waits (see
-//!   *Unsettled entries*; where it is not, the entry is kept, and dropped if
-//!   a worker reaches it after a twin's run has begun).
+//! - A back hand-over (or an `init` entry, or a retry under an enforced
+//!   bound) whose key is owed is dropped at once, where the table is sure a
+//!   twin still waits (see *Unsettled entries*; where it is not, the entry is
+//!   kept, and dropped if a worker reaches it after a twin's run has begun).
+//!   A buffered twin counts as waiting: if a bounded queue refuses it at the
+//!   flush, the entries dropped against it share its fate.
 //! - A front hand-over is never dropped at once. It goes to the front, so it is
 //!   usually the first of its twins to reach a worker: the waiting entry's work
 //!   **moves to the front**. Of twins that wait together, the first a worker
@@ -34,12 +36,17 @@
 //! **Unsettled entries.** Some entries are counted as waiting here while they
 //! may not be, or soon not be: entries taken out as overflow under the store's
 //! lock and recorded after it, and entries marked before a bound has decided
-//! whether to take them (a run's new entries, an `init` chunk, a hand-over on
-//! its way into a bounded queue). The store counts them unsettled meanwhile
-//! (see [`Departures`]), and a back hand-over whose key is owed is dropped at
-//! once only while none are. A failed run's own entries are marked before its
-//! new ones (they go back whatever the bound), and a batch a failed worker
-//! gives back comes back as a front hand-over.
+//! whether to take them (a run's new entries, an `init` chunk, a push on its
+//! way straight into a bounded queue). The store counts them unsettled until
+//! the bound has looked (before any handler runs) or the table has recorded
+//! them (see [`Departures`]), and a back hand-over whose key is owed is
+//! dropped at once only while no one else's are. A failed run's own entries
+//! go back whatever the bound: they are marked before its new ones, and,
+//! unless the bound is enforced (a buffered twin may yet be refused at the
+//! flush), as front entries, never dropped at once. A batch a failed worker
+//! gives back comes back as a front hand-over. While keyless entries wait,
+//! every entry a worker takes runs: one of them may be an entry that came in
+//! without a key, whose arrival never marked its key owed.
 //!
 //! Keys are computed by the user's function outside every lock (it is user
 //! code, contained), and hashed there too, with std's SipHash keyed at random
@@ -74,7 +81,7 @@ pub(crate) trait Table<T>: Send + Sync {
     fn prepare<'a>(&'a self, entries: &[T]) -> Box<dyn Prepared + 'a>;
     /// A worker took these entries, and will run them once this returns:
     /// which to run (`None`: all of them; `false`: a duplicate, covered by a
-    /// run recorded after it came in).
+    /// run recorded after it came in; never while keyless entries wait).
     fn taken(&self, entries: &[T]) -> Option<Vec<bool>>;
     /// These entries left the waiting set unrun (they overflowed or were
     /// shed), held unsettled by the store meanwhile ([`Departures::hold`]).
@@ -107,14 +114,15 @@ pub(crate) type KeyFn<T, K> = Box<dyn Fn(&T) -> K + Send + Sync>;
 /// counted by the store (the only atomic of key de-duplication, shared by the
 /// store and the table): entries marked in the table that may still be
 /// refused (a run's new entries before the bound has looked at them, an
-/// `init` chunk or a hand-over before a bounded queue has taken it), and
-/// entries taken out as overflow whose departure the table has not recorded
-/// yet. The invariant: the store [`holds`](Departures::hold) them before any
-/// other hand-over could mark against them (before marking them, or under
-/// the lock that takes them out), and [`releases`](Departures::release) them
-/// only once it is settled: admitted, or, if refused, held again as
-/// overflow first (`State::count_overflow`), which the table releases under
-/// its own lock as it records them. So a hand-over, under the table's lock,
+/// `init` chunk or a push before a bounded queue has taken it), and entries
+/// taken out as overflow whose departure the table has not recorded yet.
+/// The invariant: the store [`holds`](Departures::hold) them before any
+/// other caller could mark against them (before marking them, or under the
+/// lock that takes them out), and [`releases`](Departures::release) them
+/// once they are settled (before any handler runs): admitted, or, if
+/// refused, held again as overflow first (`State::count_overflow`), which
+/// the table releases as it records them. A caller's own holds do not count
+/// against its own marks (the `own` argument). So a hand-over, under the table's lock,
 /// never sees such an entry counted as waiting without seeing the count
 /// above zero; it then keeps its entry rather than drop it. (`SeqCst`: the
 /// argument is about one order of all these steps.)
@@ -514,6 +522,10 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
                 if how == Leaving::Taken {
                     if owed {
                         owed = false; // this run covers every arrival so far
+                    } else if marks.keyless > 0 {
+                        // It may be an entry that came in without a key (its
+                        // key panicked then): its arrival never marked the
+                        // key owed, so no run is known to cover it. Run it.
                     } else {
                         run.get_or_insert_with(|| vec![true; n])[i] = false;
                     }
@@ -526,9 +538,11 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
                     _ => removed.push(known),
                 }
             }
-            self.departures.release(unrun);
             (lost, run, marks.suspect && !was_suspect)
         });
+        // After the records (whether or not the table was still on when its
+        // lock was taken: `clear` may have run while the keys were computed).
+        self.departures.release(unrun);
         // Outside the lock: the keys are user values.
         crate::unwind::drop_quietly("dedup keys", (keys, removed, trash));
         log_break_down();

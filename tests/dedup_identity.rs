@@ -305,6 +305,8 @@ struct Tape {
     /// (key, when, since): a run began, or an entry that came in at `since`
     /// left unrun.
     began: parking_lot::Mutex<Vec<(u32, u64, u64)>>,
+    /// When each duplicate reached the handler (after its key was marked).
+    dropped_at: parking_lot::Mutex<std::collections::HashMap<Entry, u64>>,
 }
 
 impl Tape {
@@ -334,14 +336,22 @@ impl Tape {
             began.push((e.0, t, came.get(e).copied().unwrap_or(u64::MAX)));
         }
     }
+    /// A duplicate reached the handler.
+    fn dropped(&self, dup: &Entry) {
+        let t = self.tick();
+        self.dropped_at.lock().insert(*dup, t);
+    }
     /// A duplicate with no twin that left (mostly: whose run began) after it
-    /// came in; a twin that left unrun must have come in before it.
+    /// came in; a twin that left unrun must have come in before it was
+    /// dropped (a retry's `comes_in` is ticked in `run`, before `readmit`
+    /// marks it: a twin handed over in between is marked first).
     fn uncovered(&self, dup: &Entry) -> Option<String> {
         let came = *self.came_in.lock().get(dup)?;
+        let dropped = self.dropped_at.lock().get(dup).copied().unwrap_or(came);
         let began = self.began.lock();
         let covered = began
             .iter()
-            .any(|&(k, t, since)| k == dup.0 && t > came && since <= came);
+            .any(|&(k, t, since)| k == dup.0 && t > came && since <= dropped);
         (!covered).then(|| format!("{dup:?} came in at {came}, no twin left after"))
     }
 }
@@ -386,6 +396,8 @@ fn every_duplicate_is_covered_under_a_mixed_load() {
                 bk.overflowed(&v);
                 if r != OverflowReason::Duplicate {
                     tp.leave_unrun(&v); // its duplicates share its fate
+                } else {
+                    v.iter().for_each(|e| tp.dropped(e));
                 }
                 for e in v {
                     reason_tx.send((e, r)).unwrap();

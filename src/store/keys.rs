@@ -53,10 +53,12 @@ impl<T: Send + 'static> Store<T> {
         if a.kept.is_empty() {
             drop(a.intake);
             self.add_heap(a.heap);
+            self.release_unsettled(a.held);
         } else {
-            self.queue_admitted(a.intake, a.kept, priority, a.heap);
+            // Released once the bound has looked (before the overflow
+            // handler runs): see `enqueue`.
+            self.queue_admitted(a.intake, a.kept, priority, a.heap, a.held);
         }
-        self.release_unsettled(a.held);
         drop_quietly("dedup keys", a.keys);
         self.unweigh(&a.dups);
         self.duplicates(a.dups);
@@ -97,6 +99,24 @@ impl<T: Send + 'static> Store<T> {
         })
     }
 
+    /// Entries coming in another way (`init`): the kept ones and the
+    /// duplicates, not yet reported (see [`duplicates`](Self::duplicates)).
+    pub(crate) fn split_duplicates(
+        &self,
+        entries: Vec<T>,
+        priority: Priority,
+        own: usize,
+    ) -> (Vec<T>, Vec<T>) {
+        let Some(table) = &self.dedup else {
+            return (entries, Vec::new());
+        };
+        if entries.is_empty() {
+            return (entries, Vec::new());
+        }
+        let keep = table.admit(&entries, priority == Priority::Front, own);
+        split(entries, &keep)
+    }
+
     /// Entries coming in another way (`init`, a run's retries): the
     /// duplicates are dropped and reported; the rest come back.
     pub(crate) fn drop_duplicates(
@@ -120,7 +140,7 @@ impl<T: Send + 'static> Store<T> {
     /// Entries dropped as duplicates: counted, then reported. (Counted only
     /// here, so a refused hand-over, which hands its duplicates back, counts
     /// none.)
-    fn duplicates(&self, dups: Vec<T>) {
+    pub(crate) fn duplicates(&self, dups: Vec<T>) {
         if dups.is_empty() {
             return;
         }
@@ -131,21 +151,32 @@ impl<T: Send + 'static> Store<T> {
         self.reporter.overflow(dups, OverflowReason::Duplicate);
     }
 
-    /// A failed run's entries come back: each is admitted again as a back
-    /// hand-over (one whose key another waiting entry holds is dropped). The
-    /// batch's own entries first: they go back whatever the bound, so a retry
-    /// never yields to a new entry the bound then refuses. The new ones may
-    /// be refused: they are held unsettled from before their keys are marked
-    /// until `apply` has looked at them (see `dedup::Departures`).
+    /// A failed run's entries come back, admitted again. The batch's own
+    /// entries first, as they go back whatever the bound: so a retry never
+    /// yields to one of the run's new entries that the bound then refuses;
+    /// and, unless the bound is enforced, as front entries, never dropped at
+    /// once (a buffered twin may yet be refused at the flush). The new ones,
+    /// as back hand-overs, may be refused: they are held unsettled from
+    /// before their keys are marked until `apply` has looked at them (see
+    /// `dedup::Departures`).
     pub(crate) fn readmit(&self, s: &mut crate::retry::Settled<T>) {
         let Some(table) = &self.dedup else {
             return;
         };
-        s.requeue = self.drop_duplicates(std::mem::take(&mut s.requeue), Priority::Back, 0);
+        // A twin may be buffered, and a bound that is not enforced may still
+        // refuse it at the flush: then the batch's own entries (which go back
+        // whatever the bound) are kept, and dropped only if a worker reaches
+        // them after a twin's run began.
+        let own = if self.config.enforced() {
+            Priority::Back
+        } else {
+            Priority::Front
+        };
+        s.requeue = self.drop_duplicates(std::mem::take(&mut s.requeue), own, 0);
         let later = std::mem::take(&mut s.later.entries);
         if !later.is_empty() {
             let attempts = std::mem::take(&mut s.later.attempts);
-            let keep = table.admit(&later, false, 0);
+            let keep = table.admit(&later, own == Priority::Front, 0);
             s.later.attempts = attempts
                 .into_iter()
                 .zip(&keep)
@@ -204,9 +235,12 @@ impl<T: Send + 'static> Store<T> {
         }
         let (kept, dups) = split(std::mem::take(&mut job.entries), &run);
         job.entries = kept;
-        self.lock().run_shrank(w, dups.len());
+        let n = dups.len();
         self.unweigh(&dups);
         self.duplicates(dups);
+        // Only once their handler has returned: until then they have not
+        // left, and `wait_idle` counts them through this slot.
+        self.lock().run_shrank(w, n);
     }
 }
 

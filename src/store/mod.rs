@@ -763,7 +763,7 @@ impl<T: Send + 'static> Store<T> {
         if let Err(refusal) = self.admit(&mut intake, entries.len(), wait) {
             return Err((refusal, entries));
         }
-        self.queue_admitted(intake, entries, priority, heap);
+        self.queue_admitted(intake, entries, priority, heap, 0);
         Ok(())
     }
 
@@ -775,19 +775,23 @@ impl<T: Send + 'static> Store<T> {
         entries: Vec<T>,
         priority: Priority,
         heap: i64,
+        held: usize,
     ) {
         self.add_heap(heap);
         let mut st = self.lock();
         drop(intake); // admitted: the state lock is enough now
         st.counters.accepted += entries.len() as u64;
-        self.enqueue(st, entries, priority);
+        self.enqueue(st, entries, priority, held);
     }
 
     /// Queues accepted entries (under an enforced bound they were admitted
     /// already: all go in; otherwise what the bound cannot take overflows),
     /// wakes workers for them, then lets go of the lock and reports the
     /// overflow.
-    fn enqueue(&self, mut st: Guard<'_, T>, entries: Vec<T>, priority: Priority) {
+    /// `held`: entries held unsettled for this call (see `hold_unsettled`),
+    /// released once the bound has looked (what it refused is held again as
+    /// overflow), before the overflow handler runs.
+    fn enqueue(&self, mut st: Guard<'_, T>, entries: Vec<T>, priority: Priority, held: usize) {
         let now = self.clock().now();
         let overflow = match (self.config.enforced(), priority) {
             (true, Priority::Back) => {
@@ -802,6 +806,7 @@ impl<T: Send + 'static> Store<T> {
             (false, Priority::Front) => st.queue.push_front(entries, now),
         };
         let overflow = st.overflowed(overflow, OverflowReason::Full);
+        self.release_unsettled(held);
         self.wake_workers(&mut st);
         drop(st);
         self.report(overflow, OverflowReason::Full);
@@ -958,9 +963,11 @@ impl<T: Send + 'static> Feed<T> for Store<T> {
     /// larger than the room, waiting in between (unless the engine is
     /// stopping); it is never refused.
     fn feed(&self, chunk: Vec<T>) {
-        // Without an enforced bound, a bounded queue may refuse the chunk.
-        let held = self.hold_unsettled(!self.config.enforced(), || chunk.len());
-        let mut chunk = self.drop_duplicates(chunk, Priority::Back, held);
+        // Without an enforced bound, a bounded queue may refuse the chunk:
+        // held until the bound has looked at it (released by `enqueue`,
+        // before any handler runs; the duplicates are reported after).
+        let mut held = self.hold_unsettled(!self.config.enforced(), || chunk.len());
+        let (mut chunk, dups) = self.split_duplicates(chunk, Priority::Back, held);
         // Weighed whole, before any lock (the weigher is user code); the heap
         // count is approximate while the pieces go in.
         self.add_heap(self.weigh(&chunk));
@@ -979,9 +986,10 @@ impl<T: Send + 'static> Feed<T> for Store<T> {
             };
             let st = self.lock();
             drop(intake);
-            self.queue_piece(st, piece);
+            self.queue_piece(st, piece, std::mem::take(&mut held));
         }
         self.release_unsettled(held);
+        self.duplicates(dups);
     }
 }
 
@@ -1008,15 +1016,16 @@ impl<T: Send + 'static> Store<T> {
     }
 
     /// Queues a piece of an `init` chunk (the state lock held).
-    fn queue_piece(&self, mut st: Guard<'_, T>, piece: Vec<T>) {
+    fn queue_piece(&self, mut st: Guard<'_, T>, piece: Vec<T>, held: usize) {
         st.counters.accepted += piece.len() as u64;
         if st.phase == Phase::Finished {
             let piece = st.overflowed(piece, OverflowReason::Shutdown);
+            self.release_unsettled(held);
             drop(st);
             self.report(piece, OverflowReason::Shutdown);
             return;
         }
-        self.enqueue(st, piece, Priority::Back);
+        self.enqueue(st, piece, Priority::Back, held);
     }
 }
 
