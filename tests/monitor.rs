@@ -223,10 +223,12 @@ fn shed_entries_reach_the_overflow_handler_and_init_finds_them_again() {
     let (init_tx, inits) = unbounded();
     let (shed_tx, shed) = unbounded();
     let (ran_tx, ran) = unbounded();
+    let (started_tx, started) = unbounded();
     let books = Books::new();
     let (g, o) = (books.clone(), books.clone());
     let handle = Builder::new(
         Script::new(move |b: &[u64], _: &()| {
+            started_tx.send(b.to_vec()).unwrap();
             held.wait();
             ran_tx.send(b.to_vec()).unwrap();
             Outcome::Ok
@@ -254,7 +256,8 @@ fn shed_entries_reach_the_overflow_handler_and_init_finds_them_again() {
     .start()
     .unwrap();
     recv(&inits);
-    wait_until(|| handle.debug_count().unwrap().waiting == 8); // 0 runs, 1..=8 queued
+    assert_eq!(recv(&started), vec![0]); // 0 runs (held): nothing else is taken
+    wait_until(|| handle.debug_count().unwrap().waiting == 8); // 1..=8 queued
 
     dial.set(LIMIT + 1);
     assert_eq!(
