@@ -39,7 +39,7 @@
 //! whether to take them (a run's new entries, an `init` chunk, a push on its
 //! way straight into a bounded queue). The store counts them unsettled until
 //! the bound has looked (before any handler runs) or the table has recorded
-//! them (see [`Departures`]), and a back hand-over whose key is owed is
+//! them (see [`Unsettled`]), and a back hand-over whose key is owed is
 //! dropped at once only while no one else's are. A failed run's own entries
 //! go back whatever the bound: they are marked before its new ones, and,
 //! unless the bound is enforced (a buffered twin may yet be refused at the
@@ -84,7 +84,7 @@ pub(crate) trait Table<T>: Send + Sync {
     /// run recorded after it came in; never while keyless entries wait).
     fn taken(&self, entries: &[T]) -> Option<Vec<bool>>;
     /// These entries left the waiting set unrun (they overflowed or were
-    /// shed), held unsettled by the store meanwhile ([`Departures::hold`]).
+    /// shed), held unsettled by the store meanwhile ([`Unsettled::hold`]).
     fn left(&self, entries: &[T]);
     /// The engine stopped: every key is forgotten, and the table is off.
     fn clear(&self);
@@ -94,7 +94,7 @@ pub(crate) trait Table<T>: Send + Sync {
     /// Entries dropped as duplicates so far.
     fn dropped(&self) -> u64;
     /// Where the store counts entries leaving the waiting set.
-    fn departures(&self) -> Arc<Departures>;
+    fn unsettled(&self) -> Arc<Unsettled>;
     /// The engine's name, for log lines.
     fn set_name(&mut self, name: &str);
 }
@@ -116,31 +116,32 @@ pub(crate) type KeyFn<T, K> = Box<dyn Fn(&T) -> K + Send + Sync>;
 /// refused (a run's new entries before the bound has looked at them, an
 /// `init` chunk or a push before a bounded queue has taken it), and entries
 /// taken out as overflow whose departure the table has not recorded yet.
-/// The invariant: the store [`holds`](Departures::hold) them before any
-/// other caller could mark against them (before marking them, or under the
-/// lock that takes them out), and [`releases`](Departures::release) them
-/// once they are settled (before any handler runs): admitted, or, if
-/// refused, held again as overflow first (`State::count_overflow`), which
-/// the table releases as it records them. A caller's own holds do not count
-/// against its own marks (the `own` argument). So a hand-over, under the table's lock,
-/// never sees such an entry counted as waiting without seeing the count
-/// above zero; it then keeps its entry rather than drop it. (`SeqCst`: the
-/// argument is about one order of all these steps.)
-pub(crate) struct Departures {
-    unsettled: AtomicUsize,
+///
+/// The invariant: the store [`holds`](Unsettled::hold) them before any other
+/// caller could mark against them (before marking them, or under the lock
+/// that takes them out), and [`releases`](Unsettled::release) them once they
+/// are settled (before any handler runs): admitted, or, if refused, held
+/// again as overflow first (`State::count_overflow`), which the table
+/// releases as it records them. So a caller, under the table's lock, never
+/// sees such an entry counted as waiting without seeing the count above its
+/// own holds (a caller's own do not count against its own marks); it then
+/// keeps its entry rather than drop it. (`SeqCst`: the argument is about one
+/// order of all these steps.)
+pub(crate) struct Unsettled {
+    count: AtomicUsize,
 }
 
-impl Departures {
+impl Unsettled {
     fn new() -> Self {
-        Departures {
-            unsettled: AtomicUsize::new(0),
+        Unsettled {
+            count: AtomicUsize::new(0),
         }
     }
 
     /// `n` entries are not settled from now on.
     pub(crate) fn hold(&self, n: usize) {
         if n > 0 {
-            self.unsettled.fetch_add(n, SeqCst);
+            self.count.fetch_add(n, SeqCst);
         }
     }
 
@@ -148,9 +149,15 @@ impl Departures {
     pub(crate) fn release(&self, n: usize) {
         if n > 0 {
             let _ = self
-                .unsettled
+                .count
                 .fetch_update(SeqCst, SeqCst, |f| Some(f.saturating_sub(n)));
         }
+    }
+
+    /// Whether entries other than a caller's `own` are unsettled (under the
+    /// table's lock).
+    fn beyond(&self, own: usize) -> bool {
+        self.count.load(SeqCst) > own
     }
 }
 
@@ -360,7 +367,7 @@ pub(crate) struct KeyTable<T, K> {
     key: KeyFn<T, K>,
     hasher: RandomState,
     marks: Mutex<Marks<K>>,
-    departures: Arc<Departures>,
+    unsettled: Arc<Unsettled>,
     dropped: AtomicU64,
     /// A key's `Eq` panicked, or the counts went wrong: every entry is kept.
     broken: AtomicBool,
@@ -375,7 +382,7 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
             key,
             hasher: RandomState::new(),
             marks: Mutex::new(Marks::default()),
-            departures: Arc::new(Departures::new()),
+            unsettled: Arc::new(Unsettled::new()),
             dropped: AtomicU64::new(0),
             broken: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -444,7 +451,7 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         let n = keys.len();
         let marked = self.with_marks(trash, |marks| {
             // Others' unsettled entries, not this call's own.
-            let unsettled = self.departures.unsettled.load(SeqCst) > own;
+            let unsettled = self.unsettled.beyond(own);
             let mut overfull = false;
             let keep = keys
                 .iter_mut()
@@ -492,7 +499,7 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         let n = entries.len();
         let unrun = if how == Leaving::Unrun { n } else { 0 };
         if self.off() {
-            self.departures.release(unrun);
+            self.unsettled.release(unrun);
             return None;
         }
         let mut keys = self.keys(entries);
@@ -501,6 +508,7 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         let left = self.with_marks(&mut trash, |marks| {
             let mut lost = false;
             let was_suspect = marks.suspect;
+            let keyless_waited = marks.keyless > 0;
             let mut run: Option<Vec<bool>> = None;
             for (i, slot) in keys.iter_mut().enumerate() {
                 let Some(key) = slot else {
@@ -522,10 +530,12 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
                 if how == Leaving::Taken {
                     if owed {
                         owed = false; // this run covers every arrival so far
-                    } else if marks.keyless > 0 {
+                    } else if keyless_waited {
                         // It may be an entry that came in without a key (its
                         // key panicked then): its arrival never marked the
                         // key owed, so no run is known to cover it. Run it.
+                        // (Read before this batch: an entry of it that left
+                        // without a key may have taken that count.)
                     } else {
                         run.get_or_insert_with(|| vec![true; n])[i] = false;
                     }
@@ -542,7 +552,7 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         });
         // After the records (whether or not the table was still on when its
         // lock was taken: `clear` may have run while the keys were computed).
-        self.departures.release(unrun);
+        self.unsettled.release(unrun);
         // Outside the lock: the keys are user values.
         crate::unwind::drop_quietly("dedup keys", (keys, removed, trash));
         log_break_down();
@@ -648,8 +658,8 @@ where
         self.dropped.load(SeqCst)
     }
 
-    fn departures(&self) -> Arc<Departures> {
-        self.departures.clone()
+    fn unsettled(&self) -> Arc<Unsettled> {
+        self.unsettled.clone()
     }
 
     fn set_name(&mut self, name: &str) {
@@ -674,7 +684,7 @@ mod test {
     }
 
     fn unsettled(t: &KeyTable<E, u32>) -> usize {
-        t.departures.unsettled.load(SeqCst)
+        t.unsettled.count.load(SeqCst)
     }
 
     #[test]
@@ -741,7 +751,7 @@ mod test {
     fn an_arrival_while_a_shed_twin_is_unsettled_is_kept() {
         let t = table();
         t.admit(&[(1, "a"), (2, "x")], false, 0);
-        t.departures.hold(1);
+        t.unsettled.hold(1);
         assert_eq!(t.admit(&[(1, "b")], false, 0), vec![true]);
         assert_eq!(
             t.admit(&[(2, "y")], false, 0),
@@ -760,7 +770,7 @@ mod test {
     fn entries_that_leave_unrun_free_their_key() {
         let t = table();
         t.admit(&[(1, "a"), (2, "b")], false, 0);
-        t.departures.hold(1);
+        t.unsettled.hold(1);
         t.left(&[(1, "a")]);
         assert_eq!(t.admit(&[(1, "c")], false, 0), vec![true]);
         t.clear();

@@ -323,7 +323,7 @@ pub(crate) struct Settled<T> {
     /// The batch itself, to be dropped by the worker (outside every lock).
     pub(crate) spent: Vec<T>,
     /// New entries the key table counts unsettled until the bound has looked
-    /// at them (see `dedup::Departures`).
+    /// at them (see `dedup::Unsettled`).
     pub(crate) unsettled: usize,
 }
 

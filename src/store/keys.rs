@@ -158,7 +158,7 @@ impl<T: Send + 'static> Store<T> {
     /// once (a buffered twin may yet be refused at the flush). The new ones,
     /// as back hand-overs, may be refused: they are held unsettled from
     /// before their keys are marked until `apply` has looked at them (see
-    /// `dedup::Departures`).
+    /// `dedup::Unsettled`).
     pub(crate) fn readmit(&self, s: &mut crate::retry::Settled<T>) {
         let Some(table) = &self.dedup else {
             return;
@@ -192,11 +192,11 @@ impl<T: Send + 'static> Store<T> {
     }
 
     /// Under key de-duplication, counts `n()` entries unsettled (see
-    /// `dedup::Departures`) when `at_risk`: a bound may still refuse them
+    /// `dedup::Unsettled`) when `at_risk`: a bound may still refuse them
     /// once their keys are marked. Returns how many, for
     /// [`release_unsettled`](Self::release_unsettled).
     pub(super) fn hold_unsettled(&self, at_risk: bool, n: impl FnOnce() -> usize) -> usize {
-        match &self.departures {
+        match &self.unsettled {
             Some(d) if at_risk => {
                 let n = n();
                 d.hold(n);
@@ -209,7 +209,7 @@ impl<T: Send + 'static> Store<T> {
     /// The entries [`hold_unsettled`](Self::hold_unsettled) counted are
     /// settled: admitted, or counted again as overflow.
     pub(super) fn release_unsettled(&self, held: usize) {
-        if let Some(d) = &self.departures {
+        if let Some(d) = &self.unsettled {
             d.release(held);
         }
     }

@@ -92,7 +92,7 @@ pub(crate) use timers::InitDecision;
 
 use crate::adaptive::Aimd;
 use crate::clock::{Clock, Listener};
-use crate::dedup::{Departures, Table};
+use crate::dedup::{Table, Unsettled};
 use crate::error::{ControlError, ShrinkError};
 use crate::intake::{admit, Admit, Entries, Intake};
 use crate::observe::{BatchObserver, BatchRecord};
@@ -235,8 +235,8 @@ struct State<T> {
     limit: usize,
     aimd: Option<Aimd>,
     /// Where entries leaving the waiting set are told to the key table, if
-    /// there is one (see `dedup::Departures`).
-    departures: Option<Arc<Departures>>,
+    /// there is one (see `dedup::Unsettled`).
+    unsettled: Option<Arc<Unsettled>>,
 }
 
 impl<T> State<T> {
@@ -279,7 +279,7 @@ impl<T> State<T> {
     /// the key table is told when they are reported
     /// (`Store::report_unheld`), and they count as unsettled until then.
     fn count_overflow(&mut self, n: usize, reason: OverflowReason) {
-        if let (Some(d), false) = (&self.departures, n == 0) {
+        if let (Some(d), false) = (&self.unsettled, n == 0) {
             d.hold(n);
         }
         let c = &mut self.counters;
@@ -344,9 +344,9 @@ pub(crate) struct Store<T> {
     pub(crate) workers: WorkerHooks,
     /// Key de-duplication, if asked for (see `dedup`).
     dedup: Option<Box<dyn Table<T>>>,
-    /// Its count of entries not settled yet (see `dedup::Departures`; the
+    /// Its count of entries not settled yet (see `dedup::Unsettled`; the
     /// state has it too, for overflow).
-    departures: Option<Arc<Departures>>,
+    unsettled: Option<Arc<Unsettled>>,
     /// Requests to the init thread; dropped by `finish`, which ends it.
     init_requests: Mutex<Option<Sender<()>>>,
 }
@@ -397,9 +397,9 @@ impl<T: Send + 'static> Store<T> {
             gen: 0,
             limit: config.adaptive_min.unwrap_or(config.max_concurrency),
             aimd: config.adaptive().map(|(min, max)| Aimd::new(min, max)),
-            departures: parts.dedup.as_ref().map(|t| t.departures()),
+            unsettled: parts.dedup.as_ref().map(|t| t.unsettled()),
         };
-        let departures = state.departures.clone();
+        let unsettled = state.unsettled.clone();
         Store {
             born: config.clock.now(),
             intake: Padded(Mutex::new(Intake::new())),
@@ -421,7 +421,7 @@ impl<T: Send + 'static> Store<T> {
             observer: parts.observer,
             workers: parts.workers,
             dedup: parts.dedup,
-            departures,
+            unsettled,
             init_requests: Mutex::new(None),
         }
     }
@@ -564,6 +564,12 @@ impl<T: Send + 'static> Store<T> {
             return;
         }
         self.report_unheld(entries, reason);
+        self.handed(gen, n);
+    }
+
+    /// `n` entries of generation `gen` counted in `State::handing` have
+    /// reached their handler: they no longer hold `wait_idle` back.
+    fn handed(&self, gen: u64, n: usize) {
         let mut st = self.lock();
         if let Some(count) = st.handing.get_mut(&gen) {
             *count = count.saturating_sub(n);
@@ -968,6 +974,16 @@ impl<T: Send + 'static> Feed<T> for Store<T> {
         // before any handler runs; the duplicates are reported after).
         let mut held = self.hold_unsettled(!self.config.enforced(), || chunk.len());
         let (mut chunk, dups) = self.split_duplicates(chunk, Priority::Back, held);
+        // The duplicates are reported once the kept entries are queued (the
+        // hold is released by then): on their way to the handler until then,
+        // for `wait_idle`, counted before any of the chunk is queued, so a
+        // call that waits for those waits for these too.
+        let dup_gen = (!dups.is_empty()).then(|| {
+            let mut st = self.lock();
+            let gen = st.gen;
+            *st.handing.entry(gen).or_insert(0) += dups.len();
+            gen
+        });
         // Weighed whole, before any lock (the weigher is user code); the heap
         // count is approximate while the pieces go in.
         self.add_heap(self.weigh(&chunk));
@@ -989,7 +1005,11 @@ impl<T: Send + 'static> Feed<T> for Store<T> {
             self.queue_piece(st, piece, std::mem::take(&mut held));
         }
         self.release_unsettled(held);
+        let n = dups.len();
         self.duplicates(dups);
+        if let Some(gen) = dup_gen {
+            self.handed(gen, n);
+        }
     }
 }
 
