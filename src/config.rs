@@ -315,10 +315,13 @@ impl<K: Task> Builder<K> {
     /// it is admitted).
     ///
     /// The key function is called outside every lock, as an entry comes in
-    /// and again as it leaves, and **must give the same key for an entry
-    /// each time** (the promise above rests on it: a key that changes into
-    /// another waiting key goes unnoticed until a record is found missing);
-    /// a panic in it keeps the entry, as if it had no key. Keys are hashed
+    /// and again as it leaves, and **must give the same answer for an entry
+    /// each time**: the same key, or a panic every time (the promise above
+    /// rests on it; a key that changes into another waiting key, or a panic
+    /// only now and then, can go unnoticed: nothing then panics, hangs or
+    /// leaves unreported, but an entry of that key may be dropped as a
+    /// duplicate wrongly); a panic in it keeps the entry, as if it had no
+    /// key. Keys are hashed
     /// with std's SipHash, keyed at random (keys from outside cannot be
     /// chosen to collide), and dropped, outside every lock too; the key
     /// type's `Eq` runs under the key table's own lock (and, for a

@@ -349,10 +349,11 @@ enum Leaving {
 /// where it is called: the panic hook, and the drop of its payload, run
 /// there too, under the locks). The key function may be called more than
 /// once for an entry (as it comes in and as it leaves, and again for each
-/// entry of a batch in which it panicked), and must give the same key each
-/// time: the table cannot tell a key that changed into another waiting key
-/// (it takes that key's record, and leaves its own behind) until a record is
-/// found missing. A key that cannot be computed on the way in keeps its
+/// entry of a batch in which it panicked), and must give the same answer
+/// each time (the same key, or a panic every time): the table cannot tell a
+/// key that changed into another waiting key (it takes that key's record,
+/// and leaves its own behind) until a record is found missing, and the
+/// wary mode below is a best effort for panics that come and go. A key that cannot be computed on the way in keeps its
 /// entry, as if it had no duplicate; one that cannot be computed as its
 /// entry leaves is taken for a keyless one, and makes the table wary (see
 /// `Marks::suspect`). What is seen to leave the table wrong (a panic in
