@@ -10,6 +10,7 @@ use crate::stats::{DebugCount, Stats};
 use crate::store::{Refusal, Store, Wait};
 use crate::task::Priority;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -49,12 +50,25 @@ impl<T: Send + 'static> fmt::Debug for Handle<T> {
 /// own engine, which would otherwise never be dropped.
 pub struct WeakHandle<T: Send + 'static> {
     engine: Weak<Engine<T>>,
+    /// Set once hand-overs are refused (read without keeping the engine alive).
+    stopping: Arc<AtomicBool>,
 }
 
 impl<T: Send + 'static> WeakHandle<T> {
     /// The handle, while some strong handle still exists.
+    ///
+    /// The handle returned keeps the engine alive while it is held: if every
+    /// other handle is dropped meanwhile, dropping this one stops the engine,
+    /// on this thread (waiting for running batches). To watch for an engine
+    /// to stop, use [`is_stopped`](Self::is_stopped), which never does.
     pub fn upgrade(&self) -> Option<Handle<T>> {
         self.engine.upgrade().map(|engine| Handle { engine })
+    }
+
+    /// Whether the engine has stopped taking entries: a shutdown began, it
+    /// failed, or its last handle was dropped. Does not keep it alive.
+    pub fn is_stopped(&self) -> bool {
+        self.engine.strong_count() == 0 || self.stopping.load(Ordering::Acquire)
     }
 }
 
@@ -62,6 +76,7 @@ impl<T: Send + 'static> Clone for WeakHandle<T> {
     fn clone(&self) -> Self {
         WeakHandle {
             engine: self.engine.clone(),
+            stopping: self.stopping.clone(),
         }
     }
 }
@@ -100,6 +115,7 @@ impl<T: Send + 'static> Handle<T> {
     pub fn downgrade(&self) -> WeakHandle<T> {
         WeakHandle {
             engine: Arc::downgrade(&self.engine),
+            stopping: self.store().stopping_flag(),
         }
     }
 

@@ -201,7 +201,10 @@ fn dropping_the_last_handle_loses_nothing_silently() {
     books.buffer(&handle, vec![5], Priority::Back).unwrap();
     let weak = handle.downgrade();
     let dropper = std::thread::spawn(move || drop(handle));
-    wait_until(|| weak.upgrade().is_none());
+    // Not `upgrade().is_none()`: a handle upgraded at the moment the dropper
+    // drops its own is the last one, and its drop stops the engine here,
+    // waiting for the run the gate holds.
+    wait_until(|| weak.is_stopped());
     gate.open();
     dropper.join().unwrap();
 
@@ -262,4 +265,28 @@ fn shutdown_return_hands_back_buffers_that_a_flush_meanwhile_would_move() {
     let report = held.books.finish(stopping.join().unwrap());
     assert_eq!(report.unprocessed, vec![1, 2, 3]);
     assert_eq!(handle.stats().overflowed_full, 0);
+}
+
+/// A weak handle tells whether the engine stopped without keeping it alive:
+/// after a shutdown (the handle still held), and after the last handle went.
+#[test]
+fn a_weak_handle_sees_the_engine_stop() {
+    let build = || {
+        Builder::new(Script::new(|_: &[u32], _: &()| Outcome::Ok), ())
+            .poll(false)
+            .start()
+            .unwrap()
+    };
+    let handle = build();
+    let weak = handle.downgrade();
+    assert!(!weak.is_stopped());
+    handle.shutdown_return().unwrap();
+    assert!(weak.is_stopped(), "shut down, handle still held");
+    assert!(weak.upgrade().is_some());
+    drop(handle);
+    assert!(weak.is_stopped() && weak.upgrade().is_none());
+    let handle = build();
+    let weak = handle.downgrade();
+    drop(handle);
+    assert!(weak.is_stopped(), "the last handle went");
 }
