@@ -1,7 +1,8 @@
 //! Key de-duplication against a seeded randomized oracle (written by a fifth
 //! hostile review): every Duplicate report must be covered by a run of its
 //! key that began after the entry came in, or by a twin (came in before the
-//! report) that left unrun (overflowed, shed, handed back, dead-lettered);
+//! report) that left unrun after it came in (overflowed, shed, handed back,
+//! dead-lettered);
 //! the books balance, `Stats::deduplicated` equals the reports, and once
 //! quiet, twins pushed together are de-duplicated at once (no unsettled
 //! count left behind). Each round draws keys, batch size, workers, the bound
@@ -87,9 +88,14 @@ fn check(log: &Log, seed: u64) -> Result<(), String> {
                 return Err(format!("seed {seed}: dup {k},{id} never came in"));
             };
             let covered = begins.get(k).is_some_and(|b| b.iter().any(|s| *s > c));
+            // A twin it waited behind: in the engine before this one was
+            // dropped (its tick, taken before its hand-over call, may come
+            // after this one's while its keys were marked first), and gone
+            // unrun after this one came in.
             let fate = unrun.get(k).is_some_and(|u| {
-                u.iter()
-                    .any(|(tid, _)| *tid != *id && came.get(tid).is_some_and(|(_, tc)| *tc < c))
+                u.iter().any(|(tid, left)| {
+                    *tid != *id && *left > c && came.get(tid).is_some_and(|(_, tc)| *tc < *at)
+                })
             });
             if !covered && !fate {
                 let mine: Vec<&Ev> = evs
