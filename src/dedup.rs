@@ -218,6 +218,46 @@ impl<K> Default for Marks<K> {
     }
 }
 
+impl<K: Hash + Eq> Marks<K> {
+    /// An entry with `key` leaves, as `how` says: its record is updated (the
+    /// keys it no longer needs go to `removed`, to be dropped outside the
+    /// lock). `None`: the key has no record. Otherwise whether it runs (a
+    /// taken entry that is not owed, with no keyless entry waiting before
+    /// this batch, is a duplicate).
+    fn leave(
+        &mut self,
+        key: &Hashed<K>,
+        how: Leaving,
+        keyless_waited: bool,
+        removed: &mut Vec<Hashed<K>>,
+    ) -> Option<bool> {
+        // Taken out, and put back if entries with the key still wait (rare:
+        // twins), so the common case probes once.
+        let known = self.set.take(key)?;
+        let r = known.record.get();
+        let mut owed = r.owed();
+        let mut runs = true;
+        if how == Leaving::Taken {
+            if owed {
+                owed = false; // this run covers every arrival so far
+            } else if !keyless_waited {
+                runs = false;
+            }
+            // (Not owed but keyless entries waited: it may be one that came
+            // in without a key, whose arrival never marked the key owed, so
+            // no run is known to cover it. It runs.)
+        }
+        match Record::new(r.n().saturating_sub(1), owed) {
+            Some(r) if r.n() > 0 => {
+                known.record.set(r);
+                self.set.insert(known);
+            }
+            _ => removed.push(known),
+        }
+        Some(runs)
+    }
+}
+
 impl<K> Marks<K> {
     /// An entry without a key left; `false` if none was admitted.
     fn keyless_left(&mut self) -> bool {
@@ -509,6 +549,8 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
         let left = self.with_marks(&mut trash, |marks| {
             let mut lost = false;
             let was_suspect = marks.suspect;
+            // Read before this batch: an entry of it that leaves without a key
+            // may take that count.
             let keyless_waited = marks.keyless > 0;
             let mut run: Option<Vec<bool>> = None;
             for (i, slot) in keys.iter_mut().enumerate() {
@@ -520,33 +562,10 @@ impl<T, K: Hash + Eq> KeyTable<T, K> {
                     }
                     continue;
                 };
-                // Taken out, and put back if entries with the key still wait
-                // (rare: twins), so the common case probes once.
-                let Some(known) = marks.set.take(key) else {
-                    lost = true; // its key changed, or a record was lost
-                    continue;
-                };
-                let r = known.record.get();
-                let mut owed = r.owed();
-                if how == Leaving::Taken {
-                    if owed {
-                        owed = false; // this run covers every arrival so far
-                    } else if keyless_waited {
-                        // It may be an entry that came in without a key (its
-                        // key panicked then): its arrival never marked the
-                        // key owed, so no run is known to cover it. Run it.
-                        // (Read before this batch: an entry of it that left
-                        // without a key may have taken that count.)
-                    } else {
-                        run.get_or_insert_with(|| vec![true; n])[i] = false;
-                    }
-                }
-                match Record::new(r.n().saturating_sub(1), owed) {
-                    Some(r) if r.n() > 0 => {
-                        known.record.set(r);
-                        marks.set.insert(known);
-                    }
-                    _ => removed.push(known),
+                match marks.leave(key, how, keyless_waited, &mut removed) {
+                    None => lost = true, // its key changed, or a record was lost
+                    Some(false) => run.get_or_insert_with(|| vec![true; n])[i] = false,
+                    Some(true) => {}
                 }
             }
             (lost, run, marks.suspect && !was_suspect)
